@@ -1,0 +1,367 @@
+"""The chat engine: one :class:`ChatSession` per video, multi-turn, streaming; no UI code.
+
+A session decodes and encodes its video once (video reader -> video tower ->
+LLaVA's projector) and keeps the projected visual features; every question
+reuses them through ``generate(mm_encoder_outputs=...)``, so follow-ups never
+touch the video file or the tower again. The prompt is built with the model
+processor's own chat template (one ``{"type": "image"}`` entry per clip in the
+first user turn), and each ``<image>`` is expanded to one clip's worth of
+placeholder tokens, as the processor does for an image.
+
+Sessions are independent objects: a server holds one per conversation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from .loader import ChatModel
+from .video import load_video_clips
+
+logger = logging.getLogger(__name__)
+
+
+class ConversationTooLong(Exception):
+    """The conversation no longer fits the language model's context; reset or start a new session."""
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are generated (greedy by default)."""
+
+    max_new_tokens: int = 512  # upper bound; clipped to what the context has left
+    temperature: float = 0.0  # 0: greedy decoding; > 0: sampling
+    top_p: float = 1.0  # nucleus sampling (sampling only)
+    repetition_penalty: float = 1.0  # 1.0: off
+
+    def generate_kwargs(self) -> dict:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(f"invalid generation settings {self}")
+        kwargs = {"repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:  # greedy: override sampling defaults the checkpoint's generation config may carry
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class TurnStats:
+    """What one answer cost. decode/encode are 0 on follow-ups, which reuse the cached features."""
+
+    decode_ms: float = 0.0  # video decode + preprocessing (reported with the session's first answer)
+    encode_ms: float = 0.0  # video tower + projector (reported with the session's first answer)
+    first_token_ms: float | None = None  # question -> first generated token (None without streaming)
+    total_ms: float = 0.0  # question -> last token (includes decode/encode when they ran inside this turn)
+    prompt_tokens: int = 0  # whole prompt, visual placeholder tokens included
+    visual_tokens: int = 0  # placeholder tokens filled with video features (all clips)
+    new_tokens: int = 0  # generated tokens
+    max_new_tokens: int = 0  # the limit this turn ran with, after clipping to the context
+    clipped: bool = False  # max_new_tokens was reduced to fit the context
+    cached_features: bool = False  # the video features came from the session's cache
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _VideoFeatures:
+    features: list[torch.Tensor]  # C tensors (tokens per clip, text width): projected, ready for placeholders
+    indices: list[list[int]]  # frame indices per clip
+    info: object  # video.VideoInfo
+    decode_ms: float
+    encode_ms: float
+    reported: bool = False  # decode/encode times already shown in a turn's stats
+
+
+class _TimedStreamer:
+    """Builds a TextIteratorStreamer that records when the first generated token arrives."""
+
+    @staticmethod
+    def create(tokenizer, started: float):
+        from transformers import TextIteratorStreamer
+
+        class Streamer(TextIteratorStreamer):
+            first_token_at: float | None = None
+            new_tokens = 0
+
+            def put(self, value):
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    self.new_tokens += value.numel()
+                super().put(value)
+
+        streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.started = started
+        return streamer
+
+
+class _StopOnEvent:
+    """A stopping criterion that ends generation when the consumer goes away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ChatSession:
+    """A conversation about one video.
+
+    Args:
+        chat_model: from :func:`mugstan_chat.loader.load_chat_model`.
+        video_path: the video file.
+        frames: T frames per clip (default: the model's settings).
+        clips: C clips (default: the model's settings); each fills one ``<image>``.
+        generation: :class:`GenerationSettings` (greedy by default).
+        temporal: "stan" or "mean" for this session's video features (default: the tower's mode);
+            sessions sharing one model can differ without touching the shared tower.
+        system: optional system prompt (rendered only if the chat template supports it).
+        start, end: optional time window of the video, in seconds.
+        prepare: decode and encode the video now (else on the first question).
+
+    Raises (when preparing):
+        video.VideoDecodeError: missing or undecodable video (the message names the file).
+    """
+
+    def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
+                 clips: int | None = None, generation: GenerationSettings | None = None,
+                 temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
+                 prepare: bool = True):
+        self.chat_model = chat_model
+        self.video_path = os.fspath(video_path)
+        self.frames = frames or chat_model.settings.frames
+        self.clips = clips or chat_model.settings.clips
+        if self.frames < 1 or self.clips < 1:
+            raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        self.generation = generation or GenerationSettings()
+        self.temporal = temporal or chat_model.tower.mode
+        if self.temporal not in chat_model.tower.available_modes:
+            raise ValueError(f"temporal mode {self.temporal!r} is not available with this model "
+                             f"(available: {', '.join(chat_model.tower.available_modes)})")
+        self.system = system
+        self.window = (start, end)
+        self.history: list[tuple[str, str]] = []  # (question, answer) pairs
+        self.turns: list[TurnStats] = []
+        self._video: _VideoFeatures | None = None
+        self._lock = threading.Lock()  # one generation at a time per session
+        if prepare:
+            self.prepare()
+
+    # ----------------------------------------------------------------- video features
+
+    @property
+    def prepared(self) -> bool:
+        return self._video is not None
+
+    @property
+    def visual_tokens(self) -> int:
+        """Placeholder tokens the video fills (C x tokens per clip); 0 before :meth:`prepare`."""
+        return 0 if self._video is None else sum(f.shape[0] for f in self._video.features)
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """The cached projected visual features: C tensors (tokens per clip, text width)."""
+        self.prepare()
+        return list(self._video.features)
+
+    @property
+    def frame_indices(self) -> list[list[int]]:
+        return [] if self._video is None else self._video.indices
+
+    def prepare(self) -> bool:
+        """Decodes and encodes the video unless already done; True if work was done now."""
+        if self._video is not None:
+            return False
+        processor, model = self.chat_model.processor, self.chat_model.model
+        t0 = time.perf_counter()
+        start, end = self.window
+        clips, info, indices = load_video_clips(
+            self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start, end=end,
+            image_processor=processor.image_processor)  # (C, T, 3, H, W)
+        t1 = time.perf_counter()
+        tower = self.chat_model.tower
+        with torch.inference_mode():
+            pixels = clips.to(device=tower.device, dtype=tower.dtype)
+            output = model.model.get_image_features(pixel_values=pixels, temporal_mode=self.temporal,
+                                                    return_dict=True)
+            features = [f.detach() for f in output.pooler_output]  # C x (tokens, text width)
+        if tower.device.type == "cuda":
+            torch.cuda.synchronize(tower.device)
+        t2 = time.perf_counter()
+        self._video = _VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
+                    self.video_path, self.clips, self.frames, self.visual_tokens, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        return True
+
+    # ----------------------------------------------------------------- conversation
+
+    def reset(self) -> None:
+        """Forgets the conversation; keeps the video features."""
+        self.history.clear()
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        return self.turns[-1] if self.turns else None
+
+    def messages(self, question: str | None = None) -> list[dict]:
+        """The conversation in the processor's chat format, with an optional new question."""
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        turns = self.history + ([(question, None)] if question is not None else [])
+        for i, (q, a) in enumerate(turns):
+            content = [{"type": "image"} for _ in range(self.clips)] if i == 0 else []
+            messages.append({"role": "user", "content": content + [{"type": "text", "text": q}]})
+            if a is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+        return messages
+
+    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+        self.prepare()
+        processor = self.chat_model.processor
+        tokenizer = processor.tokenizer
+        text = processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
+        image_token = processor.image_token
+        if text.count(image_token) != self.clips:
+            raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
+                             f"for {self.clips} clips")
+        per_clip = self._video.features[0].shape[0]
+        text = text.replace(image_token, image_token * per_clip)
+        # like the processor: no extra BOS when the template already starts with one
+        add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _start_turn(self, question: str):
+        if not question or not question.strip():
+            raise ValueError("empty question")
+        started = time.perf_counter()
+        self.prepare()
+        inputs = self.build_prompt(question.strip())
+        prompt_tokens = inputs["input_ids"].shape[1]
+        context = self.chat_model.context_length
+        room = context - prompt_tokens
+        if room < 1:
+            raise ConversationTooLong(
+                f"the conversation is {prompt_tokens} tokens and the model's context is {context}: "
+                "nothing is left for an answer; reset the conversation (/reset) or start a new session")
+        max_new = min(self.generation.max_new_tokens, room)
+        first_use = not self._video.reported  # the one-time video cost is reported with the first answer
+        stats = TurnStats(
+            decode_ms=self._video.decode_ms if first_use else 0.0,
+            encode_ms=self._video.encode_ms if first_use else 0.0,
+            prompt_tokens=prompt_tokens, visual_tokens=self.visual_tokens, max_new_tokens=max_new,
+            clipped=max_new < self.generation.max_new_tokens, cached_features=not first_use)
+        if stats.clipped:
+            logger.info("max_new_tokens clipped to %d: the context has %d tokens left", max_new, room)
+        device = self.chat_model.device
+        kwargs = {k: v.to(device) for k, v in inputs.items()}
+        kwargs.update(self.generation.generate_kwargs())
+        kwargs.update(max_new_tokens=max_new, mm_encoder_outputs=self._cached_outputs())
+        tokenizer = self.chat_model.processor.tokenizer
+        if tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+        return question.strip(), started, stats, kwargs
+
+    def _record(self, question: str, answer: str, stats: TurnStats) -> None:
+        self.history.append((question, answer))
+        self.turns.append(stats)
+        self._video.reported = True
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """One answer at a time per session; a second concurrent question is an error, not a wait."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this chat session is still answering the previous question")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _cached_outputs(self) -> dict:
+        """A fresh mm_encoder_outputs dict each turn (generate writes into it)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(self._video.features))}
+
+    def ask(self, question: str) -> str:
+        """Answers ``question`` (no streaming) and records it in the conversation."""
+        with self._busy():
+            question, started, stats, kwargs = self._start_turn(question)
+            with torch.inference_mode():
+                output = self.chat_model.model.generate(**kwargs)
+            prompt_len = kwargs["input_ids"].shape[1]
+            new = output[0, prompt_len:]
+            finished = time.perf_counter()
+            answer = self.chat_model.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+            stats.new_tokens = int(new.numel())
+            stats.total_ms = (finished - started) * 1000
+            self._record(question, answer, stats)
+            return answer
+
+    def ask_stream(self, question: str) -> Iterator[str]:
+        """Streams the answer to ``question`` as text pieces; records the turn when done.
+
+        Closing the iterator early stops generation; the partial answer is kept.
+        Raises ConversationTooLong (before yielding) if the conversation no longer fits.
+        """
+        with self._busy():
+            question, started, stats, kwargs = self._start_turn(question)
+            streamer = _TimedStreamer.create(self.chat_model.processor.tokenizer, started)
+            stop = threading.Event()
+            from transformers import StoppingCriteriaList
+
+            kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+            errors: list[BaseException] = []
+
+            def run():
+                try:
+                    with torch.inference_mode():
+                        self.chat_model.model.generate(**kwargs)
+                except BaseException as error:  # re-raised in the consumer's thread
+                    errors.append(error)
+                    streamer.end()
+
+            thread = threading.Thread(target=run, name="mugstan-chat-generate", daemon=True)
+            thread.start()
+            pieces: list[str] = []
+            try:
+                for piece in streamer:
+                    if piece:
+                        pieces.append(piece)
+                        yield piece
+            finally:
+                stop.set()
+                thread.join()
+                finished = time.perf_counter()
+                if streamer.first_token_at is not None:
+                    stats.first_token_ms = (streamer.first_token_at - started) * 1000
+                stats.total_ms = (finished - started) * 1000
+                stats.new_tokens = streamer.new_tokens
+                if not errors:
+                    self._record(question, "".join(pieces).strip(), stats)
+            if errors:
+                raise errors[0]
+
+    def summary(self) -> dict:
+        """Session facts for logs and JSON output."""
+        settings = self.chat_model.settings
+        return {
+            "video": self.video_path, "model": settings.model, "temporal": self.temporal,
+            "frames": self.frames, "clips": self.clips, "visual_tokens": self.visual_tokens,
+            "turns": len(self.history),
+        }

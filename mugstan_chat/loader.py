@@ -1,0 +1,221 @@
+"""The one loader of the chat model, shared by the CLI, the web app and the benchmarks.
+
+``load_chat_model`` loads a transformers LLaVA (or builds the offline demo model),
+optionally quantises its language model to 4/8 bit, loads a STAN branch onto
+LLaVA's own CLIP tower and installs the video tower (DESIGN.md section 4).
+
+Example::
+
+    chat_model = load_chat_model("llava-hf/llava-1.5-7b-hf", stan="path/to/branch")
+    chat_model = load_chat_model(demo=True)   # offline, tiny, meaningless answers
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .llava_adapter import TEMPORAL_MODES, VideoTower, install_video_tower, load_stan_branch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("auto", "cuda", "cpu", "mps")
+# full module names (transformers matches skip patterns from the start of the name, or as a suffix)
+QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+MEAN_FALLBACK_NOTICE = "no STAN branch given: temporal mean mode (training-free baseline)"
+
+
+class ModelLoadError(Exception):
+    """The chat model cannot be loaded (missing weights, offline, bad options); one-line message."""
+
+
+@dataclass
+class ChatSettings:
+    """How a chat model was loaded, and the defaults sessions inherit."""
+
+    model: str  # hub id or directory ("demo" for the demo model)
+    temporal: str  # "stan" or "mean" (after any fallback)
+    stan: str | None  # loaded branch (path or hub id; "demo" for the demo's own); None: mean only
+    frames: int  # T: frames per clip
+    clips: int  # C: clips per video
+    device: str
+    dtype: str
+    quantization: str | None  # None, "4bit" or "8bit"
+    demo: bool
+
+
+@dataclass
+class ChatModel:
+    """A loaded LLaVA with the video tower installed: what chat sessions run on."""
+
+    model: nn.Module  # LlavaForConditionalGeneration
+    processor: object  # LlavaProcessor
+    tower: VideoTower
+    settings: ChatSettings
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def notice(self) -> str:
+        """Human-readable notes for users (demo model, mean fallback, domain shift); '' if none."""
+        return "; ".join(self.notices)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.device
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the language model can attend to (prompt + answer)."""
+        return int(self.model.config.text_config.max_position_embeddings)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> cuda, then mps, then cpu; an explicit device must be available."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but no CUDA GPU is available")
+    if device == "mps" and not has_mps:
+        raise ModelLoadError("device 'mps' requested but Apple MPS is not available")
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, fp32 on CPU."""
+    if dtype == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16" if device == "mps" else "fp32"
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def build_quantization_config(load_4bit: bool = False, load_8bit: bool = False,
+                              compute_dtype: torch.dtype = torch.float16):
+    """A ``BitsAndBytesConfig`` quantising the language model only, or None.
+
+    The CLIP tower, the STAN branch (installed later), the projector and the LM head
+    stay in 16 bit: they are small, and quantising the tower would change the
+    features the branch was trained on.
+    """
+    if load_4bit and load_8bit:
+        raise ModelLoadError("choose one of --load-4bit and --load-8bit")
+    if not (load_4bit or load_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
+
+
+def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None = None, temporal: str = "stan",
+                    device: str = "auto", dtype: str = "auto", load_4bit: bool = False, load_8bit: bool = False,
+                    frames: int = 8, clips: int = 1, demo: bool = False,
+                    allow_resolution_mismatch: bool = False, seed: int = 0) -> ChatModel:
+    """Loads LLaVA (or the demo model), the STAN branch, and installs the video tower.
+
+    Args:
+        model: hub id or local directory of a transformers LLaVA checkpoint (ignored with ``demo``).
+        stan: STAN branch directory or hub id; None in "stan" mode falls back to "mean"
+            (with a notice), except for the demo model, which has its own tiny branch (built
+            in "stan" mode only). A given branch is loaded in both modes, so sessions may
+            still pick "stan".
+        temporal: "stan" or "mean": the tower's default mode (sessions may override it).
+        device: "auto", "cuda", "cpu" or "mps".
+        dtype: "auto", "bf16", "fp16" or "fp32" (tower, branch and projector always use it;
+            the language model too unless quantised).
+        load_4bit, load_8bit: quantise the language model with bitsandbytes (CUDA only).
+        frames, clips: defaults for chat sessions (T frames per clip, C clips per video).
+        demo: build the tiny offline demo model instead (answers are meaningless).
+        allow_resolution_mismatch: accept a branch trained at another image size.
+        seed: seed of the demo model.
+    Returns:
+        A :class:`ChatModel`.
+    Raises:
+        ModelLoadError, CheckpointError (from :mod:`mugstan_chat.checkpoint`).
+    """
+    if temporal not in TEMPORAL_MODES:
+        raise ModelLoadError(f"unknown temporal mode {temporal!r}; expected one of {', '.join(TEMPORAL_MODES)}")
+    if frames < 1 or clips < 1:
+        raise ModelLoadError(f"frames and clips must be positive (got frames={frames}, clips={clips})")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    notices: list[str] = []
+    quant = build_quantization_config(load_4bit, load_8bit, DTYPES[dtype] if dtype != "fp32" else torch.float16)
+    if demo:
+        from .backbone import HFCLIPVision
+        from .demo import DEMO_NOTICE, build_demo_branch, build_demo_llava
+
+        if quant is not None:
+            notices.append("4/8-bit loading is ignored for the demo model")
+            quant = None
+        llava, processor = build_demo_llava(seed)
+        llava = llava.to(device=device, dtype=DTYPES[dtype])
+        notices.insert(0, DEMO_NOTICE)
+        name = "demo"
+    else:
+        llava, processor = _load_pretrained(model, device, dtype, quant)
+        name = str(model)
+    branch, branch_name = None, None
+    if stan is not None:  # loaded in either mode, so sessions can still choose "stan"
+        branch = load_stan_branch(stan, llava.model.vision_tower, llava.config.vision_feature_layer,
+                                  allow_image_size_mismatch=allow_resolution_mismatch)
+        branch_name = str(stan)
+        saved_size = branch.trained_fingerprint.get("image_size")
+        if saved_size is not None and saved_size != llava.config.vision_config.image_size:
+            notices.append(f"STAN branch trained at {saved_size} px runs on a "
+                           f"{llava.config.vision_config.image_size} px tower (known domain shift)")
+    elif demo and temporal == "stan":  # the demo's own branch; a mean-mode demo is the mean-only baseline
+        branch, branch_name = build_demo_branch(HFCLIPVision(llava.model.vision_tower), seed), "demo"
+    if branch is None and temporal == "stan":
+        notices.append(MEAN_FALLBACK_NOTICE)
+        logger.warning(MEAN_FALLBACK_NOTICE)
+        temporal = "mean"
+    tower = install_video_tower(llava, branch, mode=temporal)
+    llava.eval()
+    settings = ChatSettings(model=name, temporal=temporal, stan=branch_name,
+                            frames=frames, clips=clips, device=device, dtype=dtype,
+                            quantization=None if quant is None else ("4bit" if load_4bit else "8bit"), demo=demo)
+    return ChatModel(model=llava, processor=processor, tower=tower, settings=settings, notices=notices)
+
+
+def _load_pretrained(name: str, device: str, dtype: str, quant):
+    """transformers LLaVA + its processor; every failure becomes one ModelLoadError line."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if quant is not None and device != "cuda":
+        raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); use --device cuda or drop it")
+    kwargs = {"dtype": DTYPES[dtype]}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": 0})
+    elif device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+        llava = LlavaForConditionalGeneration.from_pretrained(name, **kwargs)
+    except Exception as error:  # offline without a cache, unknown repo, not a LLaVA, bitsandbytes missing
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = " (offline: the weights must already be in the Hugging Face cache or a local directory)" \
+            if offline else ""
+        raise ModelLoadError(f"cannot load model {name}{hint}: {reason}") from error
+    if "device_map" not in kwargs:
+        llava = llava.to(device)
+    if quant is not None:
+        # bitsandbytes loads skipped modules in the requested dtype already; keep them 16-bit explicitly
+        for part in (llava.model.vision_tower, llava.model.multi_modal_projector):
+            part.to(DTYPES[dtype] if dtype != "fp32" else torch.float16)
+    return llava, processor
