@@ -1,0 +1,143 @@
+"""The trainer end to end on synthetic clips with the tiny backbone (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugstan_chat.backbone import tiny_backbone_config
+from mugstan_chat.model import MugStan, MugStanConfig
+from mugstan_chat.synthetic import make_synthetic_videos
+
+from training import checkpoints as ckpt
+from training import train as train_module
+from training.post_pretrain import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_videos(root, num=16, seed=0, size=32, frames=12)
+    return root
+
+
+def _args(videos: Path, out: Path, *extra: str) -> list[str]:
+    return ["--backbone", "tiny", "--train-data", str(videos / "annotations.csv"), "--video-root", str(videos),
+            "--frames", "4", "--batch-size", "4", "--workers", "0", "--output-dir", str(out),
+            "--lr-backbone", "1e-3", "--lr-stan", "1e-3", "--warmup-steps", "1", "--log-interval", "1",
+            "--stan-layers", "2", *extra]
+
+
+def _losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["type"] == "train"]
+
+
+def test_short_run_learns_and_exports(videos, tmp_path):
+    # 8 steps on one repeated batch of 4: the loss must go down
+    result = train(_args(videos, tmp_path, "--max-steps", "8", "--batch-size", "4", "--save-interval", "0"))
+    assert len(result.losses) == 8
+    assert sum(result.losses[-2:]) < sum(result.losses[:2])
+    assert _losses(tmp_path) == pytest.approx(result.losses)
+    loaded = MugStan.from_pretrained(result.final_dir)
+    model = result.model.eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    tokens = model.build_tokenizer()(["a red circle moving left", "a blue square growing"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(video), model.encode_video(video), rtol=0, atol=0)
+        a = loaded.encode_text(tokens.input_ids, tokens.attention_mask)
+        b = model.encode_text(tokens.input_ids, tokens.attention_mask)
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+
+
+def test_resume_matches_uninterrupted_run(videos, tmp_path):
+    # 16 videos / batch 4 = 4 steps per epoch: 6 steps cross an epoch boundary; drop-path stays on (RNG restore)
+    whole = train(_args(videos, tmp_path / "whole", "--max-steps", "6", "--save-interval", "2"))
+    first = train(_args(videos, tmp_path / "split", "--max-steps", "6", "--save-interval", "2",
+                        "--stop-at-step", "3"))
+    assert first.final_dir is None and len(first.losses) == 3
+    second = train(_args(videos, tmp_path / "split", "--max-steps", "6", "--save-interval", "2",
+                         "--resume", "latest"))
+    assert len(second.losses) == 3
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(whole.losses),
+                               rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), second.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    model = {"w": torch.ones(3)}
+    optim = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+             "param_groups": [{"params": [0], "lr": 0.1, "betas": (0.9, 0.98)}]}
+    rng = {"rank0.cpu": torch.get_rng_state()}
+    ckpt.save_training_checkpoint(root, 1, model, optim, rng, {"train": {"step": 1}})
+    real = ckpt._write_tensors
+    calls = []
+
+    def failing(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:  # the model file is written, then the process "dies" on the optimiser file
+            raise OSError("disk full")
+        real(tensors, path)
+
+    monkeypatch.setattr(ckpt, "_write_tensors", failing)
+    with pytest.raises(OSError):
+        ckpt.save_training_checkpoint(root, 2, {"w": torch.zeros(3)}, optim, rng, {"train": {"step": 2}})
+    latest = ckpt.resolve_resume("latest", root)
+    assert latest.name == "step_00000001"
+    loaded = ckpt.load_training_checkpoint(latest)
+    torch.testing.assert_close(loaded.model["w"], torch.ones(3))
+    assert loaded.optimizer["param_groups"][0]["betas"] == (0.9, 0.98)
+    assert not list(root.glob(".tmp-*")) and not (root / "step_00000002").exists()
+
+
+def test_freeze_backbone_changes_only_stan(videos, tmp_path):
+    result = train(_args(videos, tmp_path, "--max-steps", "2", "--freeze-backbone", "--save-interval", "0"))
+    assert result.model.stan.fuse_layer == 4  # -2 of the tiny 6-layer backbone: LLaVA's feature layer
+    fresh = MugStan(MugStanConfig(backbone=tiny_backbone_config(seed=0), stan=None))
+    trained = result.model.state_dict()
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
+    saved = json.loads((result.final_dir / "config.json").read_text())
+    assert saved["weights"] == "branch"
+    reference = MugStan(result.model.config).stan.state_dict()
+    assert any(not torch.equal(v, reference[k]) for k, v in result.model.stan.state_dict().items())
+
+
+def test_nonfinite_loss_skips_update_then_aborts(videos, tmp_path, monkeypatch):
+    real = train_module.mug_contrastive_loss
+    monkeypatch.setattr(train_module, "mug_contrastive_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(train_module.TrainingDiverged, match="non-finite"):
+        train(_args(videos, tmp_path, "--max-steps", "4", "--max-nonfinite", "2", "--save-interval", "1"))
+    # the one checkpoint written (after the first skipped step) holds the untouched initial weights
+    saved = ckpt.load_training_checkpoint(ckpt.resolve_resume("latest", tmp_path / "checkpoints"))
+    torch.manual_seed(0)  # the trainer builds the model under --seed
+    fresh = MugStan(train_module.config_from_args(train_module.argparse.Namespace(**saved.state["args"])))
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(saved.model[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_two_process_gloo_matches_one_process(videos, tmp_path):
+    common = ("--max-steps", "3", "--drop-path", "0", "--save-interval", "0")
+    single = train(_args(videos, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "training" / "post_pretrain.py"),
+           *_args(videos, tmp_path / "two", *common)]
+    cmd[cmd.index("--batch-size") + 1] = "2"  # 2 ranks x 2 = the single run's batch of 4
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")), torch.tensor(single.losses),
+                               rtol=1e-4, atol=1e-5)
+    two = MugStan.from_pretrained(tmp_path / "two" / "final").state_dict()
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,257 @@
+"""Zero-shot evaluation: text-video retrieval and recognition from class names (DESIGN.md sections 2-3).
+
+Metric functions are pure functions of a score matrix. Ranks are pessimistic:
+an item tied with the correct one counts as ranked above it, so a model that
+cannot tell two clips apart gets no credit for either.
+
+Usage::
+
+    python training/evaluate.py --checkpoint OUT/final --data msrvtt_test.csv --preset msrvtt \\
+        --video-root MSRVTT/videos --frames 12 --text-length 32
+    python training/evaluate.py --backbone openai/clip-vit-large-patch14 ...   # plain-CLIP baseline
+    python training/evaluate.py --checkpoint OUT/final --task recognition --data k400_val.csv \\
+        --video-column path --label-column label --class-names k400_classes.txt --frames 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from mugstan_chat.backbone import TextFeatures
+from mugstan_chat.model import MugStan
+
+from training.data import ClipSettings, Columns, EvalDataset, VideoRecord, build_eval_loader, read_annotations
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- pure metrics
+
+
+def ranks_of_relevant(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = best) of the best-scored relevant column of each row.
+
+    Args:
+        scores: (Nq, Ng) query-by-gallery scores.
+        relevant: (Nq, Ng) bool, True where the gallery item is a correct answer (>= 1 per row).
+    Returns:
+        (Nq,) long: 1 + number of irrelevant items scoring at least as high (ties count against).
+    """
+    if not bool(relevant.any(dim=1).all()):
+        raise ValueError("every query needs at least one relevant gallery item")
+    best = scores.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)  # (Nq, 1)
+    return 1 + ((scores >= best) & ~relevant).sum(dim=1)
+
+
+def rank_metrics(ranks: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """R@1/5/10 (percent), median and mean rank of a rank vector."""
+    ranks = ranks.double()
+    out = {f"{prefix}R@{k}": float((ranks <= k).double().mean() * 100) for k in (1, 5, 10)}
+    out[f"{prefix}MdR"] = float(ranks.median()) if ranks.numel() % 2 else float(ranks.quantile(0.5))
+    out[f"{prefix}MnR"] = float(ranks.mean())
+    return out
+
+
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, float]:
+    """Text-to-video ("t2v_") and video-to-text ("v2t_") retrieval metrics.
+
+    Args:
+        scores: (Nt, Nv) text-by-video scores.
+        relevant: (Nt, Nv) bool (e.g. one-hot of each caption's video).
+    """
+    return {**rank_metrics(ranks_of_relevant(scores, relevant), "t2v_"),
+            **rank_metrics(ranks_of_relevant(scores.T, relevant.T), "v2t_")}
+
+
+def relevance_from_index(text_to_video: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """(Nt,) video index of each text -> (Nt, Nv) one-hot relevance."""
+    return torch.nn.functional.one_hot(text_to_video.long(), num_videos).bool()
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) of (C, Nv) class-by-video scores against (Nv,) labels."""
+    ranks = ranks_of_relevant(scores.T, relevance_from_index(labels, scores.shape[0]))
+    return {"top1": float((ranks <= 1).double().mean() * 100), "top5": float((ranks <= 5).double().mean() * 100)}
+
+
+def pairwise_accuracy(correct: torch.Tensor, wrong: torch.Tensor, tolerance: float = 1e-6) -> float:
+    """Fraction of items whose correct score beats the wrong one; ties (within ``tolerance``) count 0.5."""
+    diff = correct - wrong
+    return float(torch.where(diff.abs() <= tolerance, 0.5, (diff > 0).double()).mean())
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def encode_texts(model: MugStan, captions: list[str], device: torch.device, batch_size: int = 256,
+                 precision: str = "fp32") -> TextFeatures:
+    """All captions -> TextFeatures (float32, on ``device``)."""
+    tokenizer = model.build_tokenizer()
+    parts = []
+    for start in range(0, len(captions), batch_size):
+        tokens = tokenizer(captions[start:start + batch_size])
+        with _autocast(device, precision):
+            feats = model.encode_text(tokens.input_ids.to(device), tokens.attention_mask.to(device))
+        parts.append(feats)
+    return TextFeatures(tokens=torch.cat([p.tokens.float() for p in parts]),
+                        mask=torch.cat([p.mask for p in parts]),
+                        pooled=torch.cat([p.pooled.float() for p in parts]))
+
+
+@torch.no_grad()
+def encode_clips(model: MugStan, clips: torch.Tensor, device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """(B, T, 3, H, W) -> (B, T, P) float32 frame embeddings."""
+    with _autocast(device, precision):
+        return model.encode_video(clips.to(device)).float()
+
+
+@torch.no_grad()
+def encode_videos(model: MugStan, records: list[VideoRecord], root: str | Path, clip: ClipSettings,
+                  device: torch.device, batch_size: int = 32, workers: int = 0,
+                  precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every record's evaluation clip -> (frames (N, T, P), ok (N,) bool; False where decoding failed)."""
+    loader = build_eval_loader(EvalDataset(records, root, clip), batch_size, workers)
+    frames, ok = [None] * len(records), torch.zeros(len(records), dtype=torch.bool)
+    for batch in loader:
+        out = encode_clips(model, batch["video"], device, precision).cpu()
+        for row, index in enumerate(batch["index"].tolist()):
+            frames[index] = out[row]
+        ok[batch["index"]] = batch["ok"]
+    return torch.stack(frames), ok
+
+
+def score(model: MugStan, texts: TextFeatures, frames: torch.Tensor) -> torch.Tensor:
+    """(Nt, Nv) chunked Mug score matrix on the model's device."""
+    device = texts.tokens.device
+    with torch.no_grad():
+        return model.score(texts, frames.to(device)).float().cpu()
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def evaluate_retrieval(model: MugStan, records: list[VideoRecord], root: str | Path, clip: ClipSettings,
+                       device: torch.device, batch_size: int = 32, workers: int = 0,
+                       precision: str = "fp32") -> dict[str, float]:
+    """Zero-shot retrieval over every (caption, video) of ``records``; videos that fail to decode are dropped."""
+    was_training = model.training
+    model.eval()
+    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision)
+    kept = [i for i in range(len(records)) if ok[i] and records[i].captions]
+    captions = [c for i in kept for c in records[i].captions]
+    owner = torch.tensor([j for j, i in enumerate(kept) for _ in records[i].captions])
+    texts = encode_texts(model, captions, device, precision=precision)
+    scores = score(model, texts, frames[kept])
+    model.train(was_training)
+    metrics = retrieval_metrics(scores, relevance_from_index(owner, len(kept)))
+    metrics.update({"videos": len(kept), "texts": len(captions), "failed_videos": len(records) - int(ok.sum())})
+    return metrics
+
+
+def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names: list[str], root: str | Path,
+                         clip: ClipSettings, device: torch.device, batch_size: int = 32, workers: int = 0,
+                         precision: str = "fp32") -> dict[str, float]:
+    """Zero-shot recognition: class names (no prompt template) as captions; labels are names or indices."""
+    model.eval()
+    lookup = {name: i for i, name in enumerate(class_names)}
+    labels = []
+    for record in records:
+        label = record.label
+        if label in lookup:
+            labels.append(lookup[label])
+        elif label is not None and label.isdigit() and int(label) < len(class_names):
+            labels.append(int(label))
+        else:
+            raise ValueError(f"video {record.video}: label {label!r} is neither a class name nor a class index")
+    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision)
+    texts = encode_texts(model, class_names, device, precision=precision)
+    scores = score(model, texts, frames[ok])
+    metrics = classification_metrics(scores, torch.tensor(labels)[ok])
+    metrics.update({"videos": int(ok.sum()), "classes": len(class_names), "failed_videos": len(records) - int(ok.sum())})
+    return metrics
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.params import add_data_arguments
+
+    p = argparse.ArgumentParser(description="Zero-shot retrieval / recognition of a Mug-STAN model or plain CLIP.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a directory written by MugStan.save_pretrained (e.g. OUT/final)")
+    src.add_argument("--backbone", help="plain-CLIP baseline: a backbone argument as in post_pretrain.py")
+    p.add_argument("--task", choices=("retrieval", "recognition"), default="retrieval")
+    p.add_argument("--data", required=True, help="annotations (.csv/.tsv/.json/.jsonl)")
+    p.add_argument("--video-root", default=".")
+    add_data_arguments(p)
+    p.add_argument("--label-column", default="label", help="recognition: class name or index column")
+    p.add_argument("--class-names", help="recognition: text file, one class name per line")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--text-length", type=int, default=None, help="default: the checkpoint's (64)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    return p
+
+
+def load_model(checkpoint: str | None, backbone: str | None, text_length: int | None) -> MugStan:
+    """A saved model, or the plain-CLIP baseline (no STAN, mean pooling) of a backbone."""
+    from training.params import model_config
+
+    if checkpoint:
+        model = MugStan.from_pretrained(checkpoint)
+        if text_length is not None:
+            model.config.context_length = text_length
+        return model
+    return MugStan(model_config(backbone, no_stan=True, text_length=text_length or 64)).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.params import columns_from_args
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model = load_model(args.checkpoint, args.backbone, args.text_length).to(device)
+    clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
+    columns = columns_from_args(args)
+    if args.task == "recognition":
+        if not args.class_names:
+            raise SystemExit("--task recognition needs --class-names")
+        columns = Columns(video_column=columns.video_column, caption_column=None,
+                          video_template=columns.video_template, label_column=args.label_column)
+        names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+        metrics = evaluate_recognition(model, read_annotations(args.data, columns), names, args.video_root, clip,
+                                       device, args.batch_size, args.workers, args.precision)
+    else:
+        metrics = evaluate_retrieval(model, read_annotations(args.data, columns), args.video_root, clip, device,
+                                     args.batch_size, args.workers, args.precision)
+    for key, value in metrics.items():
+        print(f"{key:>10s}  {value:.2f}" if isinstance(value, float) else f"{key:>10s}  {value}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Command-line arguments of the trainer, and the translation of a backbone argument into library configs.
+
+Defaults are the paper's post-pretraining settings (DESIGN.md section 3) for
+CLIP-L/14 except the batch size, which is per device (global 1024 = 8 GPUs x 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.model import MugStanConfig
+from mugstan_chat.mug import MODES, MugConfig
+from mugstan_chat.stan import StanConfig
+
+from training.data import PRESETS, Columns
+
+
+def backbone_from_spec(spec: str, seed: int = 0) -> BackboneConfig:
+    """``tiny`` | ``tiny-open_clip`` | ``open_clip:NAME[:PRETRAINED]`` | a transformers CLIP name or directory."""
+    if spec == "tiny":
+        return tiny_backbone_config("hf", seed=seed)
+    if spec == "tiny-open_clip":
+        return tiny_backbone_config("open_clip", seed=seed)
+    if spec.startswith("open_clip:"):
+        _, name, *tag = spec.split(":", 2)
+        return BackboneConfig(family="open_clip", name=name, pretrained=tag[0] if tag else None)
+    return BackboneConfig(family="hf", name=spec)
+
+
+def model_config(backbone: str, *, no_stan: bool = False, stan_layers: int = 4, fuse_layer: int | None = None,
+                 mug_mode: str | None = None, mug_topk: int | None = None, drop_path: float = 0.1,
+                 freeze_backbone: bool = False, text_length: int = 64, seed: int = 0) -> MugStanConfig:
+    """The library config for a run. ``fuse_layer=None``: -2 (LLaVA's feature layer) when frozen, else -1."""
+    backbone_config = backbone_from_spec(backbone, seed)
+    stan = None
+    if not no_stan:
+        fuse = fuse_layer if fuse_layer is not None else (-2 if freeze_backbone else -1)
+        stan = StanConfig(num_layers=stan_layers, fuse_layer=fuse, drop_path=drop_path)
+    mode = mug_mode or ("mean" if no_stan else "frame-token")
+    tokenizer = backbone_config.name if backbone_config.family == "hf" and backbone_config.name else None
+    return MugStanConfig(backbone=backbone_config, stan=stan, mug=MugConfig(mode=mode, topk=mug_topk),
+                         freeze_backbone=freeze_backbone, context_length=text_length, tokenizer=tokenizer)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Annotation layout options (shared with evaluation); ``prefix`` e.g. "eval-"."""
+    dest = prefix.replace("-", "_")
+    parser.add_argument(f"--{prefix}preset", dest=f"{dest}preset", default="generic", choices=sorted(PRESETS),
+                        help="annotation column layout (webvid: {page_dir}/{videoid}.mp4 + name)")
+    parser.add_argument(f"--{prefix}video-column", dest=f"{dest}video_column", default=None)
+    parser.add_argument(f"--{prefix}caption-column", dest=f"{dest}caption_column", default=None)
+    parser.add_argument(f"--{prefix}video-template", dest=f"{dest}video_template", default=None,
+                        help="video path built from columns, e.g. '{page_dir}/{videoid}.mp4'")
+
+
+def columns_from_args(args: argparse.Namespace, prefix: str = "") -> Columns:
+    get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
+    return Columns.preset(get("preset"), video_column=get("video_column"), caption_column=get("caption_column"),
+                          video_template=get("video_template"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Mug-STAN video-text post-pretraining on a CLIP backbone.")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default="openai/clip-vit-large-patch14",
+                   help="transformers CLIP name/dir, open_clip:NAME[:PRETRAINED], tiny or tiny-open_clip")
+    m.add_argument("--no-stan", action="store_true", help="plain-CLIP baseline (no temporal branch; Mug mode mean)")
+    m.add_argument("--stan-layers", type=int, default=4, help="K, STAN layers")
+    m.add_argument("--fuse-layer", type=int, default=None, help="backbone layer STAN fuses into (default -1; "
+                   "-2 with --freeze-backbone, LLaVA's feature layer)")
+    m.add_argument("--mug-mode", choices=MODES, default=None, help="default frame-token (mean with --no-stan)")
+    m.add_argument("--mug-topk", type=int, default=None)
+    m.add_argument("--drop-path", type=float, default=0.1, help="STAN drop-path rate of the last layer")
+    m.add_argument("--freeze-backbone", action="store_true", help="train STAN only (LLaVA-compatible)")
+    m.add_argument("--grad-checkpointing", action="store_true")
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", required=True, help="annotations: .csv, .tsv, .json or .jsonl")
+    d.add_argument("--video-root", default=".", help="folder the annotation video paths are relative to")
+    add_data_arguments(d)
+    d.add_argument("--frames", type=int, default=12, help="frames per clip (sparse sampling)")
+    d.add_argument("--image-size", type=int, default=None, help="input side (default: the backbone's)")
+    d.add_argument("--text-length", type=int, default=64)
+    d.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    d.add_argument("--max-decode-failure-rate", type=float, default=0.05)
+    d.add_argument("--failure-window", type=int, default=1000, help="decodes per failure-rate window")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=128, help="clips per device (global = x world size)")
+    o.add_argument("--epochs", type=int, default=3)
+    o.add_argument("--max-steps", type=int, default=None, help="total steps (overrides --epochs)")
+    o.add_argument("--lr-backbone", type=float, default=4e-6)
+    o.add_argument("--lr-stan", type=float, default=4e-5)
+    o.add_argument("--weight-decay", type=float, default=0.05, help="0.05 (released configs); paper: 0.001")
+    o.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the total steps")
+    o.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")
+    o.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    o.add_argument("--max-nonfinite", type=int, default=10, help="abort after this many non-finite steps in a row")
+    o.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", required=True)
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints (0: epoch ends only)")
+    r.add_argument("--keep-checkpoints", type=int, default=3)
+    r.add_argument("--resume", default=None, help="latest, or a checkpoint directory")
+    r.add_argument("--stop-at-step", type=int, default=None,
+                   help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
+    r.add_argument("--log-interval", type=int, default=10)
+    r.add_argument("--tensorboard", action="store_true")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-data", default=None, help="retrieval annotations evaluated during training")
+    e.add_argument("--eval-video-root", default=None, help="default: --video-root")
+    add_data_arguments(e, "eval-")
+    e.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: at the end)")
+    e.add_argument("--eval-batch-size", type=int, default=32)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.freeze_backbone and args.no_stan:
+        parser.error("--freeze-backbone with --no-stan leaves nothing to train")
+    if args.frames < 1 or args.batch_size < 1:
+        parser.error("--frames and --batch-size must be positive")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> MugStanConfig:
+    return model_config(args.backbone, no_stan=args.no_stan, stan_layers=args.stan_layers,
+                        fuse_layer=args.fuse_layer, mug_mode=args.mug_mode, mug_topk=args.mug_topk,
+                        drop_path=args.drop_path, freeze_backbone=args.freeze_backbone,
+                        text_length=args.text_length, seed=args.seed)

@@ -1,0 +1,300 @@
+"""The post-pretraining loop: one step, checkpoint/resume, and the run from start to export (DESIGN.md section 3).
+
+Each step encodes this rank's clips and captions, gathers the global batch
+inside :func:`mugstan_chat.loss.mug_contrastive_loss` (symmetric InfoNCE over
+the Mug score matrix), and updates AdamW. A step whose loss or gradient norm is
+not finite changes no weight; too many in a row abort the run. Resuming restores
+weights, optimiser, schedule, scaler, data position and every rank's RNG, so the
+losses after a resume equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mugstan_chat.loss import mug_contrastive_loss
+from mugstan_chat.model import MugStan
+
+from training import checkpoints as ckpt
+from training.data import (ClipSettings, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
+                           build_train_loader, read_annotations)
+from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from training.logs import RunLogger
+from training.optim import build_optimizer, build_scheduler
+from training.params import columns_from_args, config_from_args
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0  # optimiser steps taken (skipped non-finite steps included)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+@dataclass
+class TrainResult:
+    model: MugStan
+    losses: list[float] = field(default_factory=list)  # global loss of every step this process ran
+    state: TrainState = field(default_factory=TrainState)
+    final_dir: Path | None = None  # None when stopped early (--stop-at-step)
+    eval_metrics: dict | None = None
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(ddp_model, model: MugStan, batch: dict, tokenizer, optimizer, scaler, env: DistEnv,
+               precision: str, grad_clip: float) -> tuple[float, float, bool]:
+    """One optimisation step on this rank's part of a global batch.
+
+    Returns:
+        (global loss, gradient norm, True when the update was applied).
+    """
+    video = batch["video"].to(env.device, non_blocking=True)  # (B, T, 3, H, W)
+    text = tokenizer(batch["captions"])
+    with _autocast(env.device, precision):
+        frames, feats = ddp_model(video, text.input_ids.to(env.device), text.attention_mask.to(env.device))
+    loss = mug_contrastive_loss(frames.float(), feats.tokens.float(), feats.mask, feats.pooled.float(),
+                                config=model.config.mug, rank=env.rank, world_size=env.world_size)
+    optimizer.zero_grad(set_to_none=True)
+    # backward even for a non-finite loss: every rank must take part in DDP's gradient all-reduce
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    loss_value, norm_value = float(loss.detach()), float(norm)
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()  # lowers the fp16 scale when the gradient overflowed
+        return loss_value, norm_value, False
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value, norm_value, True
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _trained_state(model: MugStan) -> dict[str, torch.Tensor]:
+    """What a training checkpoint stores: the branch alone when the backbone is frozen."""
+    return model.branch_state_dict() if model.config.freeze_backbone else model.state_dict()
+
+
+def _rng_state(env: DistEnv) -> dict:
+    state = {"cpu": torch.get_rng_state().numpy().tobytes()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device).numpy().tobytes()
+    return state
+
+
+def save(model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor, state: TrainState,
+         args: argparse.Namespace, env: DistEnv) -> Path | None:
+    """Collective: every rank contributes its RNG and failure counts; rank 0 writes."""
+    per_rank = all_gather_objects({"rng": _rng_state(env), "monitor": monitor.state_dict()}, env)
+    path = None
+    if env.is_main:
+        weights = _trained_state(model)
+        if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+            raise TrainingDiverged(f"refusing to save non-finite weights at step {state.step}")
+        rng = {f"rank{r}.{kind}": torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+               for r, item in enumerate(per_rank) for kind, raw in item["rng"].items()}
+        extra = {
+            "train": state.__dict__, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "monitor": [item["monitor"] for item in per_rank], "world_size": env.world_size,
+            "batch_size": args.batch_size, "seed": args.seed, "args": vars(args),
+        }
+        path = ckpt.save_training_checkpoint(Path(args.output_dir) / "checkpoints", state.step, weights,
+                                             optimizer.state_dict(), rng, extra, keep=args.keep_checkpoints)
+        logger.info("saved checkpoint %s", path)
+    barrier(env)
+    return path
+
+
+def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor,
+            args: argparse.Namespace, env: DistEnv) -> TrainState:
+    """Loads a training checkpoint into the freshly built run; checks the data layout is the same."""
+    loaded = ckpt.load_training_checkpoint(path)
+    saved = loaded.state
+    if (saved["world_size"], saved["batch_size"], saved["seed"]) != (env.world_size, args.batch_size, args.seed):
+        raise ckpt.TrainingCheckpointError(
+            f"{path} was written by a run with {saved['world_size']} ranks x batch {saved['batch_size']}, "
+            f"seed {saved['seed']}; this run has {env.world_size} x {args.batch_size}, seed {args.seed}. "
+            f"Exact resume needs the same layout.")
+    if model.config.freeze_backbone:
+        model.stan.load_state_dict({k[len("stan."):]: v for k, v in loaded.model.items()})
+    else:
+        model.load_state_dict(loaded.model)
+    optimizer.load_state_dict(loaded.optimizer)
+    scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    monitor.load_state_dict(saved["monitor"][env.rank])
+    torch.set_rng_state(loaded.rng[f"rank{env.rank}.cpu"])
+    if env.device.type == "cuda" and f"rank{env.rank}.cuda" in loaded.rng:
+        torch.cuda.set_rng_state(loaded.rng[f"rank{env.rank}.cuda"], env.device)
+    logger.info("resumed from %s at step %d", path, saved["train"]["step"])
+    return TrainState(**saved["train"])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, state: TrainState,
+                    run_logger: RunLogger) -> dict | None:
+    if not args.eval_data:
+        return None
+    metrics = None
+    if env.is_main:
+        from training.evaluate import evaluate_retrieval
+
+        records = read_annotations(args.eval_data, columns_from_args(args, "eval_"))
+        clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
+        metrics = evaluate_retrieval(model, records, args.eval_video_root or args.video_root, clip, env.device,
+                                     args.eval_batch_size, args.workers, args.precision)
+        run_logger.write({"type": "eval", "step": state.step, "epoch": state.epoch, **metrics})
+        logger.info("evaluation at step %d: %s", state.step, {k: round(v, 2) for k, v in metrics.items()})
+    barrier(env)
+    return metrics
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    """Trains according to ``args`` (see :mod:`training.params`); joins the process group under torchrun."""
+    env = init_distributed(args.device)
+    try:
+        return _run(args, env)
+    finally:
+        cleanup(env)
+
+
+def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
+    output = Path(args.output_dir)
+    if env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "args.json").write_text(json.dumps(vars(args), indent=2))
+    torch.manual_seed(args.seed)  # STAN's fresh modules: the same on every rank
+    model = MugStan(config_from_args(args))
+    torch.manual_seed(args.seed + env.rank)  # drop-path masks differ between ranks
+    np.random.seed(args.seed + env.rank)
+    model.gradient_checkpointing = args.grad_checkpointing
+    size = args.image_size or model.image_size
+    if size != model.image_size:
+        raise ValueError(f"--image-size {size} differs from the backbone's {model.image_size}; position "
+                         f"embeddings are not interpolated")
+    model.to(env.device).train()
+
+    records = read_annotations(args.train_data, columns_from_args(args))
+    dataset = TrainDataset(records, args.video_root, ClipSettings(frames=args.frames, size=size), seed=args.seed)
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    total = args.max_steps or args.epochs * sampler.batches_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * total)
+    optimizer = build_optimizer(model, args.lr_backbone, args.lr_stan, args.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup, total)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
+    monitor = DecodeFailureMonitor(args.max_decode_failure_rate, args.failure_window)
+    state = TrainState()
+    if args.resume:
+        path = ckpt.resolve_resume(args.resume, output / "checkpoints")
+        if path is None:
+            logger.info("--resume %s: no checkpoint yet, starting from scratch", args.resume)
+        else:
+            state = restore(path, model, optimizer, scheduler, scaler, monitor, args, env)
+
+    ddp_model = model
+    if env.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    tokenizer = model.build_tokenizer()
+    run_logger = RunLogger(output, env.is_main, total, state.step, args.tensorboard)
+    result = TrainResult(model=model, state=state)
+    global_batch = args.batch_size * env.world_size
+    stop = False
+    try:
+        while state.step < total and not stop:
+            if state.batch_in_epoch >= sampler.batches_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            loader = build_train_loader(dataset, sampler, args.workers, pin_memory=env.device.type == "cuda")
+            tick = time.perf_counter()
+            for batch in loader:
+                loss, norm, applied = train_step(ddp_model, model, batch, tokenizer, optimizer, scaler, env,
+                                                 args.precision, args.grad_clip)
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                with warnings.catch_warnings():  # a skipped update still advances the schedule
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.nonfinite_in_a_row = 0 if applied else state.nonfinite_in_a_row + 1
+                state.nonfinite_total += 0 if applied else 1
+                result.losses.append(loss)
+                monitor_error = _check_failures(monitor, batch, env)
+                if not applied:
+                    logger.warning("step %d: non-finite loss %s / gradient norm %s; update skipped",
+                                   state.step, loss, norm)
+                    if state.nonfinite_in_a_row >= args.max_nonfinite:
+                        raise TrainingDiverged(f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+                                               f"or gradient (last at step {state.step}); lower the learning rate "
+                                               f"or use bf16 instead of fp16")
+                now = time.perf_counter()
+                record = {"epoch": state.epoch, "loss": loss, "grad_norm": norm, "lr": next(iter(lrs.values())),
+                          **{f"lr_{k}": v for k, v in lrs.items()}, "clips_per_s": global_batch / (now - tick),
+                          "decode_failures": monitor.total_failures, "skipped_steps": state.nonfinite_total}
+                tick = now
+                run_logger.step(state.step, record, show=state.step % args.log_interval == 0 or state.step == total)
+                if monitor_error:
+                    raise DataError(monitor_error)
+                epoch_end = state.batch_in_epoch == sampler.batches_per_epoch
+                stop = args.stop_at_step is not None and state.step >= args.stop_at_step
+                if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total:
+                    _maybe_evaluate(model, args, env, state, run_logger)
+                if (args.save_interval and state.step % args.save_interval == 0) or epoch_end or stop \
+                        or state.step == total:
+                    save(model, optimizer, scheduler, scaler, monitor, state, args, env)
+                if stop or state.step >= total:
+                    break
+        if state.step >= total:
+            result.eval_metrics = _maybe_evaluate(model, args, env, state, run_logger)
+            if env.is_main:
+                result.final_dir = output / "final"
+                model.save_pretrained(result.final_dir)
+                logger.info("exported %s", result.final_dir)
+            barrier(env)
+    finally:
+        run_logger.close()
+    return result
+
+
+def _check_failures(monitor: DecodeFailureMonitor, batch: dict, env: DistEnv) -> str | None:
+    """Counts this rank's decode failures; returns the abort message when any rank is over the limit."""
+    message = None
+    try:
+        monitor.update(batch["attempts"], batch["failures"])
+    except DataError as error:
+        message = str(error)
+    # collective so every rank stops together
+    over = all_reduce_sum([1.0 if message else 0.0], env)[0]
+    if over and not message:
+        message = "another rank exceeded the video decode failure limit (see its log)"
+    return message
