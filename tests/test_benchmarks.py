@@ -1,0 +1,92 @@
+"""Smoke tests of the benchmark scripts (scripts/benchmark_train.py, scripts/benchmark_chat.py) at tiny settings.
+
+CPU only, no network; each script's ``main([...])`` runs end to end into tmp_path and its JSON
+is checked for the documented fields.
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def benchmark_chat():
+    return importlib.import_module("benchmark_chat")
+
+
+def test_train_benchmark_smoke(tmp_path):
+    benchmark_train = importlib.import_module("benchmark_train")
+    out = tmp_path / "train.json"
+    assert benchmark_train.main(["--shape", "tiny", "--batch", "2", "--frames", "2", "--runs", "1",
+                                 "--mug-batches", "2", "4", "--methods", "clip-mean", "stan+mug",
+                                 "--no-checkpointing-variant", "--out", str(out), "--plot"]) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["steps"]] == ["clip-mean", "stan+mug"]
+    for row in result["steps"]:
+        assert {"shape", "checkpointing", "batch", "frames", "step_ms", "clips_per_s", "peak_mb", "memory_kind",
+                "vs_clip"} <= set(row)
+        assert row["step_ms"] > 0 and row["batch"] == 2 and row["frames"] == 2 and not row["checkpointing"]
+    assert result["steps"][0]["vs_clip"] == 1.0
+    assert result["stan_mug_vs_clip"] == result["steps"][1]["vs_clip"]
+    assert [r["batch"] for r in result["mug"]] == [2, 4] and all(r["score_matrix_ms"] > 0 for r in result["mug"])
+    assert (tmp_path / "train_train.png").stat().st_size > 0
+
+
+def test_chat_benchmark_smoke(tmp_path, benchmark_chat, capsys):
+    out = tmp_path / "chat.json"
+    assert benchmark_chat.main(["--demo", "--device", "cpu", "--frames", "2", "4", "--runs", "1", "--warmup", "0",
+                                "--new-tokens", "4", "--video-seconds", "1", "--video-height", "144",
+                                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--plot"]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["mode"], r["frames"]): r for r in result["rows"]}
+    assert set(rows) == {("image", 1)} | {(m, t) for m in ("stan", "mean", "concat") for t in (2, 4)}
+    keys = {"decode_ms", "encode_ms", "prompt_tokens", "visual_tokens", "ttft_ms", "ttft_e2e_ms", "decode_tok_s",
+            "new_tokens", "peak_mb", "memory_kind", "followup_ttft_ms", "followup_prompt_tokens",
+            "text_only_ttft_ms", "followup_vs_text", "followup_tower_calls", "over_real_context",
+            "encode_gflop", "prefill_gflop", "encode_floor_ms", "ttft_floor_ms", "decode_floor_tok_s"}
+    for row in rows.values():
+        assert keys <= set(row), keys - set(row)
+        assert row["new_tokens"] == 4  # fixed answer length in every mode
+        assert row["followup_tower_calls"] == 0  # the follow-up reuses cached features
+        assert row["followup_prompt_tokens"] > row["prompt_tokens"]
+        assert 0 < row["encode_ms"] < row["ttft_ms"] < row["ttft_e2e_ms"]
+        assert row["decode_ms"] > 0 and row["decode_tok_s"] > 0 and row["text_only_ttft_ms"] > 0
+        assert not row["over_real_context"]
+    per_image = rows[("image", 1)]["visual_tokens"]
+    for t in (2, 4):  # one clip is one image's worth for STAN and mean; concat pays per frame
+        assert rows[("stan", t)]["visual_tokens"] == rows[("mean", t)]["visual_tokens"] == per_image
+        assert rows[("concat", t)]["visual_tokens"] == t * per_image
+        assert rows[("stan", t)]["encode_gflop"] > rows[("mean", t)]["encode_gflop"]  # the branch costs work
+    assert result["peaks"]["matmul_gflop_s"] > 0 and result["peaks"]["memory_gb_s"] > 0
+    targets = {t["target"]: t for t in result["targets"]}
+    assert len(targets) == 6
+    assert all(isinstance(t["met"], bool) and {"value", "limit", "note"} <= set(t) for t in targets.values())
+    assert targets["prompt tokens of one clip == one image's, every T"]["met"]
+    assert any(name.startswith("TTFT(stan) growth T=2 -> T=4") for name in targets)
+    assert set(result["definitions"]) >= {"ttft_ms", "decode_tok_s", "followup_ttft_ms"}
+    assert (tmp_path / "chat_ttft.png").stat().st_size > 0 and (tmp_path / "chat_encode.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| mode | frames |" in printed and "## Targets" in printed
+
+
+def test_chat_benchmark_7b_shape_is_llava_1_5_7b(benchmark_chat):
+    """The --size 7b model has LLaVA-1.5-7B's parameter counts (built on the meta device: no memory)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    config, processor = benchmark_chat.llava_7b_shape_config(context=4096)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in
+              (("language", model.model.language_model), ("clip", model.model.vision_tower),
+               ("projector", model.model.multi_modal_projector), ("head", model.lm_head))}
+    assert counts["language"] + counts["head"] == 6_738_939_904  # Llama-2-7B (6.74B) with vocab 32064
+    assert counts["clip"] == 303_507_456 and counts["projector"] == 20_979_712  # CLIP-L/14-336, 2-layer MLP
+    assert math.isclose(sum(counts.values()), 7.06e9, rel_tol=0.01)
+    assert processor.image_processor.crop_size["height"] == 336 and config.vision_feature_layer == -2
