@@ -1,0 +1,474 @@
+"""The Gradio web chat: upload a video, ask LLaVA (with the Mug-STAN video tower) about it.
+
+Usage::
+
+    python app.py --model llava-hf/llava-1.5-7b-hf --stan PATH     # real weights, STAN branch
+    python app.py --model llava-hf/llava-1.5-7b-hf                 # no branch: temporal mean mode
+    python app.py --demo                                            # offline toy model (CPU, seconds)
+    python app.py --demo --host 0.0.0.0 --auth alice:secret         # reachable from the network
+
+See docs/app.md for serving safely and the limits. This file only wires the UI:
+models come from :func:`mugstan_chat.loader.load_chat_model`, conversations from
+:class:`mugstan_chat.chat.ChatSession`. Nothing here is global: the model reaches
+the callbacks through a :class:`ChatApp` instance (a closure), and each browser
+session keeps its own :class:`UserSession` in a ``gr.State``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger("mugstan_chat.app")
+
+APP_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = APP_DIR / "examples"
+MAX_QUESTION_CHARS = 2000  # a question longer than this is refused, not truncated
+SESSION_TTL_S = 2 * 3600  # a browser session's conversation and features are dropped after this idle time
+CACHE_CLEANUP = (3600, 2 * 3600)  # (every s, older than s): uploaded files gradio deletes
+TITLE = "mugstan-chat: video chat with LLaVA + Mug-STAN"
+CSS = ".turn-notice {color: #92400e} footer {display: none !important}"
+
+
+class UploadRejected(Exception):
+    """An upload refused before decoding (too large, wrong type); the message is for users."""
+
+
+@dataclass
+class AppSettings:
+    """What the web app allows and the defaults of its "Advanced" controls."""
+
+    frames: int = 8  # T: default frames per clip
+    clips: int = 1  # C: default clips per video
+    max_new_tokens: int = 512  # default answer length limit (the slider goes up to 2048)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_upload_mb: float = 200.0  # larger uploads are refused before decoding
+    max_video_seconds: float = 600.0  # longer videos are refused after reading the header
+    concurrency: int = 1  # model jobs (encode or generate) at once
+    queue_size: int = 16  # waiting jobs beyond this are refused
+    max_sessions: int = 100  # browser sessions whose state is kept (least recently used are dropped)
+    examples_dir: Path | None = EXAMPLES_DIR  # bundled example videos; None: no examples
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass
+class UserSession:
+    """One browser session: its conversation, its video and the displayed messages."""
+
+    chat: object | None = None  # mugstan_chat.chat.ChatSession, None until a video is loaded
+    video_name: str | None = None
+    messages: list[dict] = field(default_factory=list)  # what the Chatbot shows
+    stop: threading.Event = field(default_factory=threading.Event)
+    last_question: str | None = None  # for "Regenerate"
+    last_recorded: bool = False  # the last question is in chat.history (answered, not an error)
+
+    def close(self) -> None:
+        """Drops the conversation and the cached video features (called when gradio deletes the state)."""
+        self.stop.set()
+        self.chat = None
+
+
+def _error(text: str) -> dict:
+    return {"role": "assistant", "content": f"⚠️ {text}"}
+
+
+def format_stats(stats) -> str:
+    """One line under an answer: visual tokens and timings of a ``TurnStats``."""
+    parts = [f"{stats.visual_tokens} visual tokens"]
+    if stats.cached_features:
+        parts.append("video features cached")
+    else:
+        parts += [f"decode {stats.decode_ms:.0f} ms", f"encode {stats.encode_ms:.0f} ms"]
+    if stats.first_token_ms is not None:
+        parts.append(f"first token {stats.first_token_ms:.0f} ms")
+    parts.append(f"total {stats.total_ms:.0f} ms")
+    parts.append(f"{stats.new_tokens} tokens")
+    if stats.clipped:
+        parts.append(f"answer limit clipped to {stats.max_new_tokens} by the context")
+    return "*" + " · ".join(parts) + "*"
+
+
+class ChatApp:
+    """The callbacks of the page. Holds the model; all per-user data lives in ``UserSession``.
+
+    Every callback takes the session state and returns it, so it can be tested
+    without a browser or a server (tests/test_app.py).
+    """
+
+    def __init__(self, chat_model, settings: AppSettings | None = None):
+        self.chat_model = chat_model
+        self.settings = settings or AppSettings(frames=chat_model.settings.frames, clips=chat_model.settings.clips)
+
+    # ------------------------------------------------------------------ facts for the page
+
+    @property
+    def temporal_modes(self) -> list[str]:
+        """Modes a session may choose: "stan" only when a branch is loaded."""
+        return list(self.chat_model.tower.available_modes)
+
+    def notice(self) -> str:
+        """Markdown warning shown at the top of the page ('' when nothing to say)."""
+        from mugstan_chat.loader import MEAN_FALLBACK_NOTICE
+
+        notes = list(self.chat_model.notices)
+        if "stan" not in self.temporal_modes and MEAN_FALLBACK_NOTICE not in notes:
+            notes.append("no STAN branch loaded: temporal mean mode only (training-free baseline)")
+        return "\n".join(f"⚠️ **Note:** {note}" for note in notes)
+
+    def model_line(self) -> str:
+        s = self.chat_model.settings
+        quant = f", {s.quantization}" if s.quantization else ""
+        return (f"Model: `{s.model}` · temporal: `{s.temporal}`" + (f" (branch `{s.stan}`)" if s.stan else "")
+                + f" · {s.device}, {s.dtype}{quant}")
+
+    # ------------------------------------------------------------------ callbacks
+
+    def load_video(self, video: str | None, frames: int, clips: int, temporal: str,
+                   state: UserSession | None) -> tuple[UserSession, list[dict], str]:
+        """A new video (upload, example, removal) or new video settings: a new session.
+
+        Returns (state, chatbot messages, video status markdown).
+        """
+        from mugstan_chat.video import VideoDecodeError
+
+        if state is not None:
+            state.close()
+        state = UserSession()
+        if not video:
+            return state, state.messages, "No video loaded: upload one or pick an example."
+        path = os.fspath(video)
+        name = os.path.basename(path)
+        try:
+            info = self._check_video(path)
+            chat = self._new_chat(path, int(frames), int(clips), temporal)
+        except (UploadRejected, VideoDecodeError, ValueError) as error:
+            message = str(error).replace(path, name)  # never show server paths
+            logger.info("video refused: %s", message)
+            state.messages.append(_error(f"Cannot use this video: {message}"))
+            return state, state.messages, f"⚠️ **{name}** was not loaded."
+        except Exception as error:  # noqa: BLE001 -- the app must keep serving (OOM included)
+            text = self._failure_text(error, "encoding the video")
+            state.messages.append(_error(text))
+            return state, state.messages, f"⚠️ **{name}** was not loaded."
+        state.chat, state.video_name = chat, name
+        status = (f"**{name}**: {info.duration:.1f} s, {info.width}x{info.height} · {chat.clips} clip(s) x "
+                  f"{chat.frames} frames → {chat.visual_tokens} visual tokens · temporal `{temporal}`")
+        return state, state.messages, status
+
+    def respond(self, question: str, state: UserSession | None, max_new_tokens: int = 512,
+                temperature: float = 0.0, top_p: float = 1.0) -> Iterator[tuple[list[dict], UserSession, str]]:
+        """Streams the answer to ``question``; yields (chatbot messages, state, textbox value)."""
+        state = state or UserSession()
+        question = (question or "").strip()
+        if not question:
+            yield state.messages, state, ""
+            return
+        state.messages.append({"role": "user", "content": question})
+        if len(question) > MAX_QUESTION_CHARS:
+            state.messages.append(_error(f"The question is too long ({len(question)} characters; "
+                                         f"the limit is {MAX_QUESTION_CHARS})."))
+        elif state.chat is None:
+            state.messages.append(_error("Upload a video first (or pick an example)."))
+        else:
+            yield from self._answer(state, question, max_new_tokens, temperature, top_p)
+            return
+        yield state.messages, state, ""
+
+    def regenerate(self, state: UserSession | None, max_new_tokens: int = 512, temperature: float = 0.0,
+                   top_p: float = 1.0) -> Iterator[tuple[list[dict], UserSession, str]]:
+        """Answers the last question again (its previous answer is forgotten)."""
+        state = state or UserSession()
+        if state.chat is None or state.last_question is None:
+            yield state.messages, state, ""
+            return
+        if state.last_recorded:
+            state.chat.history.pop()
+            state.chat.turns.pop()
+            state.last_recorded = False
+        last_user = max(i for i, m in enumerate(state.messages) if m["role"] == "user")
+        del state.messages[last_user + 1:]
+        yield from self._answer(state, state.last_question, max_new_tokens, temperature, top_p)
+
+    def clear(self, state: UserSession | None) -> tuple[UserSession, list[dict]]:
+        """Forgets the conversation; keeps the video and its features."""
+        state = state or UserSession()
+        if state.chat is not None:
+            state.chat.reset()
+        state.messages = []
+        state.last_question, state.last_recorded = None, False
+        return state, state.messages
+
+    @staticmethod
+    def stop(state: UserSession | None) -> None:
+        """Asks the running answer of this session to stop (the partial answer is kept)."""
+        if state is not None:
+            state.stop.set()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_video(self, path: str):
+        """Size and type checks before decoding, then the header (duration, resolution) limits."""
+        from mugstan_chat.video import SUPPORTED_EXTENSIONS, VideoLimits, probe_video
+
+        if not os.path.isfile(path):
+            raise UploadRejected("the file is missing")
+        size = os.path.getsize(path)
+        if size > self.settings.max_upload_bytes:
+            raise UploadRejected(f"the file is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB")
+        if not path.lower().endswith(SUPPORTED_EXTENSIONS):
+            raise UploadRejected(f"unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        return probe_video(path, VideoLimits(max_seconds=self.settings.max_video_seconds))
+
+    def _new_chat(self, path: str, frames: int, clips: int, temporal: str):
+        """A ChatSession with its own temporal mode; it decodes and encodes the video now."""
+        from mugstan_chat.chat import ChatSession
+
+        if temporal not in self.temporal_modes:
+            raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
+        return ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal)
+
+    def _answer(self, state: UserSession, question: str, max_new_tokens: int, temperature: float,
+                top_p: float) -> Iterator[tuple[list[dict], UserSession, str]]:
+        from mugstan_chat.chat import ConversationTooLong, GenerationSettings
+
+        chat = state.chat
+        state.stop.clear()
+        state.last_question, state.last_recorded = question, False
+        answer = {"role": "assistant", "content": ""}
+        state.messages.append(answer)
+        yield state.messages, state, ""
+        pieces: list[str] = []
+        turns_before = len(chat.turns)
+        try:
+            chat.generation = GenerationSettings(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                repetition_penalty=self.settings.repetition_penalty)
+            chat.generation.generate_kwargs()  # validates
+            stream = chat.ask_stream(question)
+            with contextlib.closing(stream):  # closing ends generation early (Stop)
+                for piece in stream:
+                    pieces.append(piece)
+                    answer["content"] = "".join(pieces)
+                    yield state.messages, state, ""
+                    if state.stop.is_set():
+                        break
+            stopped = state.stop.is_set()
+            state.last_recorded = len(chat.turns) > turns_before
+            text = "".join(pieces).strip() or "(no answer)"
+            if stopped:
+                text += " *(stopped)*"
+            answer["content"] = text + "\n\n" + format_stats(chat.last_stats) if state.last_recorded else text
+        except ConversationTooLong:
+            answer["content"] = ("⚠️ This conversation no longer fits the model's context. Press **Clear** to "
+                                 "start a new conversation about the same video.")
+        except ValueError as error:
+            answer["content"] = f"⚠️ {error}"
+        except Exception as error:  # noqa: BLE001 -- report, keep serving; the next request must work
+            answer["content"] = "⚠️ " + self._failure_text(error, "answering")
+        yield state.messages, state, ""
+
+    def _failure_text(self, error: Exception, doing: str) -> str:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("out of memory while %s", doing)
+            return (f"The GPU ran out of memory while {doing}. Try fewer frames or clips, or a shorter answer; "
+                    "the next request will run normally.")
+        logger.exception("error while %s", doing)
+        detail = " ".join(str(error).split())[:300] or type(error).__name__
+        return f"Something went wrong while {doing} ({type(error).__name__}: {detail}). Please try again."
+
+
+def build_demo(chat_model, settings: AppSettings | None = None):
+    """The page, wired to a :class:`ChatApp` on ``chat_model``; returns the ``gr.Blocks``.
+
+    Queueing and launching are the caller's (``main`` does both).
+    """
+    import gradio as gr
+
+    app = ChatApp(chat_model, settings)
+    settings = app.settings
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
+        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
+        gr.Markdown(f"## {TITLE}\n{app.model_line()}")
+        notice = app.notice()
+        gr.Markdown(notice, visible=bool(notice), elem_classes=["turn-notice"], elem_id="notice")
+        with gr.Row():
+            with gr.Column(scale=2):
+                video = gr.Video(label="Video", sources=["upload"], format=None, include_audio=True,
+                                 height=260, elem_id="video")
+                video_status = gr.Markdown("No video loaded: upload one or pick an example.", elem_id="video-status")
+                examples = sorted(settings.examples_dir.glob("*.mp4")) if settings.examples_dir else []
+                if examples:
+                    gr.Examples([[str(p)] for p in examples], inputs=[video], label="Example videos")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", feedback_options=None,
+                                     buttons=["copy", "copy_all"])
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the video and press Enter", show_label=False,
+                                          scale=5, max_lines=4, elem_id="question")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop")
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                frames = gr.Slider(1, 32, value=settings.frames, step=1, label="Frames per clip (T)")
+                clips = gr.Slider(1, 8, value=settings.clips, step=1, label="Clips (C)")
+                temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
+                                    interactive=len(app.temporal_modes) > 1,
+                                    info="changing frames, clips or mode re-encodes the video and starts a new chat")
+            with gr.Row():
+                max_new = gr.Slider(1, 2048, value=settings.max_new_tokens, step=1, label="Max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05,
+                                        label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p")
+
+        model_job = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
+        hidden = {"api_visibility": "undocumented"}  # duplicates of a documented endpoint
+        video_inputs = [video, frames, clips, temporal, state]
+        video_outputs = [state, chatbot, video_status]
+        video.change(app.load_video, video_inputs, video_outputs, api_name="load_video", **model_job)
+        for control in (frames, clips):
+            control.release(app.load_video, video_inputs, video_outputs, **model_job, **hidden)
+        temporal.input(app.load_video, video_inputs, video_outputs, **model_job, **hidden)
+        ask = {"inputs": [question, state, max_new, temperature, top_p], "outputs": [chatbot, state, question],
+               "show_progress": "minimal", **model_job}
+        question.submit(app.respond, api_name="ask", **ask)
+        send.click(app.respond, **ask, **hidden)
+        regenerate.click(app.regenerate, [state, max_new, temperature, top_p], [chatbot, state, question],
+                         api_name="regenerate", show_progress="minimal", **model_job)
+        clear.click(app.clear, [state], [state, chatbot], api_name="clear", queue=False)
+        chatbot.clear(app.clear, [state], [state, chatbot], queue=False, **hidden)  # its own trash button
+        stop.click(app.stop, [state], None, api_name="stop", queue=False)
+    return demo
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's model/video/generation options (same names), plus the server's."""
+    from mugstan_chat.cli import _shared_options
+
+    parser = argparse.ArgumentParser(prog="app.py", parents=[_shared_options()],
+                                     description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; 0.0.0.0 exposes the app: use --auth)")
+    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--share", action="store_true", help="public gradio.live link (off by default)")
+    server.add_argument("--auth", default=None, metavar="USER:PASS",
+                        help="require a login (default: $MUGSTAN_APP_AUTH if set)")
+    server.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default: %(default)s)")
+    server.add_argument("--max-video-seconds", type=float, default=600.0,
+                        help="longest accepted video (default: %(default)s)")
+    server.add_argument("--concurrency", type=int, default=1,
+                        help="model jobs (encode/generate) at once; 1 per GPU (default: %(default)s)")
+    server.add_argument("--queue-size", type=int, default=16,
+                        help="waiting jobs; more are refused with 'queue is full' (default: %(default)s)")
+    server.add_argument("--max-sessions", type=int, default=100,
+                        help="browser sessions whose chat state is kept (default: %(default)s)")
+    server.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
+    return parser
+
+
+def _parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASS")
+    return user, password
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _blocked_paths(args) -> list[str]:
+    """Weights never go through the file route, even if a folder above them were allowed."""
+    paths = [p for p in (args.model, args.stan) if p and os.path.exists(p)]
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        paths.append(HF_HUB_CACHE)
+    except ImportError:
+        pass
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the model and serves the page until interrupted; returns the exit status."""
+    from mugstan_chat.cli import DEMO_MAX_NEW_TOKENS, _configure_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        auth = _parse_auth(args.auth or os.environ.get("MUGSTAN_APP_AUTH"))
+    except ValueError as error:
+        parser.error(str(error))
+    for name in ("concurrency", "queue_size", "max_sessions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_upload_mb <= 0 or args.max_video_seconds <= 0:
+        parser.error("--max-upload-mb and --max-video-seconds must be positive")
+    _configure_logging(args.debug)
+    logger.setLevel(logging.INFO)
+    if (args.share or not _is_loopback(args.host)) and auth is None:
+        print("app.py: warning: the app is reachable from other machines without a login; "
+              "pass --auth USER:PASS", file=sys.stderr)
+
+    from mugstan_chat.checkpoint import CheckpointError
+    from mugstan_chat.loader import ModelLoadError, load_chat_model
+
+    try:
+        chat_model = load_chat_model(
+            model=args.model, stan=args.stan, temporal=args.temporal, device=args.device, dtype=args.dtype,
+            load_4bit=args.load_4bit, load_8bit=args.load_8bit, frames=args.frames, clips=args.clips,
+            demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+    except (ModelLoadError, CheckpointError) as error:
+        print(f"app.py: error: {error}", file=sys.stderr)
+        return 1
+    if chat_model.notice:
+        print(f"note: {chat_model.notice}", file=sys.stderr)
+    examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
+    settings = AppSettings(
+        frames=args.frames, clips=args.clips,
+        max_new_tokens=args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if args.demo else 512),
+        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        max_upload_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds,
+        concurrency=args.concurrency, queue_size=args.queue_size, max_sessions=args.max_sessions,
+        examples_dir=examples_dir)
+    demo = build_demo(chat_model, settings)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
+                allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
+                show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The web app in a real browser: `python app.py --demo` driven by headless Chromium (Playwright).
+
+Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); the
+test fails, not skips, when it is missing. Saves docs/img/app.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mugstan_chat.synthetic import make_synthetic_videos
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "img" / "app.png"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 30_000
+
+
+def _chromium() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        pytest.fail("Chromium is missing: apt-get install -y chromium (README, 'Tests')")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"app.py did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python app.py --demo` on a free port, run from the repository root (the file route's worst case)."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--max-new-tokens", "24"],
+                                   cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url + "/", process, log)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # its own process group: app.py and nothing else
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 800})
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def _upload(page, path: Path) -> None:
+    page.locator("#video input[type=file]").set_input_files(str(path))
+
+
+def _ask(page, question: str) -> None:
+    box = page.locator("#question textarea")
+    box.fill(question)
+    box.press("Enter")
+
+
+def _bot_messages(page):
+    return page.locator("#chatbot .message.bot")
+
+
+def test_chat_in_browser(server, page, tmp_path):
+    from playwright.sync_api import expect
+
+    video = make_synthetic_videos(tmp_path / "videos", 2, seed=7)[0][0]  # first frame shows the shape
+    page.goto(server + "/")
+    expect(page.locator("#notice")).to_contain_text("demo model")
+    _upload(page, video)
+    expect(page.locator("#video-status")).to_contain_text("visual tokens")
+    _ask(page, "what happens in the video?")
+    bot = _bot_messages(page)
+    expect(bot.first).to_contain_text("first token", timeout=TIMEOUT_MS)  # stats follow the streamed answer
+    answer = bot.first.inner_text()
+    assert "visual tokens" in answer and "decode" in answer and len(answer.split()) > 10
+    expect(page.locator("#question textarea")).to_have_value("")
+
+    _ask(page, "and then?")
+    expect(bot).to_have_count(2)
+    expect(bot.nth(1)).to_contain_text("video features cached")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+    # a new page is a new session: nothing of the previous conversation is visible
+    page.goto(server + "/")
+    expect(page.locator("#video-status")).to_contain_text("No video loaded")
+    expect(_bot_messages(page)).to_have_count(0)
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video, just text\n" * 50)
+    _upload(page, fake)
+    expect(_bot_messages(page).last).to_contain_text("Cannot use this video", timeout=TIMEOUT_MS)
+    expect(page.locator("#video-status")).to_contain_text("was not loaded")
+    _ask(page, "what happens?")
+    expect(_bot_messages(page).last).to_contain_text("Upload a video first")
+
+
+def test_file_route_serves_only_uploads_and_examples(server, page):
+    example = next((ROOT / "examples").glob("*.mp4"))
+    assert page.request.get(f"{server}/gradio_api/file={example}").status == 200
+    for path in ("/etc/passwd", ROOT / "pyproject.toml", ROOT / "app.py", ROOT / "mugstan_chat" / "loader.py"):
+        response = page.request.get(f"{server}/gradio_api/file={path}")
+        assert response.status != 200, f"{path} must not be served"
