@@ -9,7 +9,7 @@ Only apps on this machine (loopback addresses) are accepted. Each round is a new
 gradio_client session (a new "user"): upload + encode, a question, a follow-up.
 Reports requests, errors, p50/p95 of time to first token and total per question,
 and the server's resident memory (RSS) before, at peak and after (psutil).
-Figures for the repository are in docs/performance_app.md.
+Figures for the repository are in docs/performance.md.
 """
 
 from __future__ import annotations
