@@ -195,8 +195,7 @@ class ChatApp:
             yield state.messages, state, ""
             return
         if state.last_recorded:
-            state.chat.history.pop()
-            state.chat.turns.pop()
+            state.chat.undo_last()
             state.last_recorded = False
         last_user = max(i for i, m in enumerate(state.messages) if m["role"] == "user")
         del state.messages[last_user + 1:]
@@ -365,9 +364,9 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's model/video/generation options (same names), plus the server's."""
-    from mugstan_chat.cli import _shared_options
+    from mugstan_chat.cli import model_options
 
-    parser = argparse.ArgumentParser(prog="app.py", parents=[_shared_options()],
+    parser = argparse.ArgumentParser(prog="app.py", parents=[model_options()],
                                      description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",

@@ -212,6 +212,14 @@ class ChatSession:
         """Forgets the conversation; keeps the video features."""
         self.history.clear()
 
+    def undo_last(self) -> tuple[str, str] | None:
+        """Forgets the last question and its answer (to ask it again); returns them, or None."""
+        if not self.history:
+            return None
+        if self.turns:
+            self.turns.pop()
+        return self.history.pop()
+
     @property
     def last_stats(self) -> TurnStats | None:
         return self.turns[-1] if self.turns else None

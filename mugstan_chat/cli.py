@@ -25,7 +25,7 @@ PROG = "mugstan-chat"
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
 
 
-def _shared_options() -> argparse.ArgumentParser:
+def model_options() -> argparse.ArgumentParser:
     from .loader import DEFAULT_MODEL
 
     shared = argparse.ArgumentParser(add_help=False)
@@ -67,7 +67,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    shared = _shared_options()
+    shared = model_options()
     parser = argparse.ArgumentParser(prog=PROG, description="Zero-shot video chat: LLaVA with a Mug-STAN video tower.")
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", parents=[shared], help="answer one question about a video")

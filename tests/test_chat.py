@@ -147,3 +147,14 @@ def test_sessions_choose_their_temporal_mode_without_touching_the_shared_tower(c
     assert not torch.allclose(fused.features[0], plain.features[0])
     with pytest.raises(ValueError, match="not available"):
         ChatSession(chat_model, videos[0], temporal="max")
+
+
+def test_undo_last_forgets_one_turn_so_the_question_can_be_asked_again(chat_model, videos):
+    session = ChatSession(chat_model, videos[0], generation=SHORT)
+    first = session.ask("what happens?")
+    session.ask("and then?")
+    assert session.undo_last()[0] == "and then?"
+    assert len(session.history) == 1 and len(session.turns) == 1
+    session.undo_last()
+    assert session.undo_last() is None and session.history == []
+    assert session.ask("what happens?") == first  # greedy: the same prompt gives the same answer
