@@ -110,6 +110,7 @@ def parse_args(argv):
     parser.add_argument("--no-checkpointing-variant", action="store_true", help="skip the checkpointed runs")
     parser.add_argument("--mug-batches", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--plot", action="store_true", help="write PNG plots next to --out")
     return parser.parse_args(argv)
@@ -117,6 +118,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = [False] if args.no_checkpointing_variant else [False, True]
     steps = [bench_step(args.shape, m, c, args) for c in variants for m in args.methods]
     base = {(r["checkpointing"]): r["step_ms"] for r in steps if r["method"] == "clip-mean"}
