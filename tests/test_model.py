@@ -134,3 +134,30 @@ def test_reloadability_of_backbone_configs():
     assert BackboneConfig(family="hf", name="openai/clip-vit-large-patch14").is_reloadable
     assert not BackboneConfig(family="open_clip", name="ViT-B-32").is_reloadable  # random open_clip weights
     assert tiny_backbone_config().is_reloadable
+
+
+def test_hf_backbone_loads_from_a_local_directory(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = tiny_backbone_config("hf")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        CLIPModel(CLIPConfig(**config.model_config)).save_pretrained(tmp_path)  # what a downloaded model looks like
+    vision, text = create_backbone(BackboneConfig(family="hf", name=str(tmp_path)))
+    reference = CLIPModel.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vision(pixels), reference.get_image_features(pixel_values=pixels).pooler_output)
+    assert BackboneConfig(family="hf", name=str(tmp_path)).is_reloadable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-32", "coca_ViT-B-32"])
+def test_named_open_clip_models_build_without_weights(name):
+    vision, text = create_backbone(BackboneConfig(family="open_clip", name=name, pretrained=None))
+    assert vision.fingerprint() == {"width": 768, "layers": 12, "heads": 12, "patch_size": 32, "image_size": 224}
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        native = vision.visual(pixels)
+        native = native[0] if isinstance(native, tuple) else native
+        torch.testing.assert_close(vision(pixels), native, atol=1e-5, rtol=0)
