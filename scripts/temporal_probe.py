@@ -1,11 +1,23 @@
 """Temporal probe: does the model know which way time runs? (plain-CLIP mean baseline vs STAN + Mug)
 
-Trains both variants with the same budget, from the same tiny random backbone,
-on synthetic clips whose caption depends on frame order (``moving left`` vs
-``moving right``, ``growing`` vs ``shrinking``...), using the trainer itself
-(:func:`training.post_pretrain.train`). Then, on held-out pairs, each test clip
-and its exact time reversal (the same decoded frames, flipped) are scored
-against the correct caption and the reversed one.
+Mirrors the paper's setting on a tiny scale, using the trainer itself
+(:func:`training.post_pretrain.train`) for every stage:
+
+1. **image-text warm-up** (shared): the tiny random CLIP is first trained as an
+   image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``,
+   one random frame per visit) with appearance-only captions derived from the
+   video captions ("a red circle moving left" -> "a red circle"). Mug-STAN
+   post-pretrains a *pretrained* CLIP; from a random tower Mug's frame-token head
+   collapses (docs/temporal_probe.md).
+2. **video-text post-pretraining**: every variant starts from that same checkpoint
+   (``--init-from``; STAN's intra-frame modules copy the warmed-up layers) with the
+   same budget, on synthetic clips whose caption depends on frame order
+   (``moving left`` / ``moving right``, ``growing`` / ``shrinking``...), with a clip
+   and its time-reversed partner in the same batch (``--group-column pair``, hard
+   negatives), STAN's learning rate 10x the backbone's as in the paper.
+
+Then, on held-out pairs, each test clip and its exact time reversal (the same
+decoded frames, flipped) are scored against the correct caption and the reversed one.
 
 * pairwise accuracy: fraction of clips whose correct caption scores above the
   reversed caption; ties count 0.5. A model whose video embedding ignores frame
@@ -13,7 +25,7 @@ against the correct caption and the reversed one.
 * R@1: text-to-video and video-to-text over the gallery of test clips and their
   reversals (clips with identical captions all count as correct; ties count against).
 
-Usage (CPU, a few minutes)::
+Usage (CPU, one thread)::
 
     python scripts/temporal_probe.py --out-dir runs/temporal_probe
 """
@@ -33,19 +45,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` is no
 import torch  # noqa: E402
 
 from mugstan_chat.model import MugStan  # noqa: E402
-from mugstan_chat.synthetic import make_synthetic_videos  # noqa: E402
+from mugstan_chat.synthetic import MOTIONS, make_synthetic_videos  # noqa: E402
 
 from training.data import ClipSettings, EvalDataset, read_annotations  # noqa: E402
 from training.evaluate import encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics, score  # noqa: E402
 from training.post_pretrain import train  # noqa: E402
 
-# Mug's full frame-token mode collapses from a *random* text tower (see docs/temporal_probe.md), so the
-# headline STAN row uses Mug's frame-text variant (paper Table VIII); the frame-token row documents the collapse.
+# Headline STAN row first: Mug's default frame-token mode; frame-text (paper Table VIII) for comparison.
 VARIANTS = {
     "plain CLIP (mean)": ["--no-stan", "--mug-mode", "mean"],
-    "STAN + Mug frame-text": ["--mug-mode", "frame-text"],
     "STAN + Mug frame-token": ["--mug-mode", "frame-token"],
+    "STAN + Mug frame-text": ["--mug-mode", "frame-text"],
 }
+VERBS = sorted({verb for pair in MOTIONS.values() for verb in pair}, key=len, reverse=True)
+
+
+def appearance_caption(caption: str) -> str:
+    """The image caption of a frame: the video caption without its (order-dependent) motion verb."""
+    for verb in VERBS:
+        if caption.endswith(" " + verb):
+            return caption[: -len(verb) - 1]
+    raise ValueError(f"caption {caption!r} has no known motion verb")
+
+
+def write_image_captions(data: Path) -> Path:
+    """``image_captions.csv`` beside ``annotations.csv``: same videos, appearance-only captions."""
+    with open(data / "annotations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    path = data / "image_captions.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["video", "caption", "pair"])
+        writer.writeheader()
+        writer.writerows({**row, "caption": appearance_caption(row["caption"])} for row in rows)
+    return path
 
 
 def _test_pairs(data: Path) -> list[tuple[str, str, str]]:
@@ -90,13 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-pairs", type=int, default=96)
     p.add_argument("--test-pairs", type=int, default=24)
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="both groups: the tiny backbone starts random")
+    p.add_argument("--steps", type=int, default=1000, help="video-text steps of every variant")
+    p.add_argument("--batch-size", type=int, default=16, help="video-text batch (8 pairs when grouped)")
+    p.add_argument("--lr", type=float, default=3e-4, help="backbone learning rate of the video-text stage")
+    p.add_argument("--stan-lr-ratio", type=float, default=10.0, help="STAN lr = ratio x --lr (paper: 10)")
+    p.add_argument("--image-steps", type=int, default=600, help="image-text warm-up steps (0: start random)")
+    p.add_argument("--image-batch-size", type=int, default=32)
+    p.add_argument("--image-lr", type=float, default=1e-3, help="warm-up lr (the tiny backbone starts random)")
+    p.add_argument("--no-group", action="store_true", help="random batches instead of pairs batched together")
     p.add_argument("--stan-layers", type=int, default=4)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                   help=f"subset of {list(VARIANTS)}")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -105,25 +144,42 @@ def main(argv: list[str] | None = None) -> int:
     for folder, pairs, seed in ((train_data, args.train_pairs, args.seed), (test_data, args.test_pairs, args.seed + 1000)):
         if not (folder / "annotations.csv").is_file():
             make_synthetic_videos(folder, num=2 * pairs, seed=seed, size=64, frames=24)
+    common = ["--backbone", "tiny", "--video-root", str(train_data), "--weight-decay", "0.05",
+              "--seed", str(args.seed), "--workers", str(args.workers),
+              "--save-interval", "0", "--keep-checkpoints", "1", "--log-interval", "50"]
+    init, warmup_seconds = [], 0.0
+    if args.image_steps > 0:  # stage 1: the shared image-text warm-up (plain CLIP on single frames)
+        start = time.time()
+        warm = train([*common, "--train-data", str(write_image_captions(train_data)), "--frames", "1",
+                      "--batch-size", str(args.image_batch_size), "--no-stan", "--mug-mode", "mean",
+                      "--max-steps", str(args.image_steps),
+                      "--lr-backbone", str(args.image_lr), "--lr-stan", str(args.image_lr),
+                      "--warmup-steps", str(max(1, args.image_steps // 20)),
+                      "--output-dir", str(out / "runs" / "image-text-warmup")])
+        warmup_seconds = round(time.time() - start, 1)
+        init = ["--init-from", str(warm.final_dir)]
+        print(f"image-text warm-up: {args.image_steps} steps, final loss {warm.losses[-1]:.3f}, "
+              f"{warmup_seconds:.0f} s", flush=True)
     results = {}
-    for name, extra in VARIANTS.items():
+    for name in [v for v in VARIANTS if v in args.variants]:  # stage 2: every variant from the same start
         run_dir = out / "runs" / name.lower().replace(" + ", "-").replace(" ", "-").replace("(", "").replace(")", "")
         start = time.time()
-        result = train(["--backbone", "tiny", "--train-data", str(train_data / "annotations.csv"),
-                        "--video-root", str(train_data), "--frames", str(args.frames), "--batch-size",
-                        str(args.batch_size), "--max-steps", str(args.steps), "--lr-backbone", str(args.lr),
-                        "--lr-stan", str(args.lr), "--warmup-steps", str(max(1, args.steps // 20)),
-                        "--weight-decay", "0.05", "--stan-layers", str(args.stan_layers), "--seed", str(args.seed),
-                        "--workers", str(args.workers), "--save-interval", "0", "--keep-checkpoints", "1",
-                        "--log-interval", "10", "--output-dir", str(run_dir), *extra])
+        result = train([*common, *init, *([] if args.no_group else ["--group-column", "pair"]),
+                        "--train-data", str(train_data / "annotations.csv"), "--frames", str(args.frames),
+                        "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
+                        "--lr-backbone", str(args.lr), "--lr-stan", str(args.lr * args.stan_lr_ratio), "--warmup-steps",
+                        str(max(1, args.steps // 20)), "--stan-layers", str(args.stan_layers),
+                        "--output-dir", str(run_dir), *VARIANTS[name]])
         model = MugStan.from_pretrained(result.final_dir)
         results[name] = {**probe(model, test_data, args.frames), "final_loss": result.losses[-1],
                          "train_seconds": round(time.time() - start, 1)}
+        print(f"{name}: {results[name]}", flush=True)
     print(f"\n{'variant':<24s} {'pairwise acc':>12s} {'t2v R@1':>8s} {'v2t R@1':>8s} {'loss':>7s} {'time s':>7s}")
     for name, r in results.items():
         print(f"{name:<24s} {r['pairwise_acc']:>12.3f} {r['t2v_R@1']:>8.1f} {r['v2t_R@1']:>8.1f} "
               f"{r['final_loss']:>7.3f} {r['train_seconds']:>7.1f}")
-    report = {"settings": vars(args), "results": results}
+    print(f"(shared image-text warm-up: {warmup_seconds:.0f} s)")
+    report = {"settings": vars(args), "warmup_seconds": warmup_seconds, "results": results}
     (out / "temporal_probe.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'temporal_probe.json'}")
     return 0

@@ -12,7 +12,7 @@ import torch
 from mugstan_chat.synthetic import make_synthetic_videos
 
 from training.data import (ClipSettings, Columns, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
-                           read_annotations)
+                           group_ids, read_annotations)
 from training.post_pretrain import train
 
 
@@ -55,6 +55,36 @@ def test_sampler_ranks_partition_the_global_batch():
     full = GlobalBatchSampler(12, 4, seed=3)
     full.set_epoch(1)
     assert list(one) == list(full)[2:] and len(one) == 1
+
+
+def test_grouped_sampler_keeps_groups_in_one_global_batch():
+    groups = [i // 2 for i in range(16)]  # 8 pairs, shuffled apart by the plain sampler
+    plain = GlobalBatchSampler(16, 4, seed=5)
+    assert any(len({i // 2 for i, _ in batch}) == 4 for batch in plain)  # some plain batch splits its pairs
+    for epoch in (0, 1):
+        one = GlobalBatchSampler(16, 4, seed=5, groups=groups)
+        ranks = [GlobalBatchSampler(16, 2, rank=r, world_size=2, seed=5, groups=groups) for r in range(2)]
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        batches = list(one)
+        assert len(batches) == 4 and sorted(i for b in batches for i, _ in b) == list(range(16))
+        assert all(len({i // 2 for i, _ in b}) == 2 for b in batches)  # every global batch = 2 whole pairs
+        # distributed: each rank takes its slice of the same global order (a pair may span ranks)
+        assert [a + b for a, b in zip(*[list(s) for s in ranks])] == batches
+        resumed = GlobalBatchSampler(16, 4, seed=5, groups=groups)
+        resumed.set_epoch(epoch, start_batch=3)
+        assert list(resumed) == batches[3:]
+    one.set_epoch(0)
+    assert list(one) != batches  # epochs differ
+    with pytest.raises(ValueError, match="group ids"):
+        GlobalBatchSampler(16, 4, groups=groups[:-1])
+
+
+def test_group_ids_read_the_annotation_column(tmp_path):
+    (tmp_path / "a.csv").write_text("video,caption,pair\nv1.mp4,a,7\nv2.mp4,b,3\nv3.mp4,c,7\n")
+    assert group_ids(read_annotations(tmp_path / "a.csv"), "pair") == [0, 1, 0]
+    with pytest.raises(DataError, match="group column 'scene'"):
+        group_ids(read_annotations(tmp_path / "a.csv"), "scene")
 
 
 def test_same_key_gives_same_clip_and_caption(videos):

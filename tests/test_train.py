@@ -100,6 +100,36 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert not list(root.glob(".tmp-*")) and not (root / "step_00000002").exists()
 
 
+def test_init_from_loads_towers_and_rebuilds_stan(videos, tmp_path):
+    # an image-text warm-up (plain CLIP, one frame), then a STAN run starting from it
+    warm = train(_args(videos, tmp_path / "warm", "--max-steps", "2", "--no-stan", "--mug-mode", "mean",
+                       "--frames", "1", "--save-interval", "0", "--seed", "3"))
+    result = train(_args(videos, tmp_path / "run", "--max-steps", "1", "--lr-backbone", "0", "--lr-stan", "0",
+                         "--save-interval", "0", "--init-from", str(warm.final_dir)))
+    loaded = MugStan.from_pretrained(warm.final_dir)
+    for name in ("vision", "text"):
+        for key, value in getattr(loaded, name).state_dict().items():
+            torch.testing.assert_close(getattr(result.model, name).state_dict()[key], value, rtol=0, atol=0)
+    layer = result.model.stan.source_layers[0]  # STAN's intra-frame copy starts from the *loaded* layer
+    for key, value in loaded.vision.layers[layer].state_dict().items():
+        torch.testing.assert_close(result.model.stan.intra_frame[0].layer.state_dict()[key], value, rtol=0, atol=0)
+    assert not torch.equal(MugStan(MugStanConfig(backbone=tiny_backbone_config(seed=0), stan=None))
+                           .vision.layers[layer].state_dict()[key], value)  # the warm-up changed it
+    with pytest.raises(SystemExit):  # a frozen run would export a branch for the wrong tower
+        train(_args(videos, tmp_path / "bad", "--freeze-backbone", "--init-from", str(warm.final_dir)))
+
+
+def test_group_column_resume_is_exact_and_checked(videos, tmp_path):
+    grouped = ("--group-column", "pair", "--max-steps", "5", "--save-interval", "2")
+    whole = train(_args(videos, tmp_path / "whole", *grouped))
+    first = train(_args(videos, tmp_path / "split", *grouped, "--stop-at-step", "3"))
+    with pytest.raises(ckpt.TrainingCheckpointError, match="group-column"):
+        train(_args(videos, tmp_path / "split", "--max-steps", "5", "--save-interval", "2", "--resume", "latest"))
+    second = train(_args(videos, tmp_path / "split", *grouped, "--resume", "latest"))
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(whole.losses),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_freeze_backbone_changes_only_stan(videos, tmp_path):
     result = train(_args(videos, tmp_path, "--max-steps", "2", "--freeze-backbone", "--save-interval", "0"))
     assert result.model.stan.fuse_layer == 4  # -2 of the tiny 6-layer backbone: LLaVA's feature layer

@@ -9,6 +9,9 @@
   (seed, epoch), each rank takes its slice of every global batch, and every
   sample draws its frames, crop and caption from a generator seeded by
   (seed, epoch, index). Nothing depends on worker count or on global RNG state.
+* Hard-negative batching (``groups``): rows sharing a group value (e.g. a clip
+  and its time-reversed partner) are placed next to each other in the epoch's
+  order, so they share a global batch (see :class:`GlobalBatchSampler`).
 * A video that fails to decode is logged and replaced by another index drawn
   from the same seeded generator; each batch carries how many decodes were
   attempted and how many failed, and :class:`DecodeFailureMonitor` aborts the
@@ -196,20 +199,47 @@ def collate_train(items: list[dict]) -> dict:
     }
 
 
+def group_ids(records: Sequence[VideoRecord], column: str) -> list[int]:
+    """One integer per record naming its value of ``column`` (first-appearance order), for grouped batches."""
+    ids: dict[str, int] = {}
+    out = []
+    for record in records:
+        if column not in record.extra:
+            raise DataError(f"group column {column!r} is missing for video {record.video}; "
+                            f"columns are {sorted(record.extra)}")
+        out.append(ids.setdefault(str(record.extra[column]), len(ids)))
+    return out
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields this rank's part of each global batch of an epoch's seeded permutation.
 
     Rank r gets items ``[r*B, (r+1)*B)`` of every global batch of ``B * world_size``,
     so the gathered batch is identical to a one-process run with batch ``B * world_size``.
     The last incomplete global batch is dropped (every rank must contribute B items).
+    This sampler plays the role of torch's ``DistributedSampler`` (which the trainer
+    does not use): every rank computes the same global order from (seed, epoch) alone.
+
+    ``groups`` (one id per sample) turns on hard-negative batching: the epoch order
+    is a seeded permutation of the groups, each group's members contiguous and
+    shuffled among themselves. The global order is built before the per-rank
+    slicing, so a group lands in one *global* batch (possibly on several ranks,
+    which is what the loss needs: it all-gathers features, so every rank scores the
+    whole global batch). A group is cut only where it straddles a global-batch
+    boundary: never when every group size divides the global batch (pairs with an
+    even batch), and always when a group is larger than the global batch. The
+    order still depends only on (seed, epoch, groups), so resume stays exact.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, groups: Sequence[int] | None = None):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start_batch = 0, 0
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f"{len(groups)} group ids for {num_samples} samples")
+        self.groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.long)
         if self.batches_per_epoch == 0:
             raise DataError(f"{num_samples} samples are fewer than one global batch "
                             f"({batch_size} x {world_size} ranks)")
@@ -225,12 +255,28 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+    def epoch_order(self) -> list[int]:
+        """The epoch's global sample order (the same on every rank)."""
+        if not self.shuffle:
+            order = torch.arange(self.num_samples)
         else:
-            order = list(range(self.num_samples))
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
+            order = torch.randperm(self.num_samples, generator=generator)
+        if self.groups is not None:
+            # members keep the (shuffled) order above; groups follow a seeded permutation of their own
+            num_groups = int(self.groups.max()) + 1 if self.num_samples else 0
+            if self.shuffle:
+                rank_of_group = torch.randperm(num_groups, generator=generator)
+            else:  # first-appearance order of the groups
+                first = torch.full((num_groups,), self.num_samples, dtype=torch.long)
+                first.scatter_reduce_(0, self.groups, torch.arange(self.num_samples), reduce="amin")
+                rank_of_group = torch.argsort(torch.argsort(first))
+            keys = rank_of_group[self.groups[order]]
+            order = order[torch.sort(keys, stable=True).indices]
+        return order.tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.epoch_order()
         global_batch = self.batch_size * self.world_size
         for step in range(self.start_batch, self.batches_per_epoch):
             start = step * global_batch + self.rank * self.batch_size

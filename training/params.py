@@ -74,10 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--drop-path", type=float, default=0.1, help="STAN drop-path rate of the last layer")
     m.add_argument("--freeze-backbone", action="store_true", help="train STAN only (LLaVA-compatible)")
     m.add_argument("--grad-checkpointing", action="store_true")
+    m.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start the vision and text towers from a saved MugStan model (e.g. an image-text warm-up "
+                        "run's final/); STAN is then built fresh from the loaded tower, so its intra-frame modules "
+                        "copy the loaded layers. Any STAN in DIR is ignored (use --resume to continue a run)")
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True, help="annotations: .csv, .tsv, .json or .jsonl")
     d.add_argument("--video-root", default=".", help="folder the annotation video paths are relative to")
     add_data_arguments(d)
+    d.add_argument("--group-column", default=None, metavar="COLUMN",
+                   help="hard-negative batching: annotation rows sharing a value of COLUMN are kept next to each "
+                        "other in the epoch order, so they land in the same global batch (e.g. a clip and its "
+                        "time-reversed partner, --group-column pair); see training.data.GlobalBatchSampler")
     d.add_argument("--frames", type=int, default=12, help="frames per clip (sparse sampling)")
     d.add_argument("--image-size", type=int, default=None, help="input side (default: the backbone's)")
     d.add_argument("--text-length", type=int, default=64)
@@ -122,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--freeze-backbone with --no-stan leaves nothing to train")
     if args.frames < 1 or args.batch_size < 1:
         parser.error("--frames and --batch-size must be positive")
+    if args.init_from and args.freeze_backbone:
+        # a frozen run exports the branch alone, to be reloaded on the tower named by --backbone, not DIR's
+        parser.error("--init-from with --freeze-backbone is not supported: the exported branch would be "
+                     "reloaded onto the --backbone tower instead of the one in --init-from")
     return args
 
 

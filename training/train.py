@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from mugstan_chat.checkpoint import CheckpointError
 from mugstan_chat.loss import mug_contrastive_loss
 from mugstan_chat.model import MugStan
+from mugstan_chat.stan import STAN
 
 from training import checkpoints as ckpt
 from training.data import (ClipSettings, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
-                           build_train_loader, read_annotations)
+                           build_train_loader, group_ids, read_annotations)
 from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
@@ -133,6 +135,31 @@ def save(model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMon
     return path
 
 
+def initialise_towers(model: MugStan, directory: str | Path, seed: int) -> None:
+    """Loads the vision and text towers of a saved MugStan (``--init-from``) and rebuilds STAN on them.
+
+    This is the paper's starting point: post-pretraining begins from a *pretrained*
+    image-language model, here one the trainer itself produced (e.g. an image-text
+    run with ``--no-stan --frames 1``). STAN is rebuilt after loading, seeded by
+    ``seed`` (the same on every rank), so its intra-frame modules copy the loaded
+    layers; a STAN saved in ``directory`` is ignored.
+    """
+    source = MugStan.from_pretrained(directory)
+    for name in ("vision", "text"):
+        try:
+            getattr(model, name).load_state_dict(getattr(source, name).state_dict())
+        except RuntimeError as error:
+            raise CheckpointError(f"--init-from {directory}: its {name} tower does not fit --backbone: "
+                                  f"{str(error).splitlines()[0]}") from error
+    if source.stan is not None:
+        logger.info("--init-from %s: its STAN branch is ignored (the branch is rebuilt from the loaded tower)",
+                    directory)
+    if model.stan is not None:
+        torch.manual_seed(seed)
+        model.stan = STAN(model.vision, model.config.stan)
+    logger.info("initialised the vision and text towers from %s", directory)
+
+
 def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor,
             args: argparse.Namespace, env: DistEnv) -> TrainState:
     """Loads a training checkpoint into the freshly built run; checks the data layout is the same."""
@@ -143,6 +170,11 @@ def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: D
             f"{path} was written by a run with {saved['world_size']} ranks x batch {saved['batch_size']}, "
             f"seed {saved['seed']}; this run has {env.world_size} x {args.batch_size}, seed {args.seed}. "
             f"Exact resume needs the same layout.")
+    saved_group = saved.get("args", {}).get("group_column")
+    if saved_group != args.group_column:
+        raise ckpt.TrainingCheckpointError(
+            f"{path} was written with --group-column {saved_group}, this run has {args.group_column}; "
+            f"exact resume needs the same batch order.")
     if model.config.freeze_backbone:
         model.stan.load_state_dict({k[len("stan."):]: v for k, v in loaded.model.items()})
     else:
@@ -196,6 +228,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
         (output / "args.json").write_text(json.dumps(vars(args), indent=2))
     torch.manual_seed(args.seed)  # STAN's fresh modules: the same on every rank
     model = MugStan(config_from_args(args))
+    if args.init_from:
+        initialise_towers(model, args.init_from, args.seed)
     torch.manual_seed(args.seed + env.rank)  # drop-path masks differ between ranks
     np.random.seed(args.seed + env.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -207,7 +241,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
 
     records = read_annotations(args.train_data, columns_from_args(args))
     dataset = TrainDataset(records, args.video_root, ClipSettings(frames=args.frames, size=size), seed=args.seed)
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    groups = group_ids(dataset.records, args.group_column) if args.group_column else None
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed, groups=groups)
     total = args.max_steps or args.epochs * sampler.batches_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * total)
     optimizer = build_optimizer(model, args.lr_backbone, args.lr_stan, args.weight_decay)
