@@ -50,10 +50,14 @@ def gather(tensor: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Te
 
 
 def symmetric_infonce(scores: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
-    """Mean of text-to-video and video-to-text cross-entropy over a square (B, B) score matrix."""
+    """Text-to-video plus video-to-text cross-entropy over a square (B, B) score matrix.
+
+    Each direction is averaged over the batch and the two are added (not averaged), as in
+    DESIGN.md section 3 and the authors' released loss; a chance-level loss is 2 ln B.
+    """
     logits = logit_scale * scores
     targets = torch.arange(scores.shape[0], device=scores.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    return F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
 
 
 def mug_contrastive_loss(frames: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,

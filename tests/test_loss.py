@@ -16,10 +16,11 @@ from mugstan_chat.mug import MugConfig
 def test_symmetric_infonce_matches_definition():
     scores = torch.randn(4, 4)
     logits = 100 * scores
-    expected = 0.0
-    for i in range(4):  # text-to-video rows, video-to-text columns
-        expected += -torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i]
-    torch.testing.assert_close(symmetric_infonce(scores), expected / 8)
+    text_to_video = sum(-torch.log_softmax(logits[i], 0)[i] for i in range(4)) / 4  # rows: texts
+    video_to_text = sum(-torch.log_softmax(logits[:, i], 0)[i] for i in range(4)) / 4  # columns: videos
+    torch.testing.assert_close(symmetric_infonce(scores), text_to_video + video_to_text)
+    # chance level (every score equal) is 2 ln B: each direction contributes ln B
+    torch.testing.assert_close(symmetric_infonce(torch.zeros(4, 4)), 2 * torch.log(torch.tensor(4.0)))
 
 
 def _batch(seed=0, b=4, t=3, k=5, p=8, d=6):
