@@ -266,7 +266,7 @@ class ChatSession:
         if room < 1:
             raise ConversationTooLong(
                 f"the conversation is {prompt_tokens} tokens and the model's context is {context}: "
-                "nothing is left for an answer; reset the conversation (/reset) or start a new session")
+                "nothing is left for an answer; reset the conversation or start a new session")
         max_new = min(self.generation.max_new_tokens, room)
         first_use = not self._video.reported  # the one-time video cost is reported with the first answer
         stats = TurnStats(

@@ -210,7 +210,7 @@ def _run_chat(args) -> int:
                 sys.stdout.flush()
         except ConversationTooLong as error:
             sys.stdout.write("\n")
-            print(f"{PROG}: {error}", file=sys.stderr)
+            print(f"{PROG}: {error} (type /reset)", file=sys.stderr)
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
