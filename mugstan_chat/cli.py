@@ -238,12 +238,6 @@ def _configure_logging(debug: bool) -> None:
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
-        try:  # decord's bundled FFmpeg logs every damaged packet to stderr
-            import decord.logging
-
-            decord.logging.set_level(decord.logging.QUIET)
-        except Exception:  # not installed (e.g. macOS arm64), or a broken native library
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

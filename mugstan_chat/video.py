@@ -179,6 +179,13 @@ def _load_decord():
         import decord  # noqa: PLC0415
     except Exception:  # ImportError, or a broken native library
         return None
+    # decord's bundled FFmpeg logs every damaged packet to stderr; VideoDecodeError already
+    # carries the cause, so keep it quiet unless this module is being debugged
+    if not logger.isEnabledFor(logging.DEBUG):
+        try:
+            decord.logging.set_level(decord.logging.QUIET)
+        except Exception:  # an old decord without the logging module
+            pass
     return decord
 
 
