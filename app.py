@@ -220,7 +220,7 @@ class ChatApp:
 
     def _check_video(self, path: str):
         """Size and type checks before decoding, then the header (duration, resolution) limits."""
-        from mugstan_chat.video import SUPPORTED_EXTENSIONS, VideoLimits, probe_video
+        from mugstan_chat.video import SUPPORTED_EXTENSIONS, probe_video
 
         if not os.path.isfile(path):
             raise UploadRejected("the file is missing")
@@ -229,7 +229,7 @@ class ChatApp:
             raise UploadRejected(f"the file is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB")
         if not path.lower().endswith(SUPPORTED_EXTENSIONS):
             raise UploadRejected(f"unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
-        return probe_video(path, VideoLimits(max_seconds=self.settings.max_video_seconds))
+        return probe_video(path, self.video_limits)
 
     def _new_chat(self, path: str, frames: int, clips: int, temporal: str):
         """A ChatSession with its own temporal mode; it decodes and encodes the video now."""
@@ -237,7 +237,15 @@ class ChatApp:
 
         if temporal not in self.temporal_modes:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
-        return ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal)
+        return ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal,
+                           limits=self.video_limits)
+
+    @property
+    def video_limits(self):
+        """The limits every upload is checked against, before and while decoding."""
+        from mugstan_chat.video import VideoLimits
+
+        return VideoLimits(max_seconds=self.settings.max_video_seconds)
 
     def _answer(self, state: UserSession, question: str, max_new_tokens: int, temperature: float,
                 top_p: float) -> Iterator[tuple[list[dict], UserSession, str]]:

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from .loader import ChatModel
-from .video import load_video_clips
+from .video import VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class ChatSession:
             sessions sharing one model can differ without touching the shared tower.
         system: optional system prompt (rendered only if the chat template supports it).
         start, end: optional time window of the video, in seconds.
+        limits: :class:`video.VideoLimits` the video must satisfy (default: the module's defaults).
         prepare: decode and encode the video now (else on the first question).
 
     Raises (when preparing):
@@ -139,7 +140,7 @@ class ChatSession:
     def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
-                 prepare: bool = True):
+                 limits: VideoLimits | None = None, prepare: bool = True):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.frames = frames or chat_model.settings.frames
@@ -153,6 +154,7 @@ class ChatSession:
                              f"(available: {', '.join(chat_model.tower.available_modes)})")
         self.system = system
         self.window = (start, end)
+        self.limits = limits
         self.history: list[tuple[str, str]] = []  # (question, answer) pairs
         self.turns: list[TurnStats] = []
         self._video: _VideoFeatures | None = None
@@ -190,7 +192,7 @@ class ChatSession:
         start, end = self.window
         clips, info, indices = load_video_clips(
             self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start, end=end,
-            image_processor=processor.image_processor)  # (C, T, 3, H, W)
+            limits=self.limits, image_processor=processor.image_processor)  # (C, T, 3, H, W)
         t1 = time.perf_counter()
         tower = self.chat_model.tower
         with torch.inference_mode():

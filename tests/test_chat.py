@@ -158,3 +158,11 @@ def test_undo_last_forgets_one_turn_so_the_question_can_be_asked_again(chat_mode
     session.undo_last()
     assert session.undo_last() is None and session.history == []
     assert session.ask("what happens?") == first  # greedy: the same prompt gives the same answer
+
+
+def test_session_decodes_under_the_limits_it_is_given(chat_model, videos):
+    from mugstan_chat.video import VideoLimits
+
+    with pytest.raises(VideoDecodeError, match="pair"):  # the synthetic file names start with "pair"
+        ChatSession(chat_model, videos[0], limits=VideoLimits(max_seconds=0.5))
+    assert ChatSession(chat_model, videos[0], limits=VideoLimits(max_seconds=60)).prepared
