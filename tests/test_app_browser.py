@@ -1,7 +1,9 @@
 """The web app in a real browser: `python app.py --demo` driven by headless Chromium (Playwright).
 
 Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); the
-test fails, not skips, when it is missing. Saves docs/img/app.png.
+test fails, not skips, when it is missing. The screenshot goes to the test's
+temporary folder (tests never modify tracked files); `scripts/refresh_app_screenshot.py`
+sets MUGSTAN_APP_SCREENSHOT to refresh docs/img/app.png from this test.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from mugstan_chat.synthetic import make_synthetic_videos
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "img" / "app.png"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 30_000
@@ -130,8 +131,10 @@ def test_chat_in_browser(server, page, tmp_path):
     _ask(page, "and then?")
     expect(bot).to_have_count(2)
     expect(bot.nth(1)).to_contain_text("video features cached")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    screenshot = Path(os.environ.get("MUGSTAN_APP_SCREENSHOT") or tmp_path / "app.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshot))
+    assert screenshot.stat().st_size > 0
 
     # a new page is a new session: nothing of the previous conversation is visible
     page.goto(server + "/")

@@ -1,5 +1,11 @@
 """AdamW with backbone / STAN learning rates, linear warm-up then cosine decay (DESIGN.md section 3).
 
+Plain SGD (no momentum) is offered beside AdamW for checks, not for training:
+its update is linear in the gradient, so two runs whose gradients agree to fp32
+rounding end with weights that agree to fp32 rounding. Adam divides by the root
+of the second moment, which turns last-bit differences in a near-zero gradient
+into full-size updates of either sign.
+
 Parameter groups: the STAN branch (``stan.*``) trains at ``lr_stan`` (10x the
 backbone in the paper), everything else at ``lr_backbone``. Norms, biases and
 embeddings (class, position, token and STAN's temporal embedding) get no weight
@@ -48,10 +54,19 @@ def param_groups(model: nn.Module, lr_backbone: float, lr_stan: float, weight_de
     return out
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def build_optimizer(model: nn.Module, lr_backbone: float, lr_stan: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
-    """AdamW with CLIP's usual betas/eps."""
-    return torch.optim.AdamW(param_groups(model, lr_backbone, lr_stan, weight_decay), betas=betas, eps=eps)
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with CLIP's usual betas/eps, or plain SGD (``kind="sgd"``, for equivalence checks)."""
+    groups = param_groups(model, lr_backbone, lr_stan, weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, betas=betas, eps=eps)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=0.0)
+    raise ValueError(f"unknown optimizer {kind!r}; expected one of {OPTIMIZERS}")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -14,6 +14,7 @@ from mugstan_chat.mug import MODES, MugConfig
 from mugstan_chat.stan import StanConfig
 
 from training.data import PRESETS, Columns
+from training.optim import OPTIMIZERS
 
 
 def backbone_from_spec(spec: str, seed: int = 0) -> BackboneConfig:
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-steps", type=int, default=None, help="total steps (overrides --epochs)")
     o.add_argument("--lr-backbone", type=float, default=4e-6)
     o.add_argument("--lr-stan", type=float, default=4e-5)
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (the paper's); sgd: plain SGD, linear in the gradient, for equivalence checks")
     o.add_argument("--weight-decay", type=float, default=0.05, help="0.05 (released configs); paper: 0.001")
     o.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the total steps")
     o.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0: off)")

@@ -245,7 +245,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed, groups=groups)
     total = args.max_steps or args.epochs * sampler.batches_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * total)
-    optimizer = build_optimizer(model, args.lr_backbone, args.lr_stan, args.weight_decay)
+    optimizer = build_optimizer(model, args.lr_backbone, args.lr_stan, args.weight_decay,
+                                kind=args.optimizer)
     scheduler = build_scheduler(optimizer, warmup, total)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     monitor = DecodeFailureMonitor(args.max_decode_failure_rate, args.failure_window)
