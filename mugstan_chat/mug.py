@@ -14,7 +14,17 @@ score matrix is computed in blocks whose size bounds the peak memory.
 
 Modes (paper Table VIII): "frame-token" (default), "frame-text" (text side = the
 end-of-text token), "video-token" (video side = the mean of frames), "mean" (no Mug:
-mean-pooled frames against the end-of-text token, the plain CLIP baseline).
+mean-pooled frames against the end-of-text token, the plain CLIP baseline), and
+"frame-token-simple", the released implementation's default, which the released
+weights were trained with: the same four softmax weightings, but the score averages
+the two guided similarities instead of taking the dot product of the two guided
+embeddings,
+
+* t_j = sum_i s'_ij S[j, i] (= c_j . v~_j),  f_i = sum_j s_ij S[j, i] (= c~_i . v_i),
+* score = (sum_j softmax_j(tau t)_j t_j + sum_i softmax_i(tau f)_i f_i) / 2.
+
+Mean pooling ("video-token", "mean") averages the raw frame embeddings and then
+L2-normalises the average, as the released code does.
 ``topk`` swaps every softmax for a hard selection of the k largest (uniform weights).
 """
 
@@ -25,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("frame-token", "frame-text", "video-token", "mean")
+MODES = ("frame-token", "frame-token-simple", "frame-text", "video-token", "mean")
 
 
 @dataclass
@@ -57,16 +67,25 @@ def prepare_inputs(text_tokens: torch.Tensor, text_mask: torch.Tensor, text_pool
         frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
     frame_mask = frame_mask.bool()
     text_mask = text_mask.bool()
-    frames = F.normalize(frames, dim=-1)
     if mode in ("frame-text", "mean"):
         text_tokens = text_pooled[:, None]
         text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
     if mode in ("video-token", "mean"):
-        weights = frame_mask.to(frames.dtype)
-        mean = (frames * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
-        frames = F.normalize(mean, dim=-1)[:, None]
+        frames = mean_frames(frames, frame_mask)[:, None]
         frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-    return F.normalize(text_tokens, dim=-1), text_mask, frames, frame_mask
+    return F.normalize(text_tokens, dim=-1), text_mask, F.normalize(frames, dim=-1), frame_mask
+
+
+def mean_frames(frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain-CLIP video embedding, (B, T, P) -> (B, P): the mean of the raw (unnormalised) frames.
+
+    The released code averages the projected frame embeddings before any normalisation
+    (DESIGN.md section 2); normalise the result to compare it by cosine.
+    """
+    if frame_mask is None:
+        return frames.mean(dim=1)
+    weights = frame_mask.to(frames.dtype)
+    return (frames * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
 
 
 def _select(logits: torch.Tensor, mask: torch.Tensor, dim: int, topk: int | None) -> torch.Tensor:
@@ -83,14 +102,15 @@ def _select(logits: torch.Tensor, mask: torch.Tensor, dim: int, topk: int | None
 
 
 def pair_scores(sim: torch.Tensor, token_mask: torch.Tensor, frame_mask: torch.Tensor,
-                tau: float, topk: int | None = None) -> torch.Tensor:
+                tau: float, topk: int | None = None, simple: bool = False) -> torch.Tensor:
     """Mug scores from similarity blocks.
 
     Args:
         sim: (..., K, T) token-frame cosine similarities S[j, i].
         token_mask: (..., K) bool; frame_mask: (..., T) bool (broadcastable to sim's batch dims).
+        simple: the released "frame-token-simple" score instead of c^ . v^.
     Returns:
-        (...) scores c^ . v^.
+        (...) scores c^ . v^ (or, simple, the mean of the two guided similarities).
     """
     tmask = token_mask[..., :, None]  # (..., K, 1)
     fmask = frame_mask[..., None, :]  # (..., 1, T)
@@ -101,6 +121,10 @@ def pair_scores(sim: torch.Tensor, token_mask: torch.Tensor, frame_mask: torch.T
     over_frames = _select(tau * sim, valid, dim=-1, topk=topk)  # s'_ij, normalised over i
     token_logits = (over_frames * sim).sum(-1)  # (..., K): c_j . v~_j
     token_weights = _select(tau * token_logits, token_mask.expand_as(token_logits), dim=-1, topk=topk)
+    if simple:
+        text_side = (token_weights * token_logits.masked_fill(~token_mask, 0.0)).sum(-1)
+        video_side = (frame_weights * frame_logits.masked_fill(~frame_mask, 0.0)).sum(-1)
+        return 0.5 * (text_side + video_side)
     sim = sim.masked_fill(~valid, 0.0)
     return torch.einsum("...k,...kt,...t->...", token_weights, sim, frame_weights)
 
@@ -130,6 +154,7 @@ def score_matrix(text_tokens: torch.Tensor, text_mask: torch.Tensor, text_pooled
         for v0 in range(0, frames.shape[0], chunk):
             frm, fm = frames[v0:v0 + chunk], fmask[v0:v0 + chunk]
             sim = torch.einsum("akp,btp->abkt", tok, frm)  # (ct, cv, K, T)
-            cols.append(pair_scores(sim, tm[:, None], fm[None], config.tau, config.topk))
+            cols.append(pair_scores(sim, tm[:, None], fm[None], config.tau, config.topk,
+                                    simple=config.mode == "frame-token-simple"))
         rows.append(torch.cat(cols, dim=1))
     return torch.cat(rows, dim=0)

@@ -66,8 +66,9 @@ class DropPath(nn.Module):
 class CrossFrameModule(nn.Module):
     """Temporal self-attention among the T tokens of each spatial position.
 
-    LayerNorm -> multi-head attention over time -> drop-path -> zero-initialised
-    linear -> residual add. The video [CLS] passes through unchanged; there is no
+    LayerNorm -> multi-head attention over time -> drop-path (one draw per clip and
+    spatial position, as the released code draws over its (B*L, T, D) batch) ->
+    zero-initialised linear -> residual add. The video [CLS] passes through unchanged; there is no
     MLP. The zero-initialised linear makes a fresh module exactly the identity.
     """
 
@@ -87,8 +88,9 @@ class CrossFrameModule(nn.Module):
         seq = patches.permute(0, 2, 1, 3).reshape(B * L, frames, D)  # (B*L, T, D)
         normed = self.norm(seq)
         attended, _ = self.attn(normed, normed, normed, need_weights=False)
+        attended = self.drop_path(attended)  # one draw per (clip, position), as in the released code
         attended = attended.reshape(B, L, frames, D).permute(0, 2, 1, 3)  # (B, T, L, D)
-        patches = patches + self.out(self.drop_path(attended))
+        patches = patches + self.out(attended)
         return torch.cat([cls, patches.reshape(B, frames * L, D)], dim=1)
 
 
@@ -98,6 +100,9 @@ class IntraFrameModule(nn.Module):
     The video [CLS] is replicated in front of each frame's L patches, the layer's
     attention sub-block runs per frame over L+1 tokens, the T [CLS] outputs are
     averaged back into one, then the layer's MLP sub-block runs over all tokens.
+    Drop-path (training only) sits on the attention residual alone, one draw per
+    clip and frame shared by the frame's [CLS] and patches, as in the released
+    implementation (DESIGN.md section 1); the MLP residual has none.
     """
 
     def __init__(self, layer: nn.Module, attention_branch, mlp_branch, drop_path: float):
@@ -114,11 +119,12 @@ class IntraFrameModule(nn.Module):
         cls, patches = x[:, :1], x[:, 1:].reshape(B, frames, L, D)  # (B, 1, D), (B, T, L, D)
         per_frame = torch.cat([cls.unsqueeze(1).expand(B, frames, 1, D), patches], dim=2)  # (B, T, L+1, D)
         attended = self._attention_branch(self.layer, per_frame.reshape(B * frames, L + 1, D))
+        attended = self.drop_path(attended)  # one draw per (clip, frame), [CLS] and patches alike (released code)
         attended = attended.reshape(B, frames, L + 1, D)
-        cls = cls + self.drop_path(attended[:, :, :1].mean(dim=1))  # (B, 1, D)
-        patches = patches + self.drop_path(attended[:, :, 1:])
+        cls = cls + attended[:, :, :1].mean(dim=1)  # (B, 1, D)
+        patches = patches + attended[:, :, 1:]
         x = torch.cat([cls, patches.reshape(B, frames * L, D)], dim=1)
-        return x + self.drop_path(self._mlp_branch(self.layer, x))
+        return x + self._mlp_branch(self.layer, x)  # no drop-path on the MLP residual (released code)
 
 
 class STAN(nn.Module):

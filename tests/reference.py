@@ -115,11 +115,22 @@ def mug_score_reference(tokens, mask, pooled, frames, mode="frame-token", tau=10
     c = F.normalize(tokens[mask], dim=-1)
     if mode in ("frame-text", "mean"):
         c = F.normalize(pooled, dim=-1)[None]
-    if mode in ("video-token", "mean"):
-        v = F.normalize(v.mean(0), dim=-1)[None]
+    if mode in ("video-token", "mean"):  # the mean of the raw frames, then normalised (released order)
+        v = F.normalize(sum(frames[i] for i in range(frames.shape[0])) / frames.shape[0], dim=-1)[None]
     if mode == "mean":
         return (c[0] * v[0]).sum()
     T, K = v.shape[0], c.shape[0]
+    if mode == "frame-token-simple":
+        # f_i = c~_i . v_i and t_j = c_j . v~_j with the same weightings, then the two pooled similarities averaged
+        f, t = [], []
+        for i in range(T):
+            s = _soft(torch.stack([tau * (c[j] @ v[i]) for j in range(K)]), topk)
+            f.append(sum(s[j] * (c[j] @ v[i]) for j in range(K)))
+        for j in range(K):
+            s = _soft(torch.stack([tau * (c[j] @ v[i]) for i in range(T)]), topk)
+            t.append(sum(s[i] * (c[j] @ v[i]) for i in range(T)))
+        f, t = torch.stack(f), torch.stack(t)
+        return 0.5 * ((_soft(tau * t, topk) * t).sum() + (_soft(tau * f, topk) * f).sum())
     # text guided by video -> video embedding
     frame_text = []
     for i in range(T):

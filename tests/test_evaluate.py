@@ -60,6 +60,9 @@ def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "ckpt"), *common]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["videos"] == 6 and 0 <= metrics["t2v_R@1"] <= 100 and metrics["v2t_MnR"] >= 1
+    assert json.loads(out.read_text())["mug_mode"] == "frame-token"  # the checkpoint's own
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--mug-mode", "frame-token-simple", *common]) == 0
+    assert json.loads(out.read_text())["mug_mode"] == "frame-token-simple"
     assert main(["--backbone", "tiny", *common]) == 0
     assert "t2v_R@1" in json.loads(out.read_text())
     labels = tmp_path / "labels.csv"

@@ -18,7 +18,7 @@ def _inputs(bt=3, bv=4, k=6, t=5, p=8, seed=0):
     return tokens, mask, pooled, frames
 
 
-@pytest.mark.parametrize("mode", ["frame-token", "frame-text", "video-token", "mean"])
+@pytest.mark.parametrize("mode", ["frame-token", "frame-token-simple", "frame-text", "video-token", "mean"])
 @pytest.mark.parametrize("topk", [None, 1, 2])
 @pytest.mark.parametrize("tau", [100.0, 5.0])
 def test_score_matrix_matches_reference(mode, topk, tau):
@@ -34,7 +34,7 @@ def test_default_is_frame_token_softmax_with_clip_logit_scale():
     assert (config.mode, config.tau, config.topk) == ("frame-token", 100.0, None)
 
 
-@pytest.mark.parametrize("mode", ["frame-token", "video-token"])
+@pytest.mark.parametrize("mode", ["frame-token", "frame-token-simple", "video-token"])
 def test_padding_tokens_do_not_change_scores(mode):
     tokens, mask, pooled, frames = _inputs()
     base = score_matrix(tokens, mask, pooled, frames, config=MugConfig(mode=mode))
@@ -93,3 +93,23 @@ def test_bad_config_is_refused():
         MugConfig(mode="max")
     with pytest.raises(ValueError, match="topk"):
         MugConfig(topk=0)
+
+
+def test_frame_token_simple_differs_from_the_paper_form():
+    # same weightings, different aggregation: the two modes are not the same score
+    tokens, mask, pooled, frames = _inputs()
+    paper = score_matrix(tokens, mask, pooled, frames, config=MugConfig(mode="frame-token"))
+    simple = score_matrix(tokens, mask, pooled, frames, config=MugConfig(mode="frame-token-simple"))
+    assert (paper - simple).abs().max() > 1e-3
+
+
+def test_mean_mode_averages_raw_frames_before_normalising():
+    # frames of very different norms: the released order weights long frames more than a mean of unit vectors
+    tokens, mask, pooled, frames = _inputs()
+    frames = frames * torch.tensor([0.1, 1.0, 10.0, 1.0, 0.5])[None, :, None]
+    scores = score_matrix(tokens, mask, pooled, frames, config=MugConfig(mode="mean"))
+    raw_first = torch.nn.functional.normalize(frames.mean(1), dim=-1)
+    unit_first = torch.nn.functional.normalize(torch.nn.functional.normalize(frames, dim=-1).mean(1), dim=-1)
+    text = torch.nn.functional.normalize(pooled, dim=-1)
+    torch.testing.assert_close(scores, text @ raw_first.T, atol=1e-6, rtol=0)
+    assert (scores - text @ unit_first.T).abs().max() > 1e-3

@@ -76,6 +76,46 @@ def test_drop_path_rates_grow_linearly():
     assert [m.drop_path.rate for m in stan.intra_frame] == rates
 
 
+def test_cross_frame_drop_path_draws_per_clip_and_position():
+    torch.manual_seed(0)
+    module = CrossFrameModule(32, 4, drop_path=0.5).train()
+    torch.nn.init.normal_(module.out.weight, std=0.1)
+    T, L = 4, 16
+    x = torch.randn(2, 1 + T * L, 32)
+    delta = (module(x, T) - x)[:, 1:].reshape(2, T, L, 32)
+    kept = delta.abs().sum(-1) > 0  # (B, T, L)
+    assert (kept == kept[:, :1]).all()  # the same draw for every frame of a position
+    assert kept[:, 0].any() and not kept[:, 0].all()  # positions of one batch drawn apart
+    module.eval()  # no drop-path at evaluation
+    assert ((module(x, T) - x)[:, 1:].abs().sum(-1) > 0).all()
+
+
+def test_intra_frame_drop_path_on_attention_per_frame_not_on_mlp():
+    torch.manual_seed(0)
+    backbone = _backbone()
+    T, L, B = 6, 16, 3
+    x = torch.randn(B, 1 + T * L, 32)
+    real = STAN(backbone, StanConfig(num_layers=1, drop_path=0.0)).intra_frame[0]
+    zero = lambda layer, h: torch.zeros_like(h)  # noqa: E731
+    from mugstan_chat.stan import IntraFrameModule
+
+    mlp_only = IntraFrameModule(real.layer, zero, backbone.mlp_branch, drop_path=0.5).train()
+    torch.testing.assert_close(mlp_only(x, T), x + backbone.mlp_branch(real.layer, x), rtol=0, atol=0)
+    attention_only = IntraFrameModule(real.layer, backbone.attention_branch, zero, drop_path=0.5).train()
+    with torch.no_grad():
+        out = attention_only(x, T)
+        cls, patches = x[:, :1], x[:, 1:].reshape(B, T, L, 32)
+        per_frame = torch.cat([cls.unsqueeze(1).expand(B, T, 1, 32), patches], dim=2).reshape(B * T, L + 1, 32)
+        attended = backbone.attention_branch(real.layer, per_frame).reshape(B, T, L + 1, 32)
+    delta = (out - x)[:, 1:].reshape(B, T, L, 32)
+    kept = delta.abs().sum(-1).gt(0).all(-1)  # (B, T): one draw for all of a frame's patches
+    assert (delta.abs().sum(-1).gt(0) == kept[..., None]).all()
+    assert kept.any() and not kept.all()
+    # the video [CLS] receives the mean over frames of the same draws, scaled by 1 / keep
+    expected_cls = x[:, 0] + (attended[:, :, 0] * kept[..., None] / 0.5).mean(1)
+    torch.testing.assert_close(out[:, 0], expected_cls, rtol=1e-5, atol=1e-6)
+
+
 def test_cross_frame_touches_only_the_same_spatial_position():
     torch.manual_seed(0)
     module = CrossFrameModule(32, 4, drop_path=0.0)

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ import torch
 
 from mugstan_chat.backbone import TextFeatures
 from mugstan_chat.model import MugStan
+from mugstan_chat.mug import MODES
 
 from training.data import ClipSettings, Columns, EvalDataset, VideoRecord, build_eval_loader, read_annotations
 
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--text-length", type=int, default=None, help="default: the checkpoint's (64)")
+    p.add_argument("--mug-mode", choices=MODES, default=None,
+                   help="score with this Mug mode (default: the checkpoint's own; converted released weights use "
+                        "frame-token-simple; the --backbone baseline uses mean)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model = load_model(args.checkpoint, args.backbone, args.text_length).to(device)
+    if args.mug_mode:
+        model.config.mug = dataclasses.replace(model.config.mug, mode=args.mug_mode)
     clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
     columns = columns_from_args(args)
     if args.task == "recognition":
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         metrics = evaluate_retrieval(model, read_annotations(args.data, columns), args.video_root, clip, device,
                                      args.batch_size, args.workers, args.precision)
+    metrics["mug_mode"] = model.config.mug.mode
     for key, value in metrics.items():
         print(f"{key:>10s}  {value:.2f}" if isinstance(value, float) else f"{key:>10s}  {value}")
     if args.output:
