@@ -1,92 +1,132 @@
-"""The converter of the authors' checkpoints: complete key mapping and identical embeddings."""
+"""The converter of the authors' checkpoints on their real layout: completeness, architecture, refusals.
+
+Every case starts from tests/fixtures/authors/mugstan_tiny.pth, saved by the
+authors' own model code (scripts/make_reference_fixtures.py), never from key names
+written here.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mugstan_chat.model import MugStan
-from training.params import model_config
+from mugstan_chat import official
 
-_spec = importlib.util.spec_from_file_location(
-    "convert_official_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "convert_official_checkpoint.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "authors" / "mugstan_tiny.pth"
+SIZES = dict(vision_heads=4, text_heads=4)
 
 
-def _official(model: MugStan) -> dict[str, torch.Tensor]:
-    """Our tiny model's tensors under the authors' names (written independently of the converter's table)."""
-    out = {"backbone.logit_scale": torch.tensor(4.6)}
-    for key, value in model.state_dict().items():
-        if key.startswith("vision.vision_model.encoder."):
-            out["backbone." + key[len("vision.vision_model.encoder."):]] = value
-        elif key.startswith("vision.vision_model."):
-            out["backbone." + key[len("vision.vision_model."):]] = value
-        elif key == "vision.projection.weight":
-            out["backbone.visual_projection.weight"] = value
-        elif key.startswith("text.text_model."):
-            out["text_backbone." + key[len("text."):]] = value
-        elif key == "text.projection.weight":
-            out["text_backbone.text_projection.weight"] = value
-        elif key == "stan.temporal_embedding":
-            out["backbone.STAN_time_embed.weight"] = value
-        elif key.startswith("stan.intra_frame."):
-            j, rest = key[len("stan.intra_frame."):].split(".layer.")
-            out[f"backbone.STAN_S_layers.{j}.{rest}"] = value
-        elif key.startswith("stan.cross_frame."):
-            j, rest = key[len("stan.cross_frame."):].split(".", 1)
-            rest = rest.replace("norm.", "layernorm.").replace("out.", "temporal_fc.")
-            if j == "0" and rest.startswith("attn.in_proj_"):  # layer 0 as separate q/k/v projections
-                kind = rest[len("attn.in_proj_"):]
-                for name, part in zip("qkv", value.chunk(3)):
-                    out[f"backbone.STAN_T_layers.0.attn.{name}_proj.{kind}"] = part
-            else:
-                out[f"backbone.STAN_T_layers.{j}.{rest}"] = value
-        else:
-            raise AssertionError(f"test mapping misses {key}")
-    out["backbone.embeddings.position_ids"] = torch.arange(17)[None]
-    return out
+@pytest.fixture(scope="module")
+def authors() -> official.OfficialCheckpoint:
+    return official.load_official_checkpoint(FIXTURE)
 
 
-def _randomised_tiny() -> MugStan:
-    torch.manual_seed(0)
-    model = MugStan(model_config("tiny", stan_layers=2))
-    with torch.no_grad():  # fresh STAN is partly zero / copied: make every tensor distinct
-        for param in model.stan.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model.eval()
+def _without(checkpoint: official.OfficialCheckpoint, *prefixes: str) -> official.OfficialCheckpoint:
+    state = {k: v for k, v in checkpoint.state.items() if not k.startswith(prefixes)}
+    assert len(state) < len(checkpoint.state)
+    return official.OfficialCheckpoint(state=state, config_text=checkpoint.config_text, source="trimmed.pth")
 
 
-def test_convert_maps_every_tensor_and_matches_embeddings(tmp_path):
-    source = _randomised_tiny()
-    official = _official(source)
-    torch.save({"meta": {"epoch": 3}, "state_dict": official}, tmp_path / "official.pth")
-    assert convert.main([str(tmp_path / "official.pth"), str(tmp_path / "out"),
-                         "--vision-heads", "4", "--text-heads", "4"]) == 0
-    mapped = convert.map_keys(official)
-    assert set(mapped) == set(source.state_dict())  # nothing left unmapped, nothing missing
-    assert all(mapped[k].shape == v.shape for k, v in source.state_dict().items())
-    converted = MugStan.from_pretrained(tmp_path / "out")
-    assert converted.stan.config.num_layers == 2 and converted.image_size == 32
-    video = torch.randn(2, 4, 3, 32, 32)
-    tokens = source.build_tokenizer()(["a red circle moving left", "a green square"])
-    with torch.no_grad():
-        torch.testing.assert_close(converted.encode_video(video), source.encode_video(video), rtol=0, atol=0)
-        a = converted.encode_text(tokens.input_ids, tokens.attention_mask)
-        b = source.encode_text(tokens.input_ids, tokens.attention_mask)
-    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+def test_reads_an_mmengine_checkpoint_weights_only(authors):
+    # meta holds the config text, message_hub holds mmengine history buffers (read as inert stand-ins)
+    assert "VITCLIPPretrained_STAN" in authors.config_text
+    assert "backbone.class_embedding" in authors.state and "backbone.STAN_T_layers.0.temporal_fc.weight" in authors.state
+    mapped = official.map_keys(authors.state)
+    model, arch = official.convert(authors, vision_layers=6, text_layers=2, **SIZES)
+    assert set(mapped) == set(model.state_dict())  # every tensor mapped, every parameter filled
+    assert (arch.stan_layers, arch.mug_mode) == (3, "frame-token-simple")
 
 
-def test_unmapped_key_and_pickled_code_are_refused(tmp_path):
-    official = _official(_randomised_tiny())
-    with pytest.raises(convert.ConversionError, match="no mapping"):
-        convert.map_keys({**official, "cls_head.fc.weight": torch.zeros(2, 2)})
+def test_missing_stan_layer_is_refused_and_named(authors):
+    trimmed = _without(authors, "backbone.STAN_S_layers.2.", "backbone.STAN_T_layers.2.")
+    with pytest.raises(official.ConversionError) as error:  # depth 3 comes from the checkpoint's own config
+        official.convert(trimmed, vision_layers=6, text_layers=2, **SIZES)
+    assert "backbone.STAN_S_layers.2.*" in str(error.value) and "backbone.STAN_T_layers.2.*" in str(error.value)
+    assert "STAN layers: 3 (checkpoint config)" in str(error.value)
 
-    # an object of any class outside torch's allow-list needs code to unpickle
-    torch.save({"state_dict": official, "args": argparse.Namespace(lr=1)}, tmp_path / "bad.pth")
-    with pytest.raises(convert.ConversionError, match="refused"):
-        convert.load_state_dict(tmp_path / "bad.pth")
+
+@pytest.mark.parametrize("layer", [5, 2])  # the last layer, and a gap
+def test_missing_backbone_layer_is_refused_and_named(authors, layer):
+    trimmed = _without(authors, f"backbone.layers.{layer}.")
+    with pytest.raises(official.ConversionError, match=rf"missing backbone\.layers\.{layer}\.\* \(16 tensors\)"):
+        official.convert(trimmed, vision_layers=6, text_layers=2, **SIZES)
+
+
+def test_keys_are_only_the_last_resort_and_warn(authors, caplog):
+    trimmed = _without(authors, "backbone.layers.5.")
+    with caplog.at_level(logging.WARNING, logger="mugstan_chat.official"):
+        model, arch = official.convert(trimmed, text_layers=2, **SIZES)
+    assert arch.vision_layers == 5 and "vision layers: nothing states it" in caplog.text
+
+
+def test_cli_refuses_in_one_line_and_converts(authors, tmp_path):
+    trimmed = _without(authors, "backbone.STAN_S_layers.2.", "backbone.STAN_T_layers.2.")
+    torch.save({"meta": {"cfg": authors.config_text}, "state_dict": trimmed.state}, tmp_path / "trimmed.pth")
+    cli = [sys.executable, str(ROOT / "scripts" / "convert_official_checkpoint.py")]
+    flags = ["--vision-layers", "6", "--text-layers", "2", "--vision-heads", "4", "--text-heads", "4"]
+    done = subprocess.run([*cli, str(tmp_path / "trimmed.pth"), str(tmp_path / "out"), *flags],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and "backbone.STAN_T_layers.2.*" in done.stderr
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([*cli, str(FIXTURE), str(tmp_path / "ok"), *flags], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def test_unmapped_and_invented_keys_are_refused(authors):
+    with pytest.raises(official.ConversionError, match="no mapping"):
+        official.map_keys({**authors.state, "cls_head.fc.weight": torch.zeros(2, 2)})
+    # the layout this converter once assumed, which no released file uses
+    invented = {k.replace("backbone.class_embedding", "backbone.embeddings.class_embedding"): v
+                for k, v in authors.state.items()}
+    with pytest.raises(official.ConversionError, match="no mapping"):
+        official.map_keys(invented)
+    # position_ids buffers (older transformers saved them) and logit_scale are dropped
+    extra = {**authors.state, "text_backbone.text_model.embeddings.position_ids": torch.arange(16)[None],
+             "logit_scale": torch.tensor(4.6)}
+    assert set(official.map_keys(extra)) == set(official.map_keys(authors.state))
+
+
+def test_pickled_code_is_refused(authors, tmp_path):
+    torch.save({"state_dict": authors.state, "args": argparse.Namespace(lr=1)}, tmp_path / "bad.pth")
+    with pytest.raises(official.ConversionError, match=r"refused.*argparse\.Namespace"):
+        official.load_official_checkpoint(tmp_path / "bad.pth")
+
+
+def _shapes(vision_width: int, text_width: int, stan: bool = True) -> dict[str, torch.Tensor]:
+    """Just the two tensors whose widths resolve_architecture reads (shapes of the released towers)."""
+    state = {"vision.vision_model.embeddings.class_embedding": torch.zeros(vision_width),
+             "text.text_model.embeddings.token_embedding.weight": torch.zeros(2, text_width)}
+    if stan:
+        state["stan.temporal_embedding"] = torch.zeros(1)
+    return state
+
+
+@pytest.mark.parametrize("vision,text,layers", [(768, 512, 12), (1024, 768, 24)])
+def test_released_sizes_by_width(vision, text, layers):
+    arch = official.resolve_architecture(_shapes(vision, text))
+    assert (arch.vision_layers, arch.text_layers, arch.stan_layers) == (layers, 12, 4)
+    assert arch.mug_mode == "frame-token-simple"
+
+
+def test_architecture_from_the_released_configs(authors):
+    base = authors.config_text
+    assert "adapter=dict(input_dim=512, tau=100, type='Mug_head')" in base  # the released Mug config
+    large = base.replace(base[base.index("pretrained_model='"):].split("'")[1], "openai/clip-vit-large-patch14")
+    arch = official.resolve_architecture(_shapes(1024, 768), large)
+    assert (arch.vision_layers, arch.stan_layers, arch.mug_mode) == (24, 3, "frame-token-simple")
+    paper_form = base.replace("type='Mug_head')", "type='Mug_head', mode='mug_frame_token')")
+    assert official.resolve_architecture(_shapes(768, 512), paper_form).mug_mode == "frame-token"
+    no_head = base.replace("adapter=dict(input_dim=512, tau=100, type='Mug_head')", "adapter=None")
+    assert official.resolve_architecture(_shapes(768, 512), no_head).mug_mode == "mean"  # plain STAN configs
+    given = official.resolve_architecture(_shapes(768, 512), base, vision_layers=7, stan_layers=2)
+    assert (given.vision_layers, given.stan_layers) == (7, 2)
