@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
     r.add_argument("--log-interval", type=int, default=10)
+    r.add_argument("--diagnostics-interval", type=int, default=100,
+                   help="steps between temporal-branch diagnostics (order sensitivity on a fixed batch of "
+                        "--diagnostics-clips training clips, branch norms and gradients; 0: off)")
+    r.add_argument("--diagnostics-clips", type=int, default=8)
     r.add_argument("--tensorboard", action="store_true")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default=None, help="retrieval annotations evaluated during training")

@@ -29,8 +29,9 @@ from mugstan_chat.model import MugStan
 from mugstan_chat.stan import STAN
 
 from training import checkpoints as ckpt
-from training.data import (ClipSettings, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
-                           build_train_loader, group_ids, read_annotations)
+from training.data import (ClipSettings, DataError, DecodeFailureMonitor, EvalDataset, GlobalBatchSampler,
+                           TrainDataset, build_train_loader, group_ids, read_annotations)
+from training.diagnostics import TrainingDiagnostics
 from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
@@ -262,6 +263,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     if env.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     tokenizer = model.build_tokenizer()
+    diagnostics = _build_diagnostics(model, dataset, args, env)
     run_logger = RunLogger(output, env.is_main, total, state.step, args.tensorboard)
     result = TrainResult(model=model, state=state)
     global_batch = args.batch_size * env.world_size
@@ -299,6 +301,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                           "decode_failures": monitor.total_failures, "skipped_steps": state.nonfinite_total}
                 tick = now
                 run_logger.step(state.step, record, show=state.step % args.log_interval == 0 or state.step == total)
+                if diagnostics is not None and (state.step % args.diagnostics_interval == 0 or state.step == total):
+                    run_logger.write({"type": "diagnostics", "step": state.step, **diagnostics.measure(model)})
                 if monitor_error:
                     raise DataError(monitor_error)
                 epoch_end = state.batch_in_epoch == sampler.batches_per_epoch
@@ -320,6 +324,22 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     finally:
         run_logger.close()
     return result
+
+
+def _build_diagnostics(model: MugStan, dataset: TrainDataset, args: argparse.Namespace,
+                       env: DistEnv) -> TrainingDiagnostics | None:
+    """The fixed probe batch (the first training clips, evaluation sampling), on rank 0 only."""
+    if not env.is_main or args.diagnostics_interval <= 0 or args.diagnostics_clips <= 0:
+        return None
+    records = dataset.records[:args.diagnostics_clips]
+    probe = EvalDataset(records, args.video_root, dataset.clip)
+    items = [probe[i] for i in range(len(records))]
+    usable = [(item["video"], record.captions[0]) for item, record in zip(items, records) if item["ok"]]
+    if not usable:
+        logger.warning("diagnostics are off: none of the first %d training clips decodes", len(records))
+        return None
+    clips = torch.stack([video for video, _ in usable])
+    return TrainingDiagnostics(model, clips, [caption for _, caption in usable], env.device)
 
 
 def _check_failures(monitor: DecodeFailureMonitor, batch: dict, env: DistEnv) -> str | None:
