@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mugstan_chat import video as V
+from mugstan_chat.video import backends
 from mugstan_chat.synthetic import make_synthetic_videos
 
 FAST = {"preset": "ultrafast", "threads": "1"}
@@ -277,8 +278,8 @@ def hanging_decord(monkeypatch):
         release.wait(30)
         raise RuntimeError("released")
 
-    monkeypatch.setattr(V, "_decord_read", hang)
-    monkeypatch.setattr(V, "decord_available", lambda: True)
+    monkeypatch.setattr(backends, "_decord_read", hang)
+    monkeypatch.setattr(backends, "decord_available", lambda: True)
     yield
     release.set()
 
@@ -299,8 +300,8 @@ def test_decord_failing_mid_read_falls_back(monkeypatch, good_video, caplog):
         progress.tick()
         raise RuntimeError("decoder exploded mid-read")
 
-    monkeypatch.setattr(V, "_decord_read", broken)
-    monkeypatch.setattr(V, "decord_available", lambda: True)
+    monkeypatch.setattr(backends, "_decord_read", broken)
+    monkeypatch.setattr(backends, "decord_available", lambda: True)
     caplog.set_level(logging.DEBUG, logger="mugstan_chat.video")
     expected = V.read_frames(good_video, [7, 70], backend="pyav")
     assert np.array_equal(V.read_frames(good_video, [7, 70]), expected)
