@@ -119,7 +119,8 @@ def test_clip_count_from_max_seconds():
 # --------------------------------------------------------------------------- #
 def test_probe_metadata(good_video):
     info = V.probe_video(good_video)
-    assert info == V.VideoInfo(num_frames=120, fps=24.0, duration=5.0, width=64, height=64)
+    assert info == V.VideoInfo(num_frames=120, fps=24.0, duration=5.0, width=64, height=64, rotation=0,
+                               container="mov,mp4,m4a,3gp,3g2,mj2")
     with pytest.raises(Exception):
         info.fps = 1  # frozen
 

@@ -106,9 +106,16 @@ class _PacketIndex:
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, index) - 1)]
 
 
-def _pyav_read(path: str, wanted: list[int], progress: _Progress, claimed: int | None) -> dict[int, np.ndarray]:
-    """Decode ``wanted`` (sorted unique) with PyAV: seek to the keyframe before each
-    far-away frame and decode forward; never decodes the whole file for a few frames."""
+def _pyav_read(
+    path: str, wanted: list[int], progress: _Progress, claimed: int | None, rotation: int = 0, seek: bool = True
+) -> dict[int, np.ndarray]:
+    """Decode ``wanted`` (sorted unique) with PyAV, turned upright by ``rotation``.
+
+    With ``seek``: seek to the keyframe before each far-away frame and decode forward,
+    never decoding the whole file for a few frames. When a seek lands past the frame
+    it aimed at (MPEG-TS seeks by byte position and timestamps, not by frame), decode
+    sequentially from the first packet instead; ``seek=False`` goes there directly.
+    """
     with _open_av(path) as container:
         if not container.streams.video:
             raise RuntimeError("no video stream")
@@ -122,7 +129,22 @@ def _pyav_read(path: str, wanted: list[int], progress: _Progress, claimed: int |
                 f"fewer decodable frames than the header claims: frame {wanted[-1]} requested, "
                 f"header claims {claimed if claimed else 'unknown'}, only {available} frames present"
             )
-        return _pyav_decode_wanted(container, stream, index, wanted, progress)
+        out = None
+        if seek:
+            try:
+                out = _pyav_decode_wanted(container, stream, index, wanted, progress)
+            except _SeekMissed as exc:
+                logger.debug("pyav seeking missed on %s (%s); decoding sequentially", path, exc)
+    if out is None:
+        with _open_av(path) as container:  # a fresh demuxer: no seek, from the first packet
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            out = _pyav_decode_sequential(container, stream, index, wanted, progress)
+    return {i: upright(frame, rotation) for i, frame in out.items()}
+
+
+class _SeekMissed(RuntimeError):
+    """A seek landed after the frame it aimed at, or decoded nothing."""
 
 
 def _pyav_decode_wanted(container, stream, index: _PacketIndex, wanted: list[int], progress: _Progress):
@@ -136,11 +158,23 @@ def _pyav_decode_wanted(container, stream, index: _PacketIndex, wanted: list[int
             decoder, pos, seeks = container.decode(stream), -1, seeks + 1
         pos = _decode_until(decoder, index, target, out, progress, decoded)
         if target not in out:
+            raise _SeekMissed(f"frame {target} not decoded after seeking to frame {key} (stopped at frame {pos})")
+    logger.debug("pyav decoded %d frames with %d seeks for %d wanted", decoded[0], seeks, len(wanted))
+    return out
+
+
+def _pyav_decode_sequential(container, stream, index: _PacketIndex, wanted: list[int], progress: _Progress):
+    out: dict[int, np.ndarray] = {}
+    decoder, pos, decoded = container.decode(stream), -1, [0]
+    for target in wanted:
+        if target > pos:
+            pos = _decode_until(decoder, index, target, out, progress, decoded)
+        if target not in out:
             raise RuntimeError(
                 f"fewer decodable frames than the header claims: frame {target} could not be decoded "
                 f"(decoding stopped at frame {pos}, {len(index)} frames present)"
             )
-    logger.debug("pyav decoded %d frames with %d seeks for %d wanted", decoded[0], seeks, len(wanted))
+    logger.debug("pyav decoded %d frames sequentially for %d wanted", decoded[0], len(wanted))
     return out
 
 
@@ -160,3 +194,37 @@ def _decode_until(
         if pos > target:
             return pos
     return pos
+
+
+# --------------------------------------------------------------------------- #
+# Display rotation
+# --------------------------------------------------------------------------- #
+_ROTATION_PACKETS = 256  # packets to demux while looking for the first frame (its display matrix)
+
+
+def read_rotation(container, stream, progress: _Progress | None = None) -> int:
+    """Counter-clockwise display rotation of ``stream`` in degrees (0, 90, 180 or 270).
+
+    Why the first frame: FFmpeg attaches the stream's display matrix (phones write
+    one for every portrait video) to each decoded frame, and PyAV exposes it as
+    ``VideoFrame.rotation``; it has no stream-level accessor. A bare ``rotate`` tag
+    without a matrix is ignored, as FFmpeg itself ignores it.
+    """
+    for n, packet in enumerate(container.demux(stream)):
+        if progress is not None:
+            progress.tick()
+        for frame in packet.decode():
+            degrees = float(getattr(frame, "rotation", 0) or 0)
+            quarter = round(degrees / 90.0)
+            if abs(degrees - 90.0 * quarter) > 1.0:
+                logger.warning("display rotation %.1f degrees is not a multiple of 90; using %d", degrees, quarter * 90)
+            return (quarter * 90) % 360
+        if n >= _ROTATION_PACKETS:
+            break
+    return 0
+
+
+def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
+    """Turn a stored (H, W, 3) frame by ``rotation`` degrees counter-clockwise, as players display it."""
+    quarters = (rotation // 90) % 4
+    return frame if quarters == 0 else np.ascontiguousarray(np.rot90(frame, quarters))

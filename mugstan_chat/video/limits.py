@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 
 #: Container extensions the project accepts for upload/CLI (both backends are
 #: FFmpeg based, so other containers FFmpeg understands usually work too).
-SUPPORTED_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif")
+SUPPORTED_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".ts")
 
 BACKENDS = ("auto", "decord", "pyav")
 
@@ -34,22 +36,55 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """Video metadata read from the container header (no frame decoding)."""
+    """Video metadata read from the container header (plus the first frame's display matrix).
+
+    ``width`` x ``height`` is the displayed size: the stored (coded) size turned
+    by ``rotation``, which is what every reader returns frames in.
+    """
 
     num_frames: int
     fps: float
     duration: float
     width: int
     height: int
+    rotation: int = 0  # counter-clockwise degrees (0, 90, 180, 270) applied to the stored frames
+    container: str = ""  # FFmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2" or "mpegts"
+
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """(width, height) as stored in the stream, before the rotation."""
+        return (self.height, self.width) if self.rotation % 180 == 90 else (self.width, self.height)
 
 
 def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: missing file (no such file)")
-    if not os.path.isfile(path):
+    """One message per way a path can fail before any decoder sees it.
+
+    Why stat and open here: ``os.path.exists`` is False for a symlink loop and for a
+    path it may not look up, and a decoder would then blame the file's contents.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise VideoDecodeError(f"{path}: broken symlink (its target {os.readlink(path)} does not exist)") from None
+        raise VideoDecodeError(f"{path}: missing file (no such file)") from None
+    except PermissionError:
+        raise VideoDecodeError(f"{path}: permission denied (a folder on the path cannot be searched)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise VideoDecodeError(f"{path}: symlink loop (the links never reach a file)") from None
+        raise VideoDecodeError(f"{path}: cannot access the file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
         raise VideoDecodeError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
+    if info.st_size == 0:
         raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise VideoDecodeError(f"{path}: permission denied (the file is not readable)") from None
+    except OSError as exc:
+        raise VideoDecodeError(f"{path}: cannot open the file ({exc.strerror or exc})") from None
 
 
 
@@ -60,11 +95,13 @@ def _describe(exc: BaseException, limit: int = 300) -> str:
 
 
 def _check_limits(path: str, info: VideoInfo, limits: VideoLimits) -> None:
-    if info.width <= 0 or info.height <= 0 or info.num_frames <= 0:
+    """The size limit bounds the decoded (stored) frame, so a portrait video is checked before rotation."""
+    width, height = info.coded_size
+    if width <= 0 or height <= 0 or info.num_frames <= 0:
         raise VideoDecodeError(f"{path}: not a decodable video (header reports {info})")
-    if info.width > limits.max_width or info.height > limits.max_height:
+    if width > limits.max_width or height > limits.max_height:
         raise VideoDecodeError(
-            f"{path}: resolution {info.width}x{info.height} exceeds the limit "
+            f"{path}: resolution {width}x{height} exceeds the limit "
             f"{limits.max_width}x{limits.max_height}"
         )
     if info.duration > limits.max_seconds:

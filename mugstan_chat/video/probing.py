@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from .backends import _load_decord, _open_av, _PacketIndex, _to_numpy
+from .backends import _load_decord, _open_av, _PacketIndex, _to_numpy, read_rotation
 from .guard import _Progress, _run_guarded
 from .limits import VideoDecodeError, VideoInfo, VideoLimits, _check_file, _check_limits, _describe
 
@@ -24,15 +25,26 @@ def _stream_info(container, stream) -> VideoInfo:
     if duration <= 0:
         duration = frames / fps
     ctx = stream.codec_context
-    return VideoInfo(frames, fps, duration, int(ctx.width or 0), int(ctx.height or 0))
+    return VideoInfo(frames, fps, duration, int(ctx.width or 0), int(ctx.height or 0),
+                     container=str(container.format.name or ""))
 
 
-def _probe_pyav(path: str, progress: _Progress) -> VideoInfo:
+def _probe_pyav(path: str, progress: _Progress, limits: VideoLimits) -> VideoInfo:
+    """Header facts, checked against the limits, then the rotation (one decoded frame) and the displayed size."""
     with _open_av(path) as container:
         progress.tick()
         if not container.streams.video:
             raise VideoDecodeError(f"{path}: no video stream (streams: {[s.type for s in container.streams]})")
-        return _stream_info(container, container.streams.video[0])
+        info = _stream_info(container, container.streams.video[0])
+    _check_limits(path, info, limits)  # before decoding anything
+    try:
+        with _open_av(path) as container:  # a fresh demuxer: counting frames above read to the end
+            rotation = read_rotation(container, container.streams.video[0], progress)
+    except Exception:  # noqa: BLE001 - an undecodable first frame is reported by the read, with its cause
+        rotation = 0
+    if rotation % 180 == 90:
+        return dataclasses.replace(info, width=info.height, height=info.width, rotation=rotation)
+    return dataclasses.replace(info, rotation=rotation)
 
 
 def _probe_decord(path: str, progress: _Progress) -> VideoInfo:
@@ -49,8 +61,9 @@ def _probe_decord(path: str, progress: _Progress) -> VideoInfo:
 def probe_video(path: str | os.PathLike, limits: VideoLimits | None = None) -> VideoInfo:
     """Read metadata from the container header (PyAV; decord if PyAV cannot open it).
 
-    Why header first: it is cheap (no decoding) and lets limits be enforced
-    before any large frame is decoded.
+    Why header first: it is cheap and lets limits be enforced before any large
+    frame is decoded. Only then is one frame decoded, for its display rotation;
+    ``width`` x ``height`` of the result is the displayed size.
 
     Raises:
         VideoDecodeError: missing/empty/not-a-video file, no video stream, over limits.
@@ -58,7 +71,7 @@ def probe_video(path: str | os.PathLike, limits: VideoLimits | None = None) -> V
     path, limits = os.fspath(path), limits or VideoLimits()
     _check_file(path)
     try:
-        info = _run_guarded(lambda p: _probe_pyav(path, p), limits.timeout_s, "pyav-probe")
+        info = _run_guarded(lambda p: _probe_pyav(path, p, limits), limits.timeout_s, "pyav-probe")
     except VideoDecodeError:
         raise
     except Exception as av_exc:  # noqa: BLE001

@@ -17,13 +17,28 @@ from .probing import probe_video
 
 logger = logging.getLogger(__name__)
 
+#: Demuxers whose seeking is not frame accurate: decord returns wrong frames after a
+#: seek (silently) and PyAV lands past its target, so these are decoded sequentially.
+SEQUENTIAL_CONTAINERS = ("mpegts",)
+
+
+def _decord_unfit(info: VideoInfo) -> str | None:
+    """Why decord must not read this video (measured with decord 0.6), or None."""
+    if info.container in SEQUENTIAL_CONTAINERS:
+        return f"{info.container} container: decord's seeking returns wrong frames"
+    if info.rotation % 180 == 90 and info.width != info.height:
+        return (f"rotated by {info.rotation} degrees: decord fails on turned non-square frames "
+                "(it copies them into a buffer of the stored size)")
+    return None
+
 
 # backends are looked up on the module at call time, so tests can replace one
-def _read_with_backend(backend: str, path: str, wanted: list[int], limits: VideoLimits, claimed: int | None):
+def _read_with_backend(backend: str, path: str, wanted: list[int], limits: VideoLimits, info: VideoInfo):
     if backend == "decord":
-        fn = lambda p: backends._decord_read(path, wanted, p)  # noqa: E731
+        fn = lambda p: backends._decord_read(path, wanted, p)  # noqa: E731 - decord turns frames itself
     else:
-        fn = lambda p: backends._pyav_read(path, wanted, p, claimed)  # noqa: E731
+        seek = info.container not in SEQUENTIAL_CONTAINERS
+        fn = lambda p: backends._pyav_read(path, wanted, p, info.num_frames, info.rotation, seek)  # noqa: E731
     return _run_guarded(fn, limits.timeout_s, backend)
 
 
@@ -41,13 +56,15 @@ def read_frames(
     Args:
         path: video file.
         indices: frame indices (any order, repeats allowed) in [0, num_frames).
-        backend: "auto" (decord, falling back to PyAV), "decord" or "pyav".
+        backend: "auto" (decord, falling back to PyAV; PyAV alone for rotated videos and
+            MPEG-TS, see :func:`_decord_unfit`), "decord" or "pyav".
         limits: size/duration limits and the no-progress timeout.
         info: metadata from :func:`probe_video` (probed when omitted).
         as_tensor: return a torch tensor instead of a numpy array.
 
     Returns:
-        uint8 RGB array/tensor (N, H, W, 3), N = len(indices), in the given order.
+        uint8 RGB array/tensor (N, H, W, 3), N = len(indices), in the given order,
+        upright as players display them (H x W is ``info``'s displayed size).
 
     Raises:
         VideoDecodeError: naming the file and the cause (both causes when both backends fail).
@@ -62,21 +79,28 @@ def read_frames(
     if min(indices) < 0 or max(indices) >= info.num_frames:
         raise ValueError(f"indices must lie in [0, {info.num_frames}) for {path}")
     wanted = sorted(set(indices))
-    decoded = _decode_with_fallback(path, wanted, backend, limits, info.num_frames)
+    decoded = _decode_with_fallback(path, wanted, backend, limits, info)
     frames = np.stack([decoded[i] for i in indices])
     return torch.from_numpy(frames) if as_tensor else frames
 
 
-def _decode_with_fallback(path: str, wanted: list[int], backend: str, limits: VideoLimits, claimed: int):
-    order = ["decord", "pyav"] if backend == "auto" else [backend]
+def _decode_with_fallback(path: str, wanted: list[int], backend: str, limits: VideoLimits, info: VideoInfo):
+    # a rotated video goes to PyAV in "auto": one code path (ours) turns its frames upright
+    auto_order = ["pyav"] if info.rotation else ["decord", "pyav"]
+    order = auto_order if backend == "auto" else [backend]
     causes = []
     for name in order:
         if name == "decord" and not backends.decord_available():
             causes.append("decord: not installed")
             logger.debug("decord not installed; using PyAV for %s", path)
             continue
+        unfit = _decord_unfit(info) if name == "decord" else None
+        if unfit:
+            causes.append(f"decord: {unfit}")
+            logger.debug("decord skipped for %s: %s", path, unfit)
+            continue
         try:
-            decoded = _read_with_backend(name, path, wanted, limits, claimed)
+            decoded = _read_with_backend(name, path, wanted, limits, info)
         except Exception as exc:  # noqa: BLE001 - collected and reported below
             causes.append(f"{name}: {_describe(exc)}")
             logger.debug("backend %s failed on %s: %s", name, path, exc)
@@ -105,18 +129,21 @@ def iter_frame_batches(
     info = probe_video(path, limits)
     if backend not in ("decord", "pyav"):
         raise ValueError("backend must be 'decord' or 'pyav' for sequential decoding")
+    unfit = _decord_unfit(info) if backend == "decord" else None
+    if unfit:
+        raise VideoDecodeError(f"{path}: cannot decode with decord ({unfit})")
     try:
         if backend == "decord":
             yield from _iter_decord_batches(path, batch_size, limits, info.num_frames)
         else:
-            yield from _iter_pyav_batches(path, batch_size, limits)
+            yield from _iter_pyav_batches(path, batch_size, limits, info.rotation)
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise VideoDecodeError(f"{path}: sequential decode with {backend} failed ({_describe(exc)})") from exc
 
 
-def _iter_pyav_batches(path: str, batch_size: int, limits: VideoLimits) -> Iterator[np.ndarray]:
+def _iter_pyav_batches(path: str, batch_size: int, limits: VideoLimits, rotation: int) -> Iterator[np.ndarray]:
     with _open_av(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -125,7 +152,7 @@ def _iter_pyav_batches(path: str, batch_size: int, limits: VideoLimits) -> Itera
         def next_batch(progress: _Progress) -> list[np.ndarray]:
             batch = []
             for frame in frames:
-                batch.append(frame.to_ndarray(format="rgb24"))
+                batch.append(backends.upright(frame.to_ndarray(format="rgb24"), rotation))
                 progress.tick()
                 if len(batch) == batch_size:
                     break
