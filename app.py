@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class AppSettings:
 
     frames: int = 8  # T: default frames per clip
     clips: int = 1  # C: default clips per video
-    max_new_tokens: int = 512  # default answer length limit (the slider goes up to 2048)
+    max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -308,6 +309,11 @@ def build_demo(chat_model, settings: AppSettings | None = None):
     """
     import gradio as gr
 
+    from mugstan_chat.options import CLIPS, FRAMES, MAX_NEW_TOKENS, TEMPERATURE, TOP_P
+
+    def slider(allowed, value, label):  # the ranges argparse checked the defaults against
+        return gr.Slider(allowed.low, allowed.high, value=value, step=allowed.step, label=label)
+
     app = ChatApp(chat_model, settings)
     settings = app.settings
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
@@ -336,16 +342,15 @@ def build_demo(chat_model, settings: AppSettings | None = None):
                     clear = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                frames = gr.Slider(1, 32, value=settings.frames, step=1, label="Frames per clip (T)")
-                clips = gr.Slider(1, 8, value=settings.clips, step=1, label="Clips (C)")
+                frames = slider(FRAMES, settings.frames, "Frames per clip (T)")
+                clips = slider(CLIPS, settings.clips, "Clips (C)")
                 temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
                                     interactive=len(app.temporal_modes) > 1,
                                     info="changing frames, clips or mode re-encodes the video and starts a new chat")
             with gr.Row():
-                max_new = gr.Slider(1, 2048, value=settings.max_new_tokens, step=1, label="Max new tokens")
-                temperature = gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05,
-                                        label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p")
+                max_new = slider(MAX_NEW_TOKENS, settings.max_new_tokens, "Max new tokens")
+                temperature = slider(TEMPERATURE, settings.temperature, "Temperature (0 = greedy)")
+                top_p = slider(TOP_P, settings.top_p, "Top-p")
 
         model_job = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
         hidden = {"api_visibility": "undocumented"}  # duplicates of a documented endpoint
@@ -379,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0 exposes the app: use --auth)")
-    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--port", type=_port, default=7860, help="TCP port, 1..65535 (default: %(default)s)")
     server.add_argument("--share", action="store_true", help="public gradio.live link (off by default)")
     server.add_argument("--auth", default=None, metavar="USER:PASS",
                         help="require a login (default: $MUGSTAN_APP_AUTH if set)")
@@ -394,6 +399,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help="browser sessions whose chat state is kept (default: %(default)s)")
     server.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {value}")
+    return value
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. "Address already in use"), or None.
+
+    Checked before the model loads, so a second app on the same port fails in a
+    second, not after minutes of loading. Binds like uvicorn (SO_REUSEADDR).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:
+        return f"cannot resolve {host} ({error.strerror or error})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
+def _port_message(host: str, port: int, reason: str) -> str:
+    return f"app.py: error: cannot listen on {host}:{port} ({reason}); choose another port with --port"
 
 
 def _parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -441,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_upload_mb <= 0 or args.max_video_seconds <= 0:
         parser.error("--max-upload-mb and --max-video-seconds must be positive")
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(_port_message(args.host, args.port, busy), file=sys.stderr)
+        return 1
     _configure_logging(args.debug)
     logger.setLevel(logging.INFO)
     if (args.share or not _is_loopback(args.host)) and auth is None:
@@ -470,10 +513,16 @@ def main(argv: list[str] | None = None) -> int:
         examples_dir=examples_dir)
     demo = build_demo(chat_model, settings)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
-                allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
-                show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
+                    allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
+                    show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+    except OSError as error:  # the port was taken while the model loaded
+        if args.debug:
+            raise
+        print(_port_message(args.host, args.port, " ".join(str(error).split())[:200]), file=sys.stderr)
+        return 1
     return 0
 
 

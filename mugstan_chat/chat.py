@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -27,6 +28,15 @@ from .loader import ChatModel
 from .video import VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
+
+
+def neutralise_image_token(text: str, image_token: str = "<image>") -> str:
+    """A user's ``<image>`` becomes ``< image>``: only the session places video placeholders.
+
+    Why: the tokenizer turns every literal ``<image>`` into the placeholder token, so a
+    question quoting it would ask for a clip that does not exist.
+    """
+    return text.replace(image_token, f"{image_token[:1]} {image_token[1:]}") if image_token else text
 
 
 class ConversationTooLong(Exception):
@@ -45,7 +55,8 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
+        if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid generation settings {self}")
         kwargs = {"repetition_penalty": self.repetition_penalty}
         if self.temperature > 0:
@@ -180,6 +191,12 @@ class ChatSession:
         return list(self._video.features)
 
     @property
+    def video_info(self):
+        """:class:`video.VideoInfo` of the video (displayed size, rotation); decodes it if needed."""
+        self.prepare()
+        return self._video.info
+
+    @property
     def frame_indices(self) -> list[list[int]]:
         return [] if self._video is None else self._video.indices
 
@@ -261,6 +278,7 @@ class ChatSession:
             raise ValueError("empty question")
         started = time.perf_counter()
         self.prepare()
+        question = neutralise_image_token(question, self.chat_model.processor.image_token)
         inputs = self.build_prompt(question.strip())
         prompt_tokens = inputs["input_ids"].shape[1]
         context = self.chat_model.context_length

@@ -1,7 +1,9 @@
 """The web app in a real browser: `python app.py --demo` driven by headless Chromium (Playwright).
 
 Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); the
-test fails, not skips, when it is missing. Saves docs/img/app.png.
+test fails, not skips, when it is missing. Saves a screenshot into the test's
+tmp_path; with MUGSTAN_UPDATE_SCREENSHOT=1 it also replaces docs/img/app.png
+(tests never modify tracked files unless asked).
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def test_chat_in_browser(server, page, tmp_path):
     _ask(page, "and then?")
     expect(bot).to_have_count(2)
     expect(bot.nth(1)).to_contain_text("video features cached")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    shot = SCREENSHOT if os.environ.get("MUGSTAN_UPDATE_SCREENSHOT") == "1" else tmp_path / "app.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 0
 
     # a new page is a new session: nothing of the previous conversation is visible
     page.goto(server + "/")

@@ -17,6 +17,7 @@ def write_video(
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
     container_options: dict[str, str] | None = None,
+    display_rotation: int = 0,
 ) -> int:
     """Encode RGB frames with PyAV.
 
@@ -26,6 +27,8 @@ def write_video(
         fps: frame rate.
         options: codec options, e.g. {"preset": "ultrafast", "crf": "18", "g": "60"}.
         container_options: muxer options, e.g. {"movflags": "+faststart"}.
+        display_rotation: counter-clockwise degrees written as the stream's display matrix
+            (as phones do for portrait video); the frames themselves are stored unturned.
 
     Returns:
         Number of frames written.
@@ -40,6 +43,8 @@ def write_video(
                 stream = container.add_stream(codec, rate=fps, options=options or {})
                 stream.height, stream.width = rgb.shape[:2]
                 stream.pix_fmt = pix_fmt
+                if display_rotation:
+                    stream.set_display_rotation(display_rotation)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
             container.mux(stream.encode(frame))
             count += 1
