@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0  # connect + DNS; the hub answers in well under a second when reachable
 _TRUE = ("1", "on", "yes", "true")
+_EXAMPLE_ID = "llava-hf/llava-1.5-7b-hf"
 
 
 class HubUnavailable(Exception):
@@ -82,6 +83,8 @@ def resolve_hub_access(name: str, probe=None) -> bool:
     """
     if os.path.isdir(name):
         return True
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise HubUnavailable(f"no such directory {name} (and it is not a hub id such as {_EXAMPLE_ID})")
     cached = is_cached(name)
     if offline_mode():
         if cached:

@@ -407,6 +407,9 @@ def test_unreachable_hub_without_the_model_fails_before_any_download(monkeypatch
     message = str(error.value)
     assert probes == [1] and "\n" not in message
     assert "someone/some-llava" in message and "--demo" in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(hub.HubUnavailable, match="no such directory"):  # a mistyped local path
+        hub.resolve_hub_access("./runs/missing-llava")
+    assert probes == [1]
     monkeypatch.setattr(hub, "is_cached", lambda repo: True)  # cached: load from the cache, no download
     assert hub.resolve_hub_access("someone/some-llava") is True
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
