@@ -21,7 +21,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -378,13 +377,14 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's model/video/generation options (same names), plus the server's."""
     from mugstan_chat.cli import model_options
+    from mugstan_chat.ports import parse_port
 
     parser = argparse.ArgumentParser(prog="app.py", parents=[model_options()],
                                      description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0 exposes the app: use --auth)")
-    server.add_argument("--port", type=_port, default=7860, help="TCP port, 1..65535 (default: %(default)s)")
+    server.add_argument("--port", type=parse_port, default=7860, help="TCP port, 1..65535 (default: %(default)s)")
     server.add_argument("--share", action="store_true", help="public gradio.live link (off by default)")
     server.add_argument("--auth", default=None, metavar="USER:PASS",
                         help="require a login (default: $MUGSTAN_APP_AUTH if set)")
@@ -399,40 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="browser sessions whose chat state is kept (default: %(default)s)")
     server.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
     return parser
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {value}")
-    return value
-
-
-def port_in_use(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on (e.g. "Address already in use"), or None.
-
-    Checked before the model loads, so a second app on the same port fails in a
-    second, not after minutes of loading. Binds like uvicorn (SO_REUSEADDR).
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as error:
-        return f"cannot resolve {host} ({error.strerror or error})"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            return error.strerror or str(error)
-    return None
-
-
-def _port_message(host: str, port: int, reason: str) -> str:
-    return f"app.py: error: cannot listen on {host}:{port} ({reason}); choose another port with --port"
 
 
 def _parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -468,6 +434,7 @@ def _blocked_paths(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Loads the model and serves the page until interrupted; returns the exit status."""
     from mugstan_chat.cli import DEMO_MAX_NEW_TOKENS, _configure_logging
+    from mugstan_chat.ports import port_in_use, port_message
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -482,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-upload-mb and --max-video-seconds must be positive")
     busy = port_in_use(args.host, args.port)
     if busy:
-        print(_port_message(args.host, args.port, busy), file=sys.stderr)
+        print(port_message("app.py", args.host, args.port, busy), file=sys.stderr)
         return 1
     _configure_logging(args.debug)
     logger.setLevel(logging.INFO)
@@ -521,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the port was taken while the model loaded
         if args.debug:
             raise
-        print(_port_message(args.host, args.port, " ".join(str(error).split())[:200]), file=sys.stderr)
+        print(port_message("app.py", args.host, args.port, " ".join(str(error).split())[:200]), file=sys.stderr)
         return 1
     return 0
 

@@ -440,9 +440,11 @@ def test_port_in_use_is_one_line_before_loading(busy_port):
 
 def test_port_taken_while_loading_is_one_line(busy_port, monkeypatch, capsys):
     """Gradio's own failure to bind (the port was free when checked) gives the same one line."""
+    from mugstan_chat import ports
     from test_app import app_module
 
-    monkeypatch.setattr(app_module, "port_in_use", lambda host, port: None)
+    assert ports.port_in_use("127.0.0.1", busy_port)  # what the startup check sees
+    monkeypatch.setattr(ports, "port_in_use", lambda host, port: None)
     assert app_module.main(["--demo", "--port", str(busy_port), "--no-examples"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("app.py: error: cannot listen on") and "--port" in err[-1]
