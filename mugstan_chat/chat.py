@@ -249,9 +249,11 @@ class ChatSession:
         if self.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         turns = self.history + ([(question, None)] if question is not None else [])
+        image_token = getattr(self.chat_model.processor, "image_token", "<image>")
         for i, (q, a) in enumerate(turns):
             content = [{"type": "image"} for _ in range(self.clips)] if i == 0 else []
-            messages.append({"role": "user", "content": content + [{"type": "text", "text": q}]})
+            text = neutralise_image_token(q, image_token)  # the user's text never becomes a placeholder
+            messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         return messages
@@ -278,7 +280,6 @@ class ChatSession:
             raise ValueError("empty question")
         started = time.perf_counter()
         self.prepare()
-        question = neutralise_image_token(question, self.chat_model.processor.image_token)
         inputs = self.build_prompt(question.strip())
         prompt_tokens = inputs["input_ids"].shape[1]
         context = self.chat_model.context_length
