@@ -156,6 +156,27 @@ def test_rotated_video_matches_ffmpeg(rotated, case):
     assert np.abs(shown.astype(np.int16) - ours).max() <= 2
 
 
+def test_bare_rotate_tag_is_ignored_as_ffmpeg_ignores_it(tmp_path):
+    """A Matroska ROTATE tag without a display matrix: PyAV's FFmpeg reports no rotation, so neither do we."""
+    path = tmp_path / "tagged.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options=X264)
+        stream.height, stream.width, stream.pix_fmt = 48, 96, "yuv420p"
+        stream.metadata["rotate"] = "90"
+        for rgb in _quadrants(6, 48, 96):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        assert "90" in container.streams.video[0].metadata.values()  # the tag is there
+        assert next(container.decode(video=0)).rotation == 0  # and FFmpeg does not turn the frame for it
+    info = V.probe_video(path)
+    assert (info.width, info.height, info.rotation) == (96, 48, 0)
+    if shutil.which("ffmpeg"):
+        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
+                              "-pix_fmt", "rgb24", "-"], capture_output=True, timeout=60, check=True).stdout
+        assert len(raw) == 48 * 96 * 3 and np.frombuffer(raw, np.uint8).reshape(48, 96, 3)[0, 0, 0] > 150
+
+
 def test_rotated_video_size_in_cli_and_app(rotated, web, capsys):
     path = rotated[(90, 48, 96)]
     assert main(["ask", str(path), "what happens?", *FAST, "--json"]) == 0
