@@ -48,7 +48,7 @@ class AppSettings:
 
     frames: int = 8  # T: default frames per clip
     clips: int = 1  # C: default clips per video
-    max_new_tokens: int = 512  # default answer length limit (the slider goes up to 2048)
+    max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -308,6 +308,11 @@ def build_demo(chat_model, settings: AppSettings | None = None):
     """
     import gradio as gr
 
+    from mugstan_chat.options import CLIPS, FRAMES, MAX_NEW_TOKENS, TEMPERATURE, TOP_P
+
+    def slider(allowed, value, label):  # the ranges argparse checked the defaults against
+        return gr.Slider(allowed.low, allowed.high, value=value, step=allowed.step, label=label)
+
     app = ChatApp(chat_model, settings)
     settings = app.settings
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
@@ -336,16 +341,15 @@ def build_demo(chat_model, settings: AppSettings | None = None):
                     clear = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                frames = gr.Slider(1, 32, value=settings.frames, step=1, label="Frames per clip (T)")
-                clips = gr.Slider(1, 8, value=settings.clips, step=1, label="Clips (C)")
+                frames = slider(FRAMES, settings.frames, "Frames per clip (T)")
+                clips = slider(CLIPS, settings.clips, "Clips (C)")
                 temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
                                     interactive=len(app.temporal_modes) > 1,
                                     info="changing frames, clips or mode re-encodes the video and starts a new chat")
             with gr.Row():
-                max_new = gr.Slider(1, 2048, value=settings.max_new_tokens, step=1, label="Max new tokens")
-                temperature = gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05,
-                                        label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p")
+                max_new = slider(MAX_NEW_TOKENS, settings.max_new_tokens, "Max new tokens")
+                temperature = slider(TEMPERATURE, settings.temperature, "Temperature (0 = greedy)")
+                top_p = slider(TOP_P, settings.top_p, "Top-p")
 
         model_job = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
         hidden = {"api_visibility": "undocumented"}  # duplicates of a documented endpoint
@@ -373,13 +377,14 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's model/video/generation options (same names), plus the server's."""
     from mugstan_chat.cli import model_options
+    from mugstan_chat.ports import parse_port
 
     parser = argparse.ArgumentParser(prog="app.py", parents=[model_options()],
                                      description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0 exposes the app: use --auth)")
-    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--port", type=parse_port, default=7860, help="TCP port, 1..65535 (default: %(default)s)")
     server.add_argument("--share", action="store_true", help="public gradio.live link (off by default)")
     server.add_argument("--auth", default=None, metavar="USER:PASS",
                         help="require a login (default: $MUGSTAN_APP_AUTH if set)")
@@ -429,6 +434,7 @@ def _blocked_paths(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Loads the model and serves the page until interrupted; returns the exit status."""
     from mugstan_chat.cli import DEMO_MAX_NEW_TOKENS, _configure_logging
+    from mugstan_chat.ports import port_in_use, port_message
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -441,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_upload_mb <= 0 or args.max_video_seconds <= 0:
         parser.error("--max-upload-mb and --max-video-seconds must be positive")
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(port_message("app.py", args.host, args.port, busy), file=sys.stderr)
+        return 1
     _configure_logging(args.debug)
     logger.setLevel(logging.INFO)
     if (args.share or not _is_loopback(args.host)) and auth is None:
@@ -470,10 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         examples_dir=examples_dir)
     demo = build_demo(chat_model, settings)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
-                allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
-                show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                    max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
+                    allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
+                    show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+    except OSError as error:  # the port was taken while the model loaded
+        if args.debug:
+            raise
+        print(port_message("app.py", args.host, args.port, " ".join(str(error).split())[:200]), file=sys.stderr)
+        return 1
     return 0
 
 

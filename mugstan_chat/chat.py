@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -27,6 +28,15 @@ from .loader import ChatModel
 from .video import VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
+
+
+def neutralise_image_token(text: str, image_token: str = "<image>") -> str:
+    """A user's ``<image>`` becomes ``< image>``: only the session places video placeholders.
+
+    Why: the tokenizer turns every literal ``<image>`` into the placeholder token, so a
+    question quoting it would ask for a clip that does not exist.
+    """
+    return text.replace(image_token, f"{image_token[:1]} {image_token[1:]}") if image_token else text
 
 
 class ConversationTooLong(Exception):
@@ -45,7 +55,8 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
+        if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid generation settings {self}")
         kwargs = {"repetition_penalty": self.repetition_penalty}
         if self.temperature > 0:
@@ -180,6 +191,12 @@ class ChatSession:
         return list(self._video.features)
 
     @property
+    def video_info(self):
+        """:class:`video.VideoInfo` of the video (displayed size, rotation); decodes it if needed."""
+        self.prepare()
+        return self._video.info
+
+    @property
     def frame_indices(self) -> list[list[int]]:
         return [] if self._video is None else self._video.indices
 
@@ -232,9 +249,11 @@ class ChatSession:
         if self.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         turns = self.history + ([(question, None)] if question is not None else [])
+        image_token = getattr(self.chat_model.processor, "image_token", "<image>")
         for i, (q, a) in enumerate(turns):
             content = [{"type": "image"} for _ in range(self.clips)] if i == 0 else []
-            messages.append({"role": "user", "content": content + [{"type": "text", "text": q}]})
+            text = neutralise_image_token(q, image_token)  # the user's text never becomes a placeholder
+            messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         return messages

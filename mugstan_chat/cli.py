@@ -22,11 +22,13 @@ import sys
 import traceback
 
 PROG = "mugstan-chat"
+CHAT_COMMANDS = "commands: /reset clears the conversation, /exit (or /quit) quits, /help shows this"
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
 
 
 def model_options() -> argparse.ArgumentParser:
-    from .loader import DEFAULT_MODEL
+    """Shared flags; ranges come from :mod:`.options` (the web sliders use the same), checked here (exit 2)."""
+    from .options import CLIPS, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, TEMPERATURE, TOP_P
 
     shared = argparse.ArgumentParser(add_help=False)
     model = shared.add_argument_group("model")
@@ -46,17 +48,24 @@ def model_options() -> argparse.ArgumentParser:
     quant.add_argument("--load-4bit", action="store_true", help="4-bit language model (bitsandbytes, CUDA)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes, CUDA)")
     video = shared.add_argument_group("video")
-    video.add_argument("--frames", type=_positive_int, default=8, help="frames per clip, T (default: %(default)s)")
-    video.add_argument("--clips", type=_positive_int, default=1,
-                       help="clips per video, C; each fills one <image> (default: %(default)s)")
+    video.add_argument("--frames", type=FRAMES.parse, default=8,
+                       help=f"frames per clip, T, {_span(FRAMES)} (default: %(default)s)")
+    video.add_argument("--clips", type=CLIPS.parse, default=1,
+                       help=f"clips per video, C, {_span(CLIPS)}; each fills one <image> (default: %(default)s)")
     gen = shared.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                     help=f"answer length limit (default: 512; {DEMO_MAX_NEW_TOKENS} with --demo)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.parse, default=None,
+                     help=f"answer length limit, {_span(MAX_NEW_TOKENS)} (default: 512; {DEMO_MAX_NEW_TOKENS} with --demo)")
+    gen.add_argument("--temperature", type=TEMPERATURE.parse, default=0.0,
+                     help=f"{_span(TEMPERATURE)}; 0 = greedy (default)")
+    gen.add_argument("--top-p", type=TOP_P.parse, default=1.0, help=f"{_span(TOP_P)} (default: %(default)s)")
+    gen.add_argument("--repetition-penalty", type=REPETITION_PENALTY.parse, default=1.0,
+                     help=f"{_span(REPETITION_PENALTY)}; 1 = off (default)")
     shared.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     return shared
+
+
+def _span(allowed) -> str:
+    return f"{allowed.low:g}..{allowed.high:g}"
 
 
 def _positive_int(text: str) -> int:
@@ -156,6 +165,8 @@ def _run_ask(args) -> int:
             "stan": settings.stan if session.temporal == "stan" else None,
             "frames": session.frames,
             "clips": session.clips,
+            "video": {"width": session.video_info.width, "height": session.video_info.height,
+                      "rotation": session.video_info.rotation, "duration": round(session.video_info.duration, 3)},
             "prompt_tokens": stats.prompt_tokens,
             "visual_tokens": stats.visual_tokens,
             "new_tokens": stats.new_tokens,
@@ -186,9 +197,10 @@ def _run_chat(args) -> int:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     session = _session(args, chat_model, prepare=True)
     interactive = sys.stdin.isatty()
-    print(f"video: {args.video} ({session.clips} clip(s) x {session.frames} frames, "
-          f"{session.visual_tokens} visual tokens, temporal: {session.temporal}); "
-          "/reset clears the conversation, /exit quits", file=sys.stderr)
+    info = session.video_info
+    print(f"video: {args.video} ({info.width}x{info.height}, {info.duration:.1f} s; {session.clips} clip(s) x "
+          f"{session.frames} frames, {session.visual_tokens} visual tokens, temporal: {session.temporal}); "
+          "/help lists the commands", file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -202,6 +214,10 @@ def _run_chat(args) -> int:
         if question == "/reset":
             session.reset()
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if question in ("/help", "/?") or (question.startswith("/") and " " not in question):
+            known = question in ("/help", "/?")
+            print(("" if known else f"unknown command {question}; ") + CHAT_COMMANDS, file=sys.stderr)
             continue
         sys.stdout.write("assistant> ")
         try:

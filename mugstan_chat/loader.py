@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .llava_adapter import TEMPORAL_MODES, VideoTower, install_video_tower, load_stan_branch
+from .options import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cuda", "cpu", "mps")
 # full module names (transformers matches skip patterns from the start of the name, or as a suffix)
@@ -198,13 +198,19 @@ def _load_pretrained(name: str, device: str, dtype: str, quant):
 
     if quant is not None and device != "cuda":
         raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); use --device cuda or drop it")
-    kwargs = {"dtype": DTYPES[dtype]}
+    from .hub import HubUnavailable, resolve_hub_access
+
+    try:  # seconds, not minutes of retries, when the hub is off and the model is not cached
+        local_only = resolve_hub_access(name)
+    except HubUnavailable as error:
+        raise ModelLoadError(f"cannot load model {name}: {error}") from None
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_only}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": 0})
     elif device == "cuda":
         kwargs["device_map"] = {"": 0}
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
         llava = LlavaForConditionalGeneration.from_pretrained(name, **kwargs)
     except Exception as error:  # offline without a cache, unknown repo, not a LLaVA, bitsandbytes missing
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mugstan_chat import video as V
+from mugstan_chat.video import backends
 from mugstan_chat.synthetic import make_synthetic_videos
 
 FAST = {"preset": "ultrafast", "threads": "1"}
@@ -118,7 +119,8 @@ def test_clip_count_from_max_seconds():
 # --------------------------------------------------------------------------- #
 def test_probe_metadata(good_video):
     info = V.probe_video(good_video)
-    assert info == V.VideoInfo(num_frames=120, fps=24.0, duration=5.0, width=64, height=64)
+    assert info == V.VideoInfo(num_frames=120, fps=24.0, duration=5.0, width=64, height=64, rotation=0,
+                               container="mov,mp4,m4a,3gp,3g2,mj2")
     with pytest.raises(Exception):
         info.fps = 1  # frozen
 
@@ -277,8 +279,8 @@ def hanging_decord(monkeypatch):
         release.wait(30)
         raise RuntimeError("released")
 
-    monkeypatch.setattr(V, "_decord_read", hang)
-    monkeypatch.setattr(V, "decord_available", lambda: True)
+    monkeypatch.setattr(backends, "_decord_read", hang)
+    monkeypatch.setattr(backends, "decord_available", lambda: True)
     yield
     release.set()
 
@@ -299,8 +301,8 @@ def test_decord_failing_mid_read_falls_back(monkeypatch, good_video, caplog):
         progress.tick()
         raise RuntimeError("decoder exploded mid-read")
 
-    monkeypatch.setattr(V, "_decord_read", broken)
-    monkeypatch.setattr(V, "decord_available", lambda: True)
+    monkeypatch.setattr(backends, "_decord_read", broken)
+    monkeypatch.setattr(backends, "decord_available", lambda: True)
     caplog.set_level(logging.DEBUG, logger="mugstan_chat.video")
     expected = V.read_frames(good_video, [7, 70], backend="pyav")
     assert np.array_equal(V.read_frames(good_video, [7, 70]), expected)

@@ -1,0 +1,61 @@
+"""Defaults and allowed ranges of the user-facing settings: one source for the CLI and the web app.
+
+The command line (``mugstan-chat``, ``app.py``) checks its flags against these
+ranges in argparse, before any model loads, and the web page builds its sliders
+from the same numbers, so a value accepted at startup is never refused by the
+page. Importing this module imports neither torch nor transformers, so
+``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed interval [low, high] of an integer or float setting.
+
+    ``step`` is the web slider's step; ``parse`` is an argparse ``type=``.
+    """
+
+    name: str
+    low: float
+    high: float
+    integer: bool = False
+    step: float = 1.0
+
+    def check(self, value: float) -> float:
+        """``value`` if it lies in the range (finite), else ValueError naming the setting."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.name} must be a finite number, got {value}")
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{self.name} must lie in [{self.low:g}, {self.high:g}], got {value:g}")
+        return value
+
+    def parse(self, text: str) -> float:
+        """argparse type: a number in range, else an ArgumentTypeError (usage error, exit 2)."""
+        try:
+            value = int(text) if self.integer else float(text)
+        except ValueError:
+            kind = "an integer" if self.integer else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind} in [{self.low:g}, {self.high:g}], got {text!r}") from None
+        try:
+            return self.check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).replace(f"{self.name} must", "must", 1)) from None
+
+
+# STAN's temporal position table has 64 rows (stan.py, StanConfig.max_frames).
+FRAMES = Range("frames", 1, 64, integer=True)
+# Each clip fills one <image> of the prompt (576 tokens at 336 px): 8 already exceed LLaVA-1.5's 4096.
+CLIPS = Range("clips", 1, 8, integer=True)
+# LLaVA-1.5's whole context; the session clips it further to what the prompt leaves.
+MAX_NEW_TOKENS = Range("max_new_tokens", 1, 4096, integer=True)
+TEMPERATURE = Range("temperature", 0.0, 2.0, step=0.05)  # 0 = greedy
+TOP_P = Range("top_p", 0.01, 1.0, step=0.01)  # 0 would keep no token
+REPETITION_PENALTY = Range("repetition_penalty", 0.1, 10.0, step=0.05)  # 1 = off
