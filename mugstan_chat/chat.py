@@ -239,18 +239,26 @@ class ChatSession:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         return messages
 
-    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
-        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+    def prompt_text(self, question: str) -> str:
+        """The prompt as text, each ``<image>`` expanded to one clip's placeholder tokens.
+
+        Scorers that append a continuation (an option's letter or text) tokenise
+        ``prompt_text(q) + continuation`` against it; :meth:`build_prompt` tokenises it alone.
+        """
         self.prepare()
         processor = self.chat_model.processor
-        tokenizer = processor.tokenizer
         text = processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
         image_token = processor.image_token
         if text.count(image_token) != self.clips:
             raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
                              f"for {self.clips} clips")
         per_clip = self._video.features[0].shape[0]
-        text = text.replace(image_token, image_token * per_clip)
+        return text.replace(image_token, image_token * per_clip)
+
+    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+        text = self.prompt_text(question)
+        tokenizer = self.chat_model.processor.tokenizer
         # like the processor: no extra BOS when the template already starts with one
         add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
