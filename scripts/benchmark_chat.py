@@ -44,9 +44,9 @@ import torch  # noqa: E402
 from transformers import StoppingCriteriaList, TextIteratorStreamer  # noqa: E402
 
 from mugstan_chat.chat import ChatSession, GenerationSettings  # noqa: E402
+from mugstan_chat.evaluation.modes import MODES, session_shape  # noqa: E402  (the library's three modes)
 from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model  # noqa: E402
 
-MODES = ("stan", "mean", "concat")
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
 FILLER = "tell me what happens in the video and describe the scene".split()
@@ -159,11 +159,10 @@ class FixedLength(GenerationSettings):
 def session_for(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int) -> ChatSession:
     """A fresh, unprepared session feeding the video the way ``mode`` does ("image": T=1 reference)."""
     generation = FixedLength(max_new_tokens=new_tokens)
-    if mode in ("concat", "image"):  # T clips of one frame each = T images through the tower's image path
-        return ChatSession(chat_model, video, frames=1, clips=frames, temporal="mean", generation=generation,
-                           prepare=False)
-    return ChatSession(chat_model, video, frames=frames, clips=1, temporal=mode, generation=generation,
-                       prepare=False)
+    # "image" is concat of T=1: one frame as one image through the tower's image path
+    shape = session_shape("concat" if mode == "image" else mode, frames)
+    return ChatSession(chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
+                       generation=generation, prepare=False)
 
 
 # ---------------------------------------------------------------------------------------- timing

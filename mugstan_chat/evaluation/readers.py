@@ -18,7 +18,9 @@ nextqa         CSV ``video,frame_count,width,height,question,answer,qid,type,a0.
 egoschema      ``questions.json`` list of ``{"q_uid", "question", "option 0".."option 4"}``,
                answers from ``subset_answers.json`` beside it (``{q_uid: index}``)
 perceptiontest ``{video_id: {"metadata": {...}, "mc_question": [{"id", "question",
-               "options", "answer_id", "area", ...}]}}`` (``mc_question_valid.json``)
+               "options", "answer_id", "area", ...}]}}`` (``mc_question_valid.json``), or
+               lmms-lab/PerceptionTest_Val rows ``{"video_name", "question_id", "question",
+               "options", "answer_id", "area", ...}`` exported to JSON/JSONL
 plain          ``{"id", "video", "question", "options": [...], "answer"}``, answer a letter,
                a 0-based index or the right option's text; optional ``task``, ``start``, ``end``
 ============== ============================================================================
@@ -156,6 +158,8 @@ def detect_layout(data) -> str:
         return "egoschema"
     if {"videoID", "question_id", "options", "answer"} <= keys:
         return "videomme"
+    if {"video_name", "question_id", "options", "answer_id"} <= keys:
+        return "perceptiontest_flat"
     if {"a0", "a1", "qid", "video", "answer"} <= keys:
         return "nextqa"
     if {"candidates", "answer", "video", "question"} <= keys:
@@ -303,6 +307,19 @@ def read_perceptiontest(path: Path, data: dict) -> Iterable[Question]:
                 extra={k: rec[k] for k in ("reasoning", "tag") if k in rec})
 
 
+def read_perceptiontest_flat(path: Path, data: list) -> Iterable[Question]:
+    """lmms-lab/PerceptionTest_Val's rows (answer_id stored as a string), exported to JSON/JSONL."""
+    for rec in data:
+        options = tuple(str(o) for o in rec["options"])
+        video_id = str(rec["video_name"])
+        qid = f"{video_id}/{rec['question_id']}"
+        yield Question(
+            id=qid, videos=(f"{video_id}.mp4", f"videos/{video_id}.mp4"), question=str(rec["question"]),
+            options=options, answer=_answer_index(int(rec["answer_id"]), options, qid),
+            task=str(rec.get("area") or "perceptiontest"), layout="perceptiontest",
+            extra={k: rec[k] for k in ("reasoning", "tag") if k in rec})
+
+
 def read_plain(path: Path, data: list) -> Iterable[Question]:
     for i, rec in enumerate(data):
         options = tuple(str(o) for o in rec["options"])
@@ -317,7 +334,8 @@ def read_plain(path: Path, data: list) -> Iterable[Question]:
 
 READERS: dict[str, Callable[[Path, object], Iterable[Question]]] = {
     "mvbench": read_mvbench, "videomme": read_videomme, "nextqa": read_nextqa,
-    "egoschema": read_egoschema, "perceptiontest": read_perceptiontest, "plain": read_plain,
+    "egoschema": read_egoschema, "perceptiontest": read_perceptiontest,
+    "perceptiontest_flat": read_perceptiontest_flat, "plain": read_plain,
 }
 
 
