@@ -181,6 +181,7 @@ class EvalRun:
         done = {(r["id"], r["mode"]) for r in self.records}
         groups = group_by_video(self.questions, self.videos)
         todo = sum(1 for q in self.questions for m in self.settings.modes if (q.id, m) not in done)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=todo, unit="q", desc="eval", disable=not self.progress, dynamic_ncols=True)
         try:
             with open(self.out_dir / PREDICTIONS, "a", encoding="utf-8") as sink:

@@ -154,7 +154,8 @@ def parse_choice(answer: str, question: Question) -> int | None:
 
     Rule: (1) after dropping a leading "The (best|correct) answer/option is", the first option
     letter standing alone (not inside a word: "B", "(B)", "B.", "B)") wins; (2) otherwise, if
-    exactly one option's text occurs in the answer (case-insensitive), that option; (3) else None,
+    exactly one option's text occurs in the answer as whole words (case-insensitive), that option;
+    (3) else None,
     which counts as wrong. A leading article "A" is read as option A, as in the peers' parsers.
     """
     text = _PREFIXES.sub("", answer.strip(), count=1)
@@ -162,8 +163,8 @@ def parse_choice(answer: str, question: Question) -> int | None:
     match = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
     if match:
         return letters.index(match.group(1))
-    lowered = answer.lower()
-    hits = [i for i, option in enumerate(question.options) if option.strip() and option.strip().lower() in lowered]
+    hits = [i for i, option in enumerate(question.options) if option.strip() and re.search(
+        rf"(?<![A-Za-z0-9]){re.escape(option.strip())}(?![A-Za-z0-9])", answer, re.IGNORECASE)]
     return hits[0] if len(hits) == 1 else None
 
 
