@@ -320,3 +320,13 @@ def test_cli_eval_checks_arguments_before_loading_the_model(synthetic_set, tmp_p
         code = exit_.code
     assert code in (1, 2)
     assert message in capsys.readouterr().err
+
+
+def test_prompt_text_is_what_build_prompt_tokenises(chat_model, synthetic_set):
+    """The ChatSession.prompt_text hook: build_prompt is exactly its tokenisation (one BOS)."""
+    _, root = synthetic_set
+    session = ChatSession(chat_model, root / "pair0000_b.mp4", frames=FRAMES, clips=2)
+    text = session.prompt_text("what happens ?")
+    ids = session.build_prompt("what happens ?")["input_ids"][0].tolist()
+    assert text.count(chat_model.processor.image_token) == session.visual_tokens == 2 * 16
+    assert ids == chat_model.processor.tokenizer(text)["input_ids"] and ids.count(ids[0]) == 1
