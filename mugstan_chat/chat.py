@@ -132,6 +132,9 @@ class ChatSession:
         start, end: optional time window of the video, in seconds.
         limits: :class:`video.VideoLimits` the video must satisfy (default: the module's defaults).
         prepare: decode and encode the video now (else on the first question).
+        frames_as_images: give LLaVA every decoded frame as its own image (C x T ``<image>``
+            entries, plain CLIP per frame: the frame-concatenation baseline) instead of one
+            image's worth per clip; the frames are the same C x T the clips would use.
 
     Raises (when preparing):
         video.VideoDecodeError: missing or undecodable video (the message names the file).
@@ -140,13 +143,15 @@ class ChatSession:
     def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
-                 limits: VideoLimits | None = None, prepare: bool = True):
+                 limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.frames = frames or chat_model.settings.frames
         self.clips = clips or chat_model.settings.clips
         if self.frames < 1 or self.clips < 1:
             raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        self.frames_as_images = frames_as_images
+        self.images = self.clips * self.frames if frames_as_images else self.clips  # <image> entries
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -193,6 +198,8 @@ class ChatSession:
         clips, info, indices = load_video_clips(
             self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start, end=end,
             limits=self.limits, image_processor=processor.image_processor)  # (C, T, 3, H, W)
+        if self.frames_as_images:
+            clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W): every frame one image
         t1 = time.perf_counter()
         tower = self.chat_model.tower
         with torch.inference_mode():
@@ -233,7 +240,7 @@ class ChatSession:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         turns = self.history + ([(question, None)] if question is not None else [])
         for i, (q, a) in enumerate(turns):
-            content = [{"type": "image"} for _ in range(self.clips)] if i == 0 else []
+            content = [{"type": "image"} for _ in range(self.images)] if i == 0 else []
             messages.append({"role": "user", "content": content + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
@@ -249,9 +256,9 @@ class ChatSession:
         processor = self.chat_model.processor
         text = processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
         image_token = processor.image_token
-        if text.count(image_token) != self.clips:
+        if text.count(image_token) != self.images:
             raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
-                             f"for {self.clips} clips")
+                             f"for {self.images} images")
         per_clip = self._video.features[0].shape[0]
         return text.replace(image_token, image_token * per_clip)
 

@@ -330,3 +330,30 @@ def test_prompt_text_is_what_build_prompt_tokenises(chat_model, synthetic_set):
     ids = session.build_prompt("what happens ?")["input_ids"][0].tolist()
     assert text.count(chat_model.processor.image_token) == session.visual_tokens == 2 * 16
     assert ids == chat_model.processor.tokenizer(text)["input_ids"] and ids.count(ids[0]) == 1
+
+
+@pytest.mark.parametrize("frames, clips", [(5, 1), (3, 2), (8, 1)])
+def test_every_mode_reads_the_same_frames(chat_model, synthetic_set, frames, clips):
+    """24-frame videos: T = 5 does not divide them, where sampling T one-frame clips would pick other
+    frames than one T-frame clip; concat must see exactly the stan/mean frames, one image each."""
+    _, root = synthetic_set
+    seen = {}
+    for mode in ("stan", "mean", "concat"):
+        shape = session_shape(mode, frames, clips)
+        session = ChatSession(chat_model, root / "pair0001_a.mp4", frames=shape.frames, clips=shape.clips,
+                              temporal=shape.temporal, frames_as_images=shape.frames_as_images)
+        seen[mode] = session.frame_indices
+        images = session.prompt_text("?").count(chat_model.processor.image_token) // 16
+        assert images == (frames * clips if mode == "concat" else clips)
+        assert session.visual_tokens == images * 16
+    assert seen["stan"] == seen["mean"] == seen["concat"]
+
+
+def test_a_mode_over_the_context_is_refused_before_any_video_is_read(chat_model, tmp_path):
+    """The demo context is 2048 tokens and an image 16: concat at 128 frames needs 2048."""
+    question = _question(["left", "right"])
+    settings = EvalSettings(modes=["mean", "concat"], frames=128, answer_format="text")
+    with pytest.raises(ValueError, match="'concat' at --frames 128 --clips 1 needs 2048 visual tokens"):
+        EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"}, settings, tmp_path / "o")
+    EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"},
+            EvalSettings(modes=["concat"], frames=127, answer_format="text"), tmp_path / "o")  # 2032 fits

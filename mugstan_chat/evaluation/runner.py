@@ -156,6 +156,7 @@ class EvalRun:
         missing = [m for m in settings.modes if session_shape(m, 1).temporal not in chat_model.tower.available_modes]
         if missing:
             raise ValueError(f"mode(s) {', '.join(missing)} need a STAN branch, and this model has none")
+        self._check_context(chat_model, settings)
         self.chat_model = chat_model
         self.questions = questions
         self.videos = videos
@@ -166,11 +167,26 @@ class EvalRun:
         self.progress = progress
         self.encodes = {mode: 0 for mode in settings.modes}  # videos decoded + encoded, per mode
 
+    @staticmethod
+    def _check_context(chat_model, settings: EvalSettings) -> None:
+        """Refuses, before any video is read, a mode whose visual tokens alone fill the context
+        (concat on LLaVA-1.5: 576 per frame against 4096, so T <= 6 frames)."""
+        config = chat_model.model.config
+        per_image = chat_model.tower.tokens_per_clip - (config.vision_feature_select_strategy == "default")
+        for mode in settings.modes:
+            shape = session_shape(mode, settings.frames, settings.clips)
+            images = shape.clips * shape.frames if shape.frames_as_images else shape.clips
+            if images * per_image >= chat_model.context_length:
+                raise ValueError(f"mode {mode!r} at --frames {settings.frames} --clips {settings.clips} needs "
+                                 f"{images * per_image} visual tokens, more than the model's context of "
+                                 f"{chat_model.context_length}; use fewer frames or leave {mode!r} out")
+
     def _session(self, video: str, start, end, mode: str):
         from ..chat import ChatSession, GenerationSettings
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
         return ChatSession(self.chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
+                           frames_as_images=shape.frames_as_images,
                            generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
                            start=start, end=end, limits=self.limits, prepare=False)
 
