@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from .loader import ChatModel
-from .video import VideoLimits, load_video_clips
+from .video import VideoClips, VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -188,16 +188,25 @@ class ChatSession:
     def frame_indices(self) -> list[list[int]]:
         return [] if self._video is None else self._video.indices
 
-    def prepare(self) -> bool:
-        """Decodes and encodes the video unless already done; True if work was done now."""
+    def prepare(self, decoded: VideoClips | None = None) -> bool:
+        """Decodes and encodes the video unless already done; True if work was done now.
+
+        ``decoded``: this video's clips already decoded (``load_video_clips`` with this session's
+        frames, clips and window), so sessions over the same frames share one decode.
+        """
         if self._video is not None:
             return False
         processor, model = self.chat_model.processor, self.chat_model.model
         t0 = time.perf_counter()
         start, end = self.window
-        clips, info, indices = load_video_clips(
-            self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start, end=end,
-            limits=self.limits, image_processor=processor.image_processor)  # (C, T, 3, H, W)
+        if decoded is None:
+            decoded = load_video_clips(
+                self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
+                end=end, limits=self.limits, image_processor=processor.image_processor)
+        clips, info, indices = decoded  # (C, T, 3, H, W)
+        if tuple(clips.shape[:2]) != (self.clips, self.frames):
+            raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
+                             f"{self.clips} clips x {self.frames} frames")
         if self.frames_as_images:
             clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W): every frame one image
         t1 = time.perf_counter()

@@ -146,7 +146,7 @@ def _run(chat_model, questions, videos, out, modes=("stan", "mean", "concat"), d
     return run, run.run()
 
 
-def test_features_are_computed_once_per_video_and_mode(chat_model, tmp_path):
+def test_features_are_computed_once_per_video_and_mode(chat_model, tmp_path, monkeypatch):
     made = make_synthetic_videos(tmp_path / "v", num=2, seed=5, size=32, frames=8)
     rows = [{"id": f"{i}-{k}", "video": path.name, "question": f"question {k}?", "options": ["left", "right"],
              "answer": k % 2} for i, (path, _) in enumerate(made) for k in range(3)]
@@ -154,15 +154,22 @@ def test_features_are_computed_once_per_video_and_mode(chat_model, tmp_path):
     questions = read_questions([tmp_path / "q.json"])
     videos = resolve_videos(questions, tmp_path / "v")
     calls = chat_model.tower.calls
+
+    def session_decoding(*args, **kwargs):
+        raise AssertionError("sessions must encode the frames the run decoded, not decode again")
+
+    monkeypatch.setattr("mugstan_chat.chat.load_video_clips", session_decoding)
     run, summary = _run(chat_model, questions, videos, tmp_path / "out")
+    assert run.decodes == 2  # each video decoded once, for all three modes (they read the same frames)
     assert run.encodes == {"stan": 2, "mean": 2, "concat": 2}  # 2 videos x 3 modes, 3 questions each
     assert chat_model.tower.calls - calls == 6  # the tower ran once per (video, mode), never per question
     records = read_predictions(tmp_path / "out" / PREDICTIONS)
     assert len(records) == 18 and {r["mode"] for r in records} == {"stan", "mean", "concat"}
     by_mode = {m: {r["visual_tokens"] for r in records if r["mode"] == m} for m in ("stan", "mean", "concat")}
     assert by_mode == {"stan": {16}, "mean": {16}, "concat": {16 * FRAMES}}  # one image's worth vs T images
-    # each video's decode + encode is charged to its first question in that mode only
-    assert sum(1 for r in records if r["timings_ms"]["video"] > 0) == 6
+    # decode is charged once per video, encode once per video and mode, to their first question
+    assert sum(1 for r in records if r["timings_ms"]["decode"] > 0) == 2
+    assert sum(1 for r in records if r["timings_ms"]["encode"] > 0) == 6
     assert summary["modes"]["concat"]["visual_tokens_per_question"] == 16 * FRAMES
 
 
@@ -248,7 +255,8 @@ def test_summary_groups_by_mode_and_task_and_pairs_modes():
     for i, q in enumerate(questions):
         for mode, correct in (("stan", True), ("mean", i % 2 == 0)):
             records.append({"id": q.id, "mode": mode, "task": q.task, "correct": correct, "chosen": 0,
-                            "visual_tokens": 576, "timings_ms": {"video": 0.0, "score": 1.0, "total": 1.0}})
+                            "visual_tokens": 576,
+                            "timings_ms": {"decode": 0.0, "encode": 0.0, "score": 1.0, "total": 1.0}})
     summary = summarize(records, questions, ["stan", "mean"], resamples=100)
     assert summary["modes"]["stan"]["accuracy"] == 1.0 and summary["modes"]["mean"]["accuracy"] == 0.5
     assert summary["modes"]["mean"]["tasks"] == {
@@ -357,3 +365,20 @@ def test_a_mode_over_the_context_is_refused_before_any_video_is_read(chat_model,
         EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"}, settings, tmp_path / "o")
     EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"},
             EvalSettings(modes=["concat"], frames=127, answer_format="text"), tmp_path / "o")  # 2032 fits
+
+
+def test_prepare_with_decoded_clips_equals_decoding_itself(chat_model, synthetic_set):
+    """The ChatSession.prepare(decoded) hook: the same features as a session that decodes; a
+    decode of another shape is refused."""
+    from mugstan_chat.video import load_video_clips
+
+    _, root = synthetic_set
+    video = root / "pair0000_a.mp4"
+    decoded = load_video_clips(video, frames_per_clip=4, num_clips=1, mode="eval",
+                               image_processor=chat_model.processor.image_processor)
+    own = ChatSession(chat_model, video, frames=4)
+    shared = ChatSession(chat_model, video, frames=4, prepare=False)
+    assert shared.prepare(decoded) and not shared.prepare(decoded)
+    assert torch.equal(own.features[0], shared.features[0]) and own.frame_indices == shared.frame_indices
+    with pytest.raises(ValueError, match="decoded clips of shape"):
+        ChatSession(chat_model, video, frames=3, prepare=False).prepare(decoded)

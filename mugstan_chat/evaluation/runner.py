@@ -1,8 +1,8 @@
 """The evaluation loop: every question in every mode, video features computed once per video and mode.
 
-Questions are grouped by video (and time window); for each group and mode one
-:class:`mugstan_chat.chat.ChatSession` decodes and encodes the video once, and all the group's
-questions are scored on its cached features. Each result is appended to ``predictions.jsonl``
+Questions are grouped by video (and time window). Each video's C x T frames are decoded once
+(every mode reads the same frames); for each mode one :class:`mugstan_chat.chat.ChatSession`
+encodes them once, and all the group's questions are scored on its cached features. Each result is appended to ``predictions.jsonl``
 as soon as it exists (one JSON object per line, flushed), so a killed run loses at most the
 question in flight; ``resume`` skips the (question, mode) pairs already there. ``run.json`` holds
 the settings a resumed run must share.
@@ -11,8 +11,10 @@ Output folder::
 
     run.json            settings of the run (checked on --resume)
     predictions.jsonl   one line per (question, mode): id, mode, task, answer, chosen, correct,
-                        option scores, tokens, timings (video = decode + encode, on the
-                        video's first question in that mode; score = prompt + scoring)
+                        option scores, tokens, timings (decode: the video's frames, once for
+                        all modes, on the first mode's first question of the video; encode: tower +
+                        projector, on each mode's first question of the video; score: prompt +
+                        scoring; total = encode + score, the part that differs between modes)
     summary.json        accuracy per mode and task with 95% bootstrap intervals (:mod:`.summary`)
 """
 
@@ -165,7 +167,8 @@ class EvalRun:
         self.records = list(done or [])
         self.limits = limits
         self.progress = progress
-        self.encodes = {mode: 0 for mode in settings.modes}  # videos decoded + encoded, per mode
+        self.decodes = 0  # videos decoded (once each, shared by the modes)
+        self.encodes = {mode: 0 for mode in settings.modes}  # videos encoded, per mode
 
     @staticmethod
     def _check_context(chat_model, settings: EvalSettings) -> None:
@@ -202,25 +205,41 @@ class EvalRun:
         try:
             with open(self.out_dir / PREDICTIONS, "a", encoding="utf-8") as sink:
                 for (video, start, end), group in groups.items():
+                    pending = {m: [q for q in group if (q.id, m) not in done] for m in self.settings.modes}
+                    if not any(pending.values()):
+                        continue
+                    decoded, decode_ms = self._decode(video, start, end)  # once for every mode
                     for mode in self.settings.modes:
-                        pending = [q for q in group if (q.id, mode) not in done]
-                        if pending:
-                            self._score_group(video, start, end, mode, pending, sink, bar)
+                        if pending[mode]:
+                            self._score_group(video, start, end, mode, pending[mode], decoded, decode_ms, sink, bar)
+                            decode_ms = 0.0  # charged once, to the first mode that ran
         finally:
             bar.close()
         summary = self.summary()
         (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
 
-    def _score_group(self, video: str, start, end, mode: str, pending: list[Question], sink, bar) -> None:
+    def _decode(self, video: str, start, end):
+        """The video's C x T frames, decoded once and shared by every mode (they read the same frames)."""
+        from ..video import load_video_clips
+
+        started = time.perf_counter()
+        decoded = load_video_clips(video, frames_per_clip=self.settings.frames, num_clips=self.settings.clips,
+                                   mode="eval", start=start, end=end, limits=self.limits,
+                                   image_processor=self.chat_model.processor.image_processor)
+        self.decodes += 1
+        return decoded, (time.perf_counter() - started) * 1000
+
+    def _score_group(self, video: str, start, end, mode: str, pending: list[Question], decoded, decode_ms: float,
+                     sink, bar) -> None:
         session = self._session(video, start, end, mode)
         started = time.perf_counter()
-        session.prepare()  # decode + encode once; every question below reuses the features
-        video_ms = (time.perf_counter() - started) * 1000
+        session.prepare(decoded)  # encode once; every question below reuses the features
+        encode_ms = (time.perf_counter() - started) * 1000
         self.encodes[mode] += 1
         for i, q in enumerate(pending):
             score = score_question(session, q, self.settings.scoring, self.settings.answer_format)
-            video_cost = video_ms if i == 0 else 0.0  # the video's cost goes with its first question
+            decode, encode = (decode_ms, encode_ms) if i == 0 else (0.0, 0.0)  # with the video's first question
             record = {
                 "id": q.id, "mode": mode, "task": q.task, "layout": q.layout, "video": video,
                 "start": q.start, "end": q.end, "num_options": len(q.options), "answer": q.answer,
@@ -228,8 +247,8 @@ class EvalRun:
                 "option_scores": score.option_scores, "option_tokens": score.option_tokens,
                 "answer_text": score.answer_text, "prompt_tokens": score.prompt_tokens,
                 "visual_tokens": session.visual_tokens,
-                "timings_ms": {"video": round(video_cost, 3), "score": round(score.score_ms, 3),
-                               "total": round(video_cost + score.score_ms, 3)},
+                "timings_ms": {"decode": round(decode, 3), "encode": round(encode, 3),
+                               "score": round(score.score_ms, 3), "total": round(encode + score.score_ms, 3)},
             }
             sink.write(json.dumps(record) + "\n")
             sink.flush()
