@@ -382,3 +382,23 @@ def test_prepare_with_decoded_clips_equals_decoding_itself(chat_model, synthetic
     assert torch.equal(own.features[0], shared.features[0]) and own.frame_indices == shared.frame_indices
     with pytest.raises(ValueError, match="decoded clips of shape"):
         ChatSession(chat_model, video, frames=3, prepare=False).prepare(decoded)
+
+
+def test_an_undecodable_video_stops_the_run_with_one_line_and_resume_continues(synthetic_set, tmp_path, capsys):
+    questions_file, root = synthetic_set
+    rows = [json.loads(line) for line in questions_file.read_text().splitlines()][:2]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / rows[0]["video"]).write_bytes((root / rows[0]["video"]).read_bytes())
+    (videos / rows[1]["video"]).write_bytes(b"not a video at all")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    argv = ["eval", str(questions), "--video-root", str(videos), "--demo", "--answer-format", "text",
+            "--frames", str(FRAMES), "--out", str(tmp_path / "out"), "--no-progress", "--modes", "mean"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rows[1]["video"] in err[-1] and err[-1].startswith("mugstan-chat: error:")
+    assert len(read_predictions(tmp_path / "out" / PREDICTIONS)) == 1  # the first video's result is kept
+    (videos / rows[1]["video"]).write_bytes((root / rows[1]["video"]).read_bytes())
+    assert main(argv + ["--resume"]) == 0
+    assert len(read_predictions(tmp_path / "out" / PREDICTIONS)) == 2
