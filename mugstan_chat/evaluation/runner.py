@@ -2,9 +2,9 @@
 
 Questions are grouped by video (and time window). Each video's C x T frames are decoded once
 (every mode reads the same frames); for each mode one :class:`mugstan_chat.chat.ChatSession`
-encodes them once, and all the group's questions are scored on its cached features. Each result is appended to ``predictions.jsonl``
-as soon as it exists (one JSON object per line, flushed), so a killed run loses at most the
-question in flight; ``resume`` skips the (question, mode) pairs already there. ``run.json`` holds
+encodes them once, and all the group's questions are scored on its cached features. Each
+result is appended to ``predictions.jsonl`` as soon as it exists (one JSON object per line,
+flushed), so a killed run loses at most the question in flight; ``resume`` skips the (question, mode) pairs already there. ``run.json`` holds
 the settings a resumed run must share.
 
 Output folder::

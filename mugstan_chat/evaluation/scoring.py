@@ -116,8 +116,8 @@ def score_likelihood(session, question: Question, answer_format: str = "letter")
                          f"model's context of {chat_model.context_length} tokens")
     device = chat_model.device
     ids = torch.tensor([context], device=device)  # (1, P)
-    out = chat_model.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs=_cached_features(session),
-                           use_cache=True, logits_to_keep=1)
+    out = chat_model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                           mm_encoder_outputs=_cached_features(session))
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
     scores, lengths = [], []
     for cont in conts:
