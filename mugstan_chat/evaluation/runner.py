@@ -246,7 +246,7 @@ class EvalRun:
                 "chosen": score.chosen, "correct": score.chosen == q.answer,
                 "option_scores": score.option_scores, "option_tokens": score.option_tokens,
                 "answer_text": score.answer_text, "prompt_tokens": score.prompt_tokens,
-                "visual_tokens": session.visual_tokens,
+                "visual_tokens": session.visual_tokens, **({"extra": q.extra} if q.extra else {}),
                 "timings_ms": {"decode": round(decode, 3), "encode": round(encode, 3),
                                "score": round(score.score_ms, 3), "total": round(encode + score.score_ms, 3)},
             }

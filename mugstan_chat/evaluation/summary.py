@@ -3,8 +3,9 @@
 The summary is a pure function of the records and the question list: a run resumed after a kill
 gives the same numbers as an uninterrupted one (wall-clock timings aside, kept under ``timing``).
 Intervals are percentile bootstrap intervals over questions (resampled with replacement,
-``resamples`` times, NumPy ``default_rng(seed)``); the same resampled question sets serve every
-mode, so the paired differences between modes (``comparisons``) get their own intervals.
+``resamples`` times, NumPy ``default_rng`` seeded by ``seed`` and the group's name). The
+differences between two modes (``comparisons``) are a paired bootstrap: each resample draws one
+set of questions for both modes, i.e. it resamples the per-question differences.
 """
 
 from __future__ import annotations
