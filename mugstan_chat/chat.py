@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from .loader import ChatModel
-from .video import VideoLimits, load_video_clips
+from .video import VideoClips, VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,9 @@ class ChatSession:
         start, end: optional time window of the video, in seconds.
         limits: :class:`video.VideoLimits` the video must satisfy (default: the module's defaults).
         prepare: decode and encode the video now (else on the first question).
+        frames_as_images: give LLaVA every decoded frame as its own image (C x T ``<image>``
+            entries, plain CLIP per frame: the frame-concatenation baseline) instead of one
+            image's worth per clip; the frames are the same C x T the clips would use.
 
     Raises (when preparing):
         video.VideoDecodeError: missing or undecodable video (the message names the file).
@@ -151,13 +154,15 @@ class ChatSession:
     def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
-                 limits: VideoLimits | None = None, prepare: bool = True):
+                 limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.frames = frames or chat_model.settings.frames
         self.clips = clips or chat_model.settings.clips
         if self.frames < 1 or self.clips < 1:
             raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        self.frames_as_images = frames_as_images
+        self.images = self.clips * self.frames if frames_as_images else self.clips  # <image> entries
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -200,16 +205,27 @@ class ChatSession:
     def frame_indices(self) -> list[list[int]]:
         return [] if self._video is None else self._video.indices
 
-    def prepare(self) -> bool:
-        """Decodes and encodes the video unless already done; True if work was done now."""
+    def prepare(self, decoded: VideoClips | None = None) -> bool:
+        """Decodes and encodes the video unless already done; True if work was done now.
+
+        ``decoded``: this video's clips already decoded (``load_video_clips`` with this session's
+        frames, clips and window), so sessions over the same frames share one decode.
+        """
         if self._video is not None:
             return False
         processor, model = self.chat_model.processor, self.chat_model.model
         t0 = time.perf_counter()
         start, end = self.window
-        clips, info, indices = load_video_clips(
-            self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start, end=end,
-            limits=self.limits, image_processor=processor.image_processor)  # (C, T, 3, H, W)
+        if decoded is None:
+            decoded = load_video_clips(
+                self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
+                end=end, limits=self.limits, image_processor=processor.image_processor)
+        clips, info, indices = decoded  # (C, T, 3, H, W)
+        if tuple(clips.shape[:2]) != (self.clips, self.frames):
+            raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
+                             f"{self.clips} clips x {self.frames} frames")
+        if self.frames_as_images:
+            clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W): every frame one image
         t1 = time.perf_counter()
         tower = self.chat_model.tower
         with torch.inference_mode():
@@ -251,25 +267,33 @@ class ChatSession:
         turns = self.history + ([(question, None)] if question is not None else [])
         image_token = getattr(self.chat_model.processor, "image_token", "<image>")
         for i, (q, a) in enumerate(turns):
-            content = [{"type": "image"} for _ in range(self.clips)] if i == 0 else []
+            content = [{"type": "image"} for _ in range(self.images)] if i == 0 else []
             text = neutralise_image_token(q, image_token)  # the user's text never becomes a placeholder
             messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         return messages
 
-    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
-        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+    def prompt_text(self, question: str) -> str:
+        """The prompt as text, each ``<image>`` expanded to one clip's placeholder tokens.
+
+        Scorers that append a continuation (an option's letter or text) tokenise
+        ``prompt_text(q) + continuation`` against it; :meth:`build_prompt` tokenises it alone.
+        """
         self.prepare()
         processor = self.chat_model.processor
-        tokenizer = processor.tokenizer
         text = processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
         image_token = processor.image_token
-        if text.count(image_token) != self.clips:
+        if text.count(image_token) != self.images:
             raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
-                             f"for {self.clips} clips")
+                             f"for {self.images} images")
         per_clip = self._video.features[0].shape[0]
-        text = text.replace(image_token, image_token * per_clip)
+        return text.replace(image_token, image_token * per_clip)
+
+    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+        text = self.prompt_text(question)
+        tokenizer = self.chat_model.processor.tokenizer
         # like the processor: no extra BOS when the template already starts with one
         add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")

@@ -6,6 +6,7 @@ Usage::
     mugstan-chat ask VIDEO "what happens?" --temporal mean        # no branch: training-free baseline
     mugstan-chat ask VIDEO "what happens?" --demo --json          # offline toy model, one JSON object
     mugstan-chat chat VIDEO --demo                                 # multi-turn; /reset, /exit
+    mugstan-chat eval QUESTIONS --video-root DIR --out DIR         # multiple-choice QA, stan/mean/concat
 
 Errors print one line to stderr and exit 1 (usage errors exit 2); ``--debug``
 shows the traceback.
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, settings, timings)")
     chat = commands.add_parser("chat", parents=[shared], help="multi-turn chat about a video (/reset, /exit)")
     chat.add_argument("video", help="video file")
+    from .evaluation.cli import add_eval_command
+
+    add_eval_command(commands, shared)  # multiple-choice video QA: docs/evaluation.md
     return parser
 
 
@@ -263,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ask":
             return _run_ask(args)
+        if args.command == "eval":
+            from .evaluation.cli import run_eval
+
+            return run_eval(args)
         return _run_chat(args)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)

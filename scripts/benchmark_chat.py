@@ -5,8 +5,9 @@ For T frames of one clip (default 8, 16, 32) and each way of feeding the video:
 * ``stan``: our video tower, L+1 tokens per clip (one image's worth), STAN fused at layer -2;
 * ``mean``: the same tower with the branch off (temporal mean of CLIP features, same tokens);
 * ``concat``: stock LLaVA with every frame as its own image (T x one image's tokens, T
-  ``<image>`` entries; the training-free frame-concatenation baseline). It runs as T clips of
-  one frame, which is exactly the tower's image path (plain CLIP per frame);
+  ``<image>`` entries; the training-free frame-concatenation baseline). The session decodes the
+  T frames of the clip and gives each to the tower as a one-frame clip, which is exactly the
+  tower's image path (plain CLIP per frame); the modes are defined in mugstan_chat.evaluation.modes;
 * ``image`` (reference, T=1): one frame as one image, stock LLaVA image chat. Its prompt has
   the same length as a ``stan``/``mean`` prompt, so it is the equal-length decoding reference.
 
@@ -44,9 +45,9 @@ import torch  # noqa: E402
 from transformers import StoppingCriteriaList, TextIteratorStreamer  # noqa: E402
 
 from mugstan_chat.chat import ChatSession, GenerationSettings  # noqa: E402
+from mugstan_chat.evaluation.modes import MODES, session_shape  # noqa: E402  (the library's three modes)
 from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model  # noqa: E402
 
-MODES = ("stan", "mean", "concat")
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
 FILLER = "tell me what happens in the video and describe the scene".split()
@@ -159,11 +160,10 @@ class FixedLength(GenerationSettings):
 def session_for(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int) -> ChatSession:
     """A fresh, unprepared session feeding the video the way ``mode`` does ("image": T=1 reference)."""
     generation = FixedLength(max_new_tokens=new_tokens)
-    if mode in ("concat", "image"):  # T clips of one frame each = T images through the tower's image path
-        return ChatSession(chat_model, video, frames=1, clips=frames, temporal="mean", generation=generation,
-                           prepare=False)
-    return ChatSession(chat_model, video, frames=frames, clips=1, temporal=mode, generation=generation,
-                       prepare=False)
+    # "image" is concat of T=1: one frame as one image through the tower's image path
+    shape = session_shape("concat" if mode == "image" else mode, frames)
+    return ChatSession(chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
+                       frames_as_images=shape.frames_as_images, generation=generation, prepare=False)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -328,6 +328,8 @@ def work_of(chat_model: ChatModel, video: Path, mode: str, frames: int) -> dict:
     session = session_for(chat_model, video, mode, frames, 1)
     clips = load_video_clips(video, frames_per_clip=session.frames, num_clips=session.clips, mode="eval",
                              image_processor=chat_model.processor.image_processor).clips  # (C, T, 3, H, W)
+    if session.frames_as_images:  # concat: every frame one image, as the session encodes them
+        clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W)
     pixels = clips.to(device=tower.device, dtype=tower.dtype)
     encode = count_flops(lambda: model.model.get_image_features(pixel_values=pixels, temporal_mode=session.temporal))
     session.prepare()

@@ -1,0 +1,13 @@
+"""Multiple-choice video QA: benchmark readers, option scoring, the stan / mean / concat comparison.
+
+``mugstan-chat eval`` (:mod:`.cli`) runs it; the pieces are:
+
+* :mod:`.readers`: MVBench, Video-MME, NExT-QA (MC), EgoSchema, Perception Test (MC) and the
+  plain layout, all read into the same :class:`.readers.Question` record;
+* :mod:`.modes`: the three ways of feeding a video to LLaVA (STAN tower, temporal mean,
+  frame concatenation), shared with ``scripts/benchmark_chat.py``;
+* :mod:`.scoring`: the prompt template and the likelihood / generate scorers;
+* :mod:`.runner`: the loop (features once per video and mode), the per-question JSONL, resume;
+* :mod:`.summary`: accuracy with bootstrap intervals, the markdown tables;
+* :mod:`.synthetic`: a small direction/order question set on the synthetic videos.
+"""

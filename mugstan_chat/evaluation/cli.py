@@ -1,0 +1,98 @@
+"""``mugstan-chat eval``: multiple-choice video QA, the temporal modes side by side.
+
+Usage::
+
+    mugstan-chat eval mvbench/json --video-root mvbench/video --stan BRANCH --out runs/eval/mvbench
+    mugstan-chat eval videomme.jsonl --video-root videomme --modes stan mean --out runs/eval/videomme
+    mugstan-chat eval questions.jsonl --video-root DIR --demo --answer-format text --out runs/eval/demo
+
+Everything given on the command line (question files, videos, output folder, modes against the
+branch) is checked before the model loads. The markdown summary goes to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .modes import MODES
+from .scoring import ANSWER_FORMATS, SCORINGS
+
+EVAL_MAX_NEW_TOKENS = 16  # generate scoring: room for "B" or "(B) the option text"
+
+
+def add_eval_command(commands, shared: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the ``eval`` subcommand (with the shared model/video options) to ``commands``."""
+    parser = commands.add_parser(
+        "eval", parents=[shared], help="multiple-choice video QA accuracy, stan / mean / concat side by side",
+        description="Multiple-choice video QA (MVBench, Video-MME, NExT-QA, EgoSchema, Perception Test, plain "
+                    "JSON) with the temporal modes compared on the same questions and frames. --temporal is "
+                    "ignored: --modes says what runs.")
+    parser.add_argument("questions", nargs="+", metavar="QUESTIONS",
+                        help="question files (.json, .jsonl, .csv) or folders of them; layout detected from the fields")
+    parser.add_argument("--video-root", required=True, metavar="DIR", help="folder the videos are found under")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="stan: STAN tower (needs --stan or --demo); mean: temporal mean; concat: every frame "
+                             "as its own image (default: all three)")
+    parser.add_argument("--scoring", choices=list(SCORINGS), default="likelihood",
+                        help="likelihood: log-probability of each option (default); generate: greedy answer, "
+                             "option letter parsed")
+    parser.add_argument("--answer-format", choices=list(ANSWER_FORMATS), default="letter",
+                        help="letter: score/ask for the option letter (default); text: the option text, "
+                             "length-normalised (use it with the demo model, whose vocabulary has no letters)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: predictions.jsonl, summary.json")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished questions")
+    parser.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N questions")
+    parser.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def run_eval(args) -> int:
+    """Runs ``mugstan-chat eval`` from parsed arguments; returns the exit status."""
+    from ..loader import load_chat_model
+    from .readers import read_questions, resolve_videos
+    from .runner import EvalRun, EvalSettings, prepare_output
+    from .summary import markdown_tables
+
+    # ---- everything the user gave, checked before the model loads
+    if "stan" in args.modes and args.stan is None and not args.demo:
+        raise ValueError("mode 'stan' needs a STAN branch (--stan PATH); without one pass --modes mean concat")
+    if args.temperature != 0 or args.top_p != 1.0 or args.repetition_penalty != 1.0:
+        raise ValueError("eval decodes greedily: --temperature, --top-p and --repetition-penalty do not apply")
+    questions = read_questions(args.questions)
+    if args.limit:
+        questions = questions[: args.limit]
+    videos = resolve_videos(questions, args.video_root)
+    settings = EvalSettings(
+        modes=list(dict.fromkeys(args.modes)), frames=args.frames, clips=args.clips, scoring=args.scoring,
+        answer_format=args.answer_format, max_new_tokens=args.max_new_tokens or EVAL_MAX_NEW_TOKENS,
+        bootstrap=args.bootstrap, seed=args.seed, model="demo" if args.demo else args.model, stan=args.stan)
+    settings.validate()
+    done = prepare_output(args.out, settings, args.resume)
+    print(f"{len(questions)} questions on {len(set(videos.values()))} videos; modes: {', '.join(settings.modes)}; "
+          f"scoring: {settings.scoring} ({settings.answer_format}); {len(done)} results already in {args.out}",
+          file=sys.stderr)
+
+    chat_model = load_chat_model(
+        model=args.model, stan=args.stan, temporal="stan" if "stan" in settings.modes else "mean",
+        device=args.device, dtype=args.dtype, load_4bit=args.load_4bit, load_8bit=args.load_8bit,
+        frames=args.frames, clips=args.clips, demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+    if chat_model.notice:
+        print(f"note: {chat_model.notice}", file=sys.stderr)
+    run = EvalRun(chat_model, questions, videos, settings, args.out, done=done, progress=not args.no_progress)
+    summary = run.run()
+    print(markdown_tables(summary))
+    print(f"\nper-question results: {args.out}/predictions.jsonl; summary: {args.out}/summary.json", file=sys.stderr)
+    if args.debug:
+        print(json.dumps({"encoded_videos": run.encodes}), file=sys.stderr)
+    return 0

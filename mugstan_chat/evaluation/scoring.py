@@ -1,0 +1,176 @@
+"""Scoring a multiple-choice question on cached video features: log-likelihood or greedy answer.
+
+The prompt is one template for every mode (:data:`PROMPT_TEMPLATE`): the question, the options
+as ``A. text`` lines, and an instruction that depends only on the answer format. It goes through
+the model's own chat template with the video's ``<image>`` entries first
+(:meth:`mugstan_chat.chat.ChatSession.prompt_text`), so stan, mean and concat differ only in
+the visual tokens.
+
+* ``likelihood`` (default): each option's continuation after the assistant prompt is scored by
+  the language model's log-probability. With ``answer_format="letter"`` the continuation is
+  ``" B"`` (one token for Llama), with ``"text"`` it is ``" " + option text`` and the score is the
+  mean log-probability per token (length-normalised). The highest score is the choice.
+* ``generate``: greedy decoding (at most ``max_new_tokens``); the choice is parsed from the text
+  by :func:`parse_choice`.
+
+Continuation tokens are those of ``tokenise(prompt + continuation)`` past ``tokenise(prompt)``
+(the lm-evaluation-harness rule), so a tokenizer merging the space into the letter is handled.
+The prompt is run once per question (its KV cache is reused for multi-token options).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .readers import LETTERS, Question
+
+PROMPT_TEMPLATE = "{question}\n{options}\n{instruction}"
+OPTION_LINE = "{letter}. {text}"
+INSTRUCTIONS = {
+    "letter": "Answer with the option's letter from the given choices directly.",
+    "text": "Answer with the text of the correct option.",
+}
+ANSWER_FORMATS = tuple(INSTRUCTIONS)
+SCORINGS = ("likelihood", "generate")
+
+
+def build_question_text(question: Question, answer_format: str = "letter") -> str:
+    """The user turn's text for ``question`` (the template above, filled in)."""
+    if answer_format not in INSTRUCTIONS:
+        raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    options = "\n".join(OPTION_LINE.format(letter=LETTERS[i], text=text) for i, text in enumerate(question.options))
+    return PROMPT_TEMPLATE.format(question=question.question.strip(), options=options,
+                                  instruction=INSTRUCTIONS[answer_format])
+
+
+def continuations(question: Question, answer_format: str) -> list[str]:
+    """What follows the assistant prompt for each option."""
+    if answer_format == "letter":
+        return [f" {letter}" for letter in question.letters]
+    return [f" {text.strip()}" for text in question.options]
+
+
+@dataclass
+class Score:
+    """The outcome of one question in one mode."""
+
+    chosen: int | None  # index of the chosen option (None: no option could be parsed)
+    option_scores: list[float] | None  # likelihood: per option (mean log-prob per token for texts)
+    option_tokens: list[int] | None  # likelihood: continuation length per option
+    answer_text: str | None  # generate: the decoded answer
+    prompt_tokens: int
+    score_ms: float
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def continuation_ids(tokenizer, prompt: str, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, continuation ids per text), tokenising prompt + text against the prompt alone."""
+    add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
+    context = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    result = []
+    for text in texts:
+        whole = tokenizer(prompt + text, add_special_tokens=add_special)["input_ids"]
+        if len(whole) > len(context) and whole[: len(context)] == context:
+            result.append(whole[len(context):])
+        else:  # the tokenizer merged across the boundary: tokenise the continuation alone
+            alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not alone:
+                raise ValueError(f"option continuation {text!r} has no tokens")
+            result.append(alone)
+    return context, result
+
+
+def check_distinct(question: Question, answer_format: str, conts: list[list[int]], unk_id: int | None) -> None:
+    """Options the model cannot tell apart would score identically: refuse instead of a silent tie."""
+    if len({tuple(c) for c in conts}) != len(conts) or (unk_id is not None and any(c == [unk_id] for c in conts)):
+        hint = " (the demo model's word vocabulary has no letter tokens: use --answer-format text)" \
+            if answer_format == "letter" else ""
+        raise ValueError(f"question {question.id!r}: the options' {answer_format}s are not distinct tokens for "
+                         f"this tokenizer{hint}")
+
+
+# ------------------------------------------------------------------------------------------ scorers
+def _cached_features(session) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=session.features)}
+
+
+@torch.inference_mode()
+def score_likelihood(session, question: Question, answer_format: str = "letter") -> Score:
+    """Log-likelihood of each option's continuation after the prompt (see the module docstring)."""
+    started = time.perf_counter()
+    chat_model = session.chat_model
+    tokenizer = chat_model.processor.tokenizer
+    prompt = session.prompt_text(build_question_text(question, answer_format))
+    context, conts = continuation_ids(tokenizer, prompt, continuations(question, answer_format))
+    check_distinct(question, answer_format, conts, tokenizer.unk_token_id)
+    longest = max(len(c) for c in conts)
+    if len(context) + longest > chat_model.context_length:
+        raise ValueError(f"question {question.id!r}: prompt of {len(context)} tokens + answer does not fit the "
+                         f"model's context of {chat_model.context_length} tokens")
+    device = chat_model.device
+    ids = torch.tensor([context], device=device)  # (1, P)
+    out = chat_model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                           mm_encoder_outputs=_cached_features(session))
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
+    scores, lengths = [], []
+    for cont in conts:
+        total = float(first[cont[0]])
+        if len(cont) > 1:  # the rest of the option, on a copy of the prompt's cache
+            rest = torch.tensor([cont[:-1]], device=device)  # (1, K-1): predicts cont[1:]
+            step = chat_model.model(input_ids=rest, cache=copy.deepcopy(out.cache), use_cache=True)
+            logp = torch.log_softmax(step.logits[0].float(), dim=-1)  # (K-1, V)
+            total += float(logp.gather(1, torch.tensor(cont[1:], device=device)[:, None]).sum())
+        scores.append(total / len(cont) if answer_format == "text" else total)
+        lengths.append(len(cont))
+    chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first option
+    return Score(chosen=chosen, option_scores=scores, option_tokens=lengths, answer_text=None,
+                 prompt_tokens=len(context), score_ms=(time.perf_counter() - started) * 1000)
+
+
+def score_generate(session, question: Question, answer_format: str = "letter") -> Score:
+    """Greedy answer through the chat engine (cached features), then :func:`parse_choice`."""
+    started = time.perf_counter()
+    session.reset()  # every question is a fresh conversation on the same features
+    answer = session.ask(build_question_text(question, answer_format))
+    stats = session.last_stats
+    session.reset()
+    return Score(chosen=parse_choice(answer, question), option_scores=None, option_tokens=None,
+                 answer_text=answer, prompt_tokens=stats.prompt_tokens,
+                 score_ms=(time.perf_counter() - started) * 1000)
+
+
+_PREFIXES = re.compile(r"^\s*(the )?(best |correct )?(answer|option)( is)?\s*[:：]?", re.IGNORECASE)
+
+
+def parse_choice(answer: str, question: Question) -> int | None:
+    """The option a generated answer picks, or None.
+
+    Rule: (1) after dropping a leading "The (best|correct) answer/option is", the first option
+    letter standing alone (not inside a word: "B", "(B)", "B.", "B)") wins; (2) otherwise, if
+    exactly one option's text occurs in the answer as whole words (case-insensitive), that option;
+    (3) else None,
+    which counts as wrong. A leading article "A" is read as option A, as in the peers' parsers.
+    """
+    text = _PREFIXES.sub("", answer.strip(), count=1)
+    letters = question.letters
+    match = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
+    if match:
+        return letters.index(match.group(1))
+    hits = [i for i, option in enumerate(question.options) if option.strip() and re.search(
+        rf"(?<![A-Za-z0-9]){re.escape(option.strip())}(?![A-Za-z0-9])", answer, re.IGNORECASE)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def score_question(session, question: Question, scoring: str, answer_format: str) -> Score:
+    if scoring == "likelihood":
+        return score_likelihood(session, question, answer_format)
+    if scoring == "generate":
+        return score_generate(session, question, answer_format)
+    raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
