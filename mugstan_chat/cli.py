@@ -6,6 +6,7 @@ Usage::
     mugstan-chat ask VIDEO "what happens?" --temporal mean        # no branch: training-free baseline
     mugstan-chat ask VIDEO "what happens?" --demo --json          # offline toy model, one JSON object
     mugstan-chat chat VIDEO --demo                                 # multi-turn; /reset, /exit
+    mugstan-chat serve --demo                                      # OpenAI-compatible API (docs/serve.md)
 
 Errors print one line to stderr and exit 1 (usage errors exit 2); ``--debug``
 shows the traceback.
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, settings, timings)")
     chat = commands.add_parser("chat", parents=[shared], help="multi-turn chat about a video (/reset, /exit)")
     chat.add_argument("video", help="video file")
+    # listed for --help only: main() hands `serve` and its arguments to mugstan_chat.server
+    commands.add_parser("serve", add_help=False, help="OpenAI-compatible API server (mugstan-chat serve --help)")
     return parser
 
 
@@ -242,6 +245,11 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 error, 2 usage; 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .server.app import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
     try:
