@@ -174,7 +174,8 @@ class MediaFetcher:
         if not mime.startswith(f"{kind}/"):
             raise bad_request(f"data URL media type {mime or 'none'!r} is not a {kind} type ({kind}/...)", param,
                               "invalid_media_url")
-        self._check_size(len(payload) * 3 // 4, describe_url(url), param)  # before decoding anything
+        decoded_size = len(payload) * 3 // 4 - payload[-2:].count("=")
+        self._check_size(decoded_size, describe_url(url), param)  # before decoding anything
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as error:
@@ -236,8 +237,10 @@ class MediaFetcher:
 
     def _check_size(self, size: int, what: str, param: str | None) -> None:
         if size > self.policy.max_bytes:
-            raise bad_request(f"{describe_url(what)} is larger than the media size limit "
-                              f"({self.policy.max_bytes / 2**20:g} MiB)", param, "media_too_large")
+            limit = self.policy.max_bytes
+            shown = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit} bytes"
+            raise bad_request(f"{describe_url(what)} is larger than the media size limit ({shown})", param,
+                              "media_too_large")
 
 
 def open_image(path: str, max_width: int, max_height: int, what: str, param: str | None = None):
