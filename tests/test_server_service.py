@@ -55,6 +55,7 @@ def _run(service: ChatService, request: ChatCompletionRequest, cancel_after: int
                 job.cancel()
             if kind in ("done", "error"):
                 await finished.wait()
+                job.thread.join()
                 return events, value
     return asyncio.run(go())
 
@@ -197,6 +198,13 @@ def test_plan_refusals(chat_model):
                                            {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"}]))
     assert plan.system == "be brief" and plan.history == [("q1", "a1")] and plan.question == "q2\nq3"
     assert plan.generation.max_new_tokens == 7 and plan.generation.temperature == 0.5 and plan.seed == 3
+
+
+def test_seed_makes_sampling_repeatable(chat_model):
+    service = _service(chat_model)
+    answers = [_run(service, _request(temperature=1.5, seed=seed, max_tokens=12))[1].text for seed in (7, 7, 8)]
+    greedy = _run(service, _request(max_tokens=12))[1].text
+    assert answers[0] == answers[1] and len({answers[0], answers[2], greedy}) > 1
 
 
 # ----------------------------------------------------------------------------- admission control

@@ -122,9 +122,7 @@ def create_app(service, gate, api_key: str | None = None, max_body_bytes: int = 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, error: StarletteHTTPException):
-        kind = "not_found" if error.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
-                                       kind))
+        return error_response(APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, error: Exception):

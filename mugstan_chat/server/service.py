@@ -189,9 +189,13 @@ class Job:
         self.stop = threading.Event()  # ends generation after the current token
         self.cancelled = False  # the client went away
         self.finished = threading.Event()  # the worker thread has ended (its slot is free)
+        self.thread: threading.Thread | None = None
 
     def emit(self, kind: str, value=None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: the server is shutting down, nobody is listening
+            self.stop.set()
 
     async def next(self):
         return await self.events.get()
@@ -324,9 +328,13 @@ class ChatService:
                 self._run(plan, job)
             finally:
                 job.finished.set()
-                loop.call_soon_threadsafe(on_finish)
+                try:
+                    loop.call_soon_threadsafe(on_finish)
+                except RuntimeError:  # the loop is closed (shutdown): there is no slot left to free
+                    pass
 
-        threading.Thread(target=work, name="mugstan-serve-job", daemon=True).start()
+        job.thread = threading.Thread(target=work, name="mugstan-serve-job", daemon=True)
+        job.thread.start()
         return job
 
     def _run(self, plan: Plan, job: Job) -> None:
