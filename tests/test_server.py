@@ -285,3 +285,28 @@ def test_busy_server_answers_429_and_a_disconnect_frees_the_slot(server, media, 
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < long_answer  # generation really stopped
     assert client.chat.completions.create(model="demo", messages=_messages(video, "next")).choices  # slot is free
+
+
+def test_non_streamed_request_whose_client_leaves_is_cancelled(server, media):
+    """A client that hangs up before a whole answer is ready: generation stops and the slot is freed."""
+    long_answer = 1500
+    before = _health(server)["counters"]
+    body = json.dumps({"model": "demo", "max_tokens": long_answer, "messages": _messages(
+        _file_url(media["allowed"] / "red_triangle_growing.mp4"), "tell me everything")}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not _health(server)["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _health(server)["running"] == 1
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while _health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = _health(server)["counters"]
+    assert _health(server)["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < long_answer
