@@ -103,9 +103,11 @@ def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
     t1 = time.perf_counter()
     tower = chat_model.tower
     with torch.inference_mode():
-        output = chat_model.model.model.get_image_features(pixel_values=pixels.to(device=tower.device, dtype=tower.dtype),
-                                                           return_dict=True)
-        features = [f.detach() for f in output.pooler_output]
+        pixels = pixels.to(device=tower.device, dtype=tower.dtype)
+        output = chat_model.model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        features = [f.detach() for f in output.pooler_output]  # 1 x (tokens, text width)
+    if tower.device.type == "cuda":
+        torch.cuda.synchronize(tower.device)
     t2 = time.perf_counter()
     return VideoFeatures(features, [[0]], None, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
@@ -214,15 +216,17 @@ class ChatSession:
         """The encoded video (None before :meth:`prepare`); a server may cache it for other sessions."""
         return self._video
 
-    def attach_features(self, features: VideoFeatures) -> None:
-        """Uses features encoded earlier (by another session, or :func:`encode_image`) instead of decoding.
+    def attach_features(self, features: VideoFeatures, cached: bool = True) -> None:
+        """Uses features encoded elsewhere (another session, or :func:`encode_image`) instead of decoding.
 
         They must come from the same model and settings (frames, clips, temporal mode, window);
-        the caller's cache key guarantees that. Turns then report them as cached.
+        the caller's cache key guarantees that. ``cached=True``: turns report them as cached
+        (no decode/encode time); ``cached=False``: they were made for this session, and its
+        first answer reports their decode/encode times.
         """
         if len(features.features) != self.clips:
             raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
-        self._video = dataclasses.replace(features, reported=True)
+        self._video = dataclasses.replace(features, reported=cached)
 
     def prepare(self) -> bool:
         """Decodes and encodes the video unless already done; True if work was done now."""

@@ -210,6 +210,9 @@ def test_image_url_is_answered(client):
     response = client.chat.completions.create(model="demo", messages=_messages(url, "what colour?", "image_url"))
     info = response.model_extra["mugstan"]
     assert response.choices[0].message.content and info["temporal"] == "image" and info["visual_tokens"] == 16
+    assert not info["cached_features"] and info["timings_ms"]["encode"] > 0
+    again = client.chat.completions.create(model="demo", messages=_messages(url, "what shape?", "image_url"))
+    assert again.model_extra["mugstan"]["cached_features"] and again.model_extra["mugstan"]["timings_ms"]["encode"] == 0
 
 
 def _bad(client, messages, **kwargs) -> openai.APIStatusError:

@@ -48,8 +48,9 @@ def test_file_urls_only_inside_the_allowed_folders(folders):
     assert (allowed / "clip.mp4").exists()  # the original is never removed
     assert fetcher.fetch(f"file://{allowed}/link_in.mp4").sha256 == media.sha256  # a link inside stays inside
     assert fetcher.fetch(f"file://localhost{allowed}/clip%2Emp4").sha256 == media.sha256  # percent-decoded
-    for url in (f"file://{outside}/secret.mp4", f"file://{allowed}/link_out.mp4", f"file://{allowed}/link_dir/secret.mp4",
-                f"file://{allowed}/../outside/secret.mp4", "file:///etc/passwd"):
+    escapes = (f"file://{outside}/secret.mp4", f"file://{allowed}/link_out.mp4", f"file://{allowed}/link_dir/secret.mp4",
+               f"file://{allowed}/../outside/secret.mp4", "file:///etc/passwd")
+    for url in escapes:
         error = _refused(fetcher, url, "local_media_not_allowed")
         assert "secret bytes" not in error.message
     # outside the folders, a missing file and an existing one get the same answer
@@ -58,7 +59,8 @@ def test_file_urls_only_inside_the_allowed_folders(folders):
     _refused(fetcher, f"file://{allowed}/nope.mp4", "media_not_found")
     _refused(fetcher, f"file://otherhost{allowed}/clip.mp4", "invalid_media_url")
     _refused(MediaFetcher(MediaPolicy.create([])), f"file://{allowed}/clip.mp4", "local_media_not_allowed")
-    _refused(MediaFetcher(MediaPolicy.create([allowed], max_bytes=100)), f"file://{allowed}/clip.mp4", "media_too_large")
+    tiny = MediaFetcher(MediaPolicy.create([allowed], max_bytes=100))
+    _refused(tiny, f"file://{allowed}/clip.mp4", "media_too_large")
 
 
 def test_policy_checks_its_folders(tmp_path):

@@ -242,8 +242,10 @@ def test_image_answers_equal_stock_llava(chat_model):
     image.paste((250, 250, 0), (5, 5, 20, 30))
     session = ChatSession(chat_model, "image.png", frames=1, clips=1, generation=GenerationSettings(max_new_tokens=10),
                           prepare=False)
-    session.attach_features(encode_image(chat_model, image))
+    session.attach_features(encode_image(chat_model, image), cached=False)
     answer = session.ask("what is in the picture?")
+    fresh = session.last_stats
+    assert not fresh.cached_features and fresh.encode_ms > 0 and fresh.visual_tokens == 16
     stock, processor = build_demo_llava(0)  # the same seed as the loaded demo model, without the video tower
     content = [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -251,7 +253,9 @@ def test_image_answers_equal_stock_llava(chat_model):
     with torch.inference_mode():
         output = stock.generate(**inputs, max_new_tokens=10, do_sample=False)
     expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert answer == expected and session.last_stats.cached_features
+    assert answer == expected
+    session.ask("and then?")
+    assert session.last_stats.cached_features and session.last_stats.encode_ms == 0
 
 
 def test_attach_features_checks_clips_and_stop_event_ends_generation(chat_model):
@@ -289,6 +293,18 @@ def test_bad_arguments_fail_before_the_model_loads(argv, message, monkeypatch, c
     with pytest.raises(SystemExit) as caught:
         cli_main(["serve", "--demo", *argv])
     assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_busy_port_fails_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(loader_module, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as caught:
+            cli_main(["serve", "--demo", "--port", str(taken.getsockname()[1])])
+    assert caught.value.code == 2 and "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_data_url_of_an_image_is_refused_as_a_video(chat_model):

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 
 from fastapi import Depends, FastAPI, Request
@@ -279,8 +280,8 @@ def is_loopback(host: str) -> bool:
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Every argument problem is found here, before the model loads."""
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is not a port number")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number (1-65535)")
     for name in ("concurrency", "max_frames", "max_clips"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -305,6 +306,12 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     if not is_loopback(args.host) and not args.api_key:
         parser.error(f"--host {args.host} exposes the server to other machines: pass --api-key KEY "
                      f"(or set ${API_KEY_ENV})")
+    try:  # a busy port is found now, not after minutes of loading weights
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as error:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}")
 
 
 def main(argv: list[str] | None = None) -> int:

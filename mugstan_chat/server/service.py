@@ -279,7 +279,8 @@ class ChatService:
         if turns[0][0] != "user" or turns[-1][0] != "user":
             raise bad_request("the conversation must start and end with a user message", "messages")
         if not turns[-1][1].strip():
-            raise bad_request("the last user message has no text (the question)", f"messages[{len(request.messages) - 1}]")
+            raise bad_request("the last user message has no text (the question)",
+                              f"messages[{len(request.messages) - 1}]")
         history = [(turns[k][1].strip(), turns[k + 1][1].strip()) for k in range(0, len(turns) - 1, 2)]
         ref = media[0]
         options = request.mugstan
@@ -381,7 +382,7 @@ class ChatService:
             limits = self.config.limits
             image = open_image(media.local_path(), limits.max_width, limits.max_height, what, plan.media.param)
             features = encode_image(self.chat_model, image)
-            session.attach_features(features)
+            session.attach_features(features, cached=False)
             self.count("image_encodes")
         else:
             session.video_path = media.local_path()
