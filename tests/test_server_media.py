@@ -48,8 +48,9 @@ def test_file_urls_only_inside_the_allowed_folders(folders):
     assert (allowed / "clip.mp4").exists()  # the original is never removed
     assert fetcher.fetch(f"file://{allowed}/link_in.mp4").sha256 == media.sha256  # a link inside stays inside
     assert fetcher.fetch(f"file://localhost{allowed}/clip%2Emp4").sha256 == media.sha256  # percent-decoded
-    escapes = (f"file://{outside}/secret.mp4", f"file://{allowed}/link_out.mp4", f"file://{allowed}/link_dir/secret.mp4",
-               f"file://{allowed}/../outside/secret.mp4", "file:///etc/passwd")
+    escapes = (f"file://{outside}/secret.mp4", f"file://{allowed}/link_out.mp4",
+               f"file://{allowed}/link_dir/secret.mp4", f"file://{allowed}/../outside/secret.mp4",
+               "file:///etc/passwd")
     for url in escapes:
         error = _refused(fetcher, url, "local_media_not_allowed")
         assert "secret bytes" not in error.message
