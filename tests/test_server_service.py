@@ -314,3 +314,33 @@ def test_data_url_of_an_image_is_refused_as_a_video(chat_model):
                                                               {"type": "text", "text": "q"}]}])
     _, error = _run(service, request)
     assert isinstance(error, APIError) and error.code == "invalid_media_url"
+
+
+def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, monkeypatch):
+    """In-process app: a generation that breaks after the stream began ends with an error event and [DONE];
+    unstreamed, it is a 500 in OpenAI's shape; either way the server keeps serving."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from mugstan_chat.server.app import create_app
+
+    def broken(self, question, stop=None):
+        yield "partial"
+        raise RuntimeError("boom")
+
+    gate = Gate(1, 0)
+    app = create_app(_service(chat_model), gate)
+    body = _request().model_dump(exclude_none=True)
+    monkeypatch.setattr(ChatSession, "ask_stream", broken)
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line]
+        assert json.loads(events[1][6:])["choices"][0]["delta"]["content"] == "partial"
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "server_error"
+        whole = client.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 500 and "RuntimeError" in whole.json()["error"]["message"]
+        monkeypatch.undo()
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert client.get("/health").json()["running"] == 0
