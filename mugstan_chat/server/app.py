@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body; larger gets 413 (default: %(default)s)")
     media = parser.add_argument_group("media")
     media.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
-                       help="serve file:// URLs inside DIR (repeatable; default: none, file:// refused)")
+                       help="allow file:// URLs inside DIR (repeatable; default: none, file:// refused)")
     media.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
                        help="hosts whose http(s) URLs may be downloaded (default: none)")
     media.add_argument("--max-media-mb", type=float, default=100.0,
