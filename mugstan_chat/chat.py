@@ -14,6 +14,7 @@ Sessions are independent objects: a server holds one per conversation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -93,6 +94,33 @@ class _VideoFeatures:
     decode_ms: float
     encode_ms: float
     reported: bool = False  # decode/encode times already shown in a turn's stats
+
+
+VideoFeatures = _VideoFeatures  # public name: a server caches these across stateless sessions
+
+
+def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
+    """One image as stock LLaVA sees it (plain CLIP, no temporal branch), ready for one ``<image>``.
+
+    Args:
+        chat_model: the loaded model.
+        image: a PIL image (RGB).
+    Returns:
+        :class:`VideoFeatures` with one entry: (tokens per image, text width); attach it to a
+        session with ``clips=1`` (:meth:`ChatSession.attach_features`).
+    """
+    t0 = time.perf_counter()
+    pixels = chat_model.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, H, W)
+    t1 = time.perf_counter()
+    tower = chat_model.tower
+    with torch.inference_mode():
+        pixels = pixels.to(device=tower.device, dtype=tower.dtype)
+        output = chat_model.model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        features = [f.detach() for f in output.pooler_output]  # 1 x (tokens, text width)
+    if tower.device.type == "cuda":
+        torch.cuda.synchronize(tower.device)
+    t2 = time.perf_counter()
+    return VideoFeatures(features, [[0]], None, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
 
 class _TimedStreamer:
@@ -204,6 +232,23 @@ class ChatSession:
     @property
     def frame_indices(self) -> list[list[int]]:
         return [] if self._video is None else self._video.indices
+
+    @property
+    def video_features(self) -> VideoFeatures | None:
+        """The encoded video (None before :meth:`prepare`); a server may cache it for other sessions."""
+        return self._video
+
+    def attach_features(self, features: VideoFeatures, cached: bool = True) -> None:
+        """Uses features encoded elsewhere (another session, or :func:`encode_image`) instead of decoding.
+
+        They must come from the same model and settings (frames, clips, temporal mode, window);
+        the caller's cache key guarantees that. ``cached=True``: turns report them as cached
+        (no decode/encode time); ``cached=False``: they were made for this session, and its
+        first answer reports their decode/encode times.
+        """
+        if len(features.features) != self.clips:
+            raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
+        self._video = dataclasses.replace(features, reported=cached)
 
     def prepare(self, decoded: VideoClips | None = None) -> bool:
         """Decodes and encodes the video unless already done; True if work was done now.
@@ -366,16 +411,18 @@ class ChatSession:
             self._record(question, answer, stats)
             return answer
 
-    def ask_stream(self, question: str) -> Iterator[str]:
+    def ask_stream(self, question: str, stop: threading.Event | None = None) -> Iterator[str]:
         """Streams the answer to ``question`` as text pieces; records the turn when done.
 
-        Closing the iterator early stops generation; the partial answer is kept.
+        Closing the iterator early stops generation; the partial answer is kept. Setting
+        ``stop`` (from any thread) ends generation after the current token, e.g. when a
+        server's client goes away; the event is set when the answer ends.
         Raises ConversationTooLong (before yielding) if the conversation no longer fits.
         """
         with self._busy():
             question, started, stats, kwargs = self._start_turn(question)
             streamer = _TimedStreamer.create(self.chat_model.processor.tokenizer, started)
-            stop = threading.Event()
+            stop = stop if stop is not None else threading.Event()
             from transformers import StoppingCriteriaList
 
             kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))

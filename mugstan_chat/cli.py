@@ -7,6 +7,7 @@ Usage::
     mugstan-chat ask VIDEO "what happens?" --demo --json          # offline toy model, one JSON object
     mugstan-chat chat VIDEO --demo                                 # multi-turn; /reset, /exit
     mugstan-chat eval QUESTIONS --video-root DIR --out DIR         # multiple-choice QA, stan/mean/concat
+    mugstan-chat serve --demo                                      # OpenAI-compatible API (docs/serve.md)
 
 Errors print one line to stderr and exit 1 (usage errors exit 2); ``--debug``
 shows the traceback.
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_command
 
     add_eval_command(commands, shared)  # multiple-choice video QA: docs/evaluation.md
+    # listed for --help only: main() hands `serve` and its arguments to mugstan_chat.server
+    commands.add_parser("serve", add_help=False, help="OpenAI-compatible API server (mugstan-chat serve --help)")
     return parser
 
 
@@ -262,6 +265,11 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 error, 2 usage; 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .server.app import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
     try:

@@ -1,0 +1,315 @@
+"""`mugstan-chat serve` end to end: a live server on 127.0.0.1 (demo model, CPU) in a subprocess,
+driven by the real `openai` client. One server per module; it is always terminated."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.loader import load_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+KEY = "test-key-123"
+FRAMES = 4
+MAX_TOKENS = 12
+STARTUP_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """The allowed folder (two videos, a text file posing as a video, two symlinks out) and a video outside it."""
+    allowed = tmp_path_factory.mktemp("allowed")
+    outside = tmp_path_factory.mktemp("outside")
+    for name in ("red_triangle_growing.mp4", "blue_triangle_left.mp4", "blue_triangle_right.mp4"):
+        shutil.copy(EXAMPLES / name, allowed / name)
+    shutil.copy(EXAMPLES / "red_triangle_shrinking.mp4", outside / "secret.mp4")
+    (allowed / "escape.mp4").symlink_to(outside / "secret.mp4")
+    (allowed / "passwd.mp4").symlink_to("/etc/passwd")
+    (allowed / "notes.mp4").write_text("not a video\n")
+    return {"allowed": allowed, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def server(media, tmp_path_factory):
+    """Base URL of a live server: --concurrency 1 --queue-size 0 (a second request while one runs gets 429)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("log") / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MUGSTAN_API_KEY", None)
+    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port),
+               "--api-key", KEY, "--allowed-local-media-path", str(media["allowed"]), "--frames", str(FRAMES),
+               "--max-new-tokens", str(MAX_TOKENS), "--concurrency", "1", "--queue-size", "0", "--max-body-mb", "1"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not start within {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()  # nothing crashed inside
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    """The same demo model in this process: the reference the server's answers must equal."""
+    return load_chat_model(demo=True, device="cpu", frames=FRAMES)
+
+
+def _file_url(path: Path) -> str:
+    return "file://" + str(path)
+
+
+def _data_url(path: Path) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _messages(url: str, question: str, kind: str = "video_url") -> list[dict]:
+    return [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": question}]}]
+
+
+def _health(server) -> dict:
+    return httpx.get(f"{server}/health", timeout=10).json()
+
+
+def _reference(chat_model, video: Path, question: str) -> tuple[str, object]:
+    session = ChatSession(chat_model, video, frames=FRAMES, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    return session.ask(question), session.last_stats
+
+
+def test_models_health_and_auth(server, client):
+    assert [m.id for m in client.models.list().data] == ["demo"]
+    health = _health(server)  # open without a key, for probes
+    assert health["status"] == "ok" and health["concurrency"] == 1 and health["queue_size"] == 0
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.models.list()
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    bare = httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, timeout=10)  # no header at all
+    assert bare.status_code == 401 and set(bare.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_answer_equals_chat_session_and_usage(media, client, chat_model):
+    video = media["allowed"] / "red_triangle_growing.mp4"
+    question = "what happens in the video?"
+    expected, stats = _reference(chat_model, video, question)
+    response = client.chat.completions.create(model="demo", messages=_messages(_file_url(video), question),
+                                              temperature=0, max_tokens=MAX_TOKENS)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    usage = response.usage
+    assert usage.prompt_tokens == stats.prompt_tokens and usage.completion_tokens == stats.new_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert choice.finish_reason == ("length" if stats.new_tokens == MAX_TOKENS else "stop")
+    info = response.model_extra["mugstan"]
+    assert info["visual_tokens"] == stats.visual_tokens and info["frames"] == FRAMES and info["clips"] == 1
+    assert set(info["timings_ms"]) == {"fetch", "decode", "encode", "first_token", "total"}
+
+
+def test_streaming_data_url_equals_whole_answer(media, client, chat_model):
+    video = media["allowed"] / "red_triangle_growing.mp4"
+    question = "describe the scene"
+    expected, stats = _reference(chat_model, video, question)
+    stream = client.chat.completions.create(model="demo", messages=_messages(_data_url(video), question),
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) > 1  # really streamed
+    assert "".join(deltas) == expected
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["mugstan"]["cached_features"] is True  # same bytes as before
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == stats.new_tokens
+    assert chunks[-1].usage.prompt_tokens == stats.prompt_tokens
+
+
+def test_stream_wire_format_ends_with_done(server, media):
+    body = {"model": "demo", "stream": True, "max_tokens": 3,
+            "messages": _messages(_file_url(media["allowed"] / "red_triangle_growing.mp4"), "what?")}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
+    objects = [json.loads(line[6:]) for line in events[:-1]]
+    assert {o["object"] for o in objects} == {"chat.completion.chunk"} and len({o["id"] for o in objects}) == 1
+
+
+def test_second_question_does_not_decode_or_encode_again(server, media, client):
+    video = media["allowed"] / "blue_triangle_left.mp4"  # not asked about before
+    before = _health(server)["counters"]["video_encodes"]
+    first = client.chat.completions.create(model="demo", messages=_messages(_file_url(video), "what moves?"))
+    assert first.model_extra["mugstan"]["cached_features"] is False
+    assert _health(server)["counters"]["video_encodes"] == before + 1
+    follow_up = _messages(_file_url(video), "what moves?") + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "and then?"}]
+    second = client.chat.completions.create(model="demo", messages=follow_up)
+    timings = second.model_extra["mugstan"]["timings_ms"]
+    assert second.model_extra["mugstan"]["cached_features"] is True and timings["decode"] == timings["encode"] == 0
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the history is in the prompt
+    third = client.chat.completions.create(model="demo", messages=_messages(_data_url(video), "what moves?"))
+    assert third.model_extra["mugstan"]["cached_features"] is True  # same bytes, other URL: same features
+    assert third.choices[0].message.content == first.choices[0].message.content
+    assert _health(server)["counters"]["video_encodes"] == before + 1
+    other_frames = client.chat.completions.create(model="demo", messages=_messages(_file_url(video), "what moves?"),
+                                                  extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}})
+    assert other_frames.model_extra["mugstan"]["cached_features"] is False
+    assert other_frames.model_extra["mugstan"]["frames"] == 2
+    assert _health(server)["counters"]["video_encodes"] == before + 2
+
+
+def test_image_url_is_answered(client):
+    from PIL import Image
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    response = client.chat.completions.create(model="demo", messages=_messages(url, "what colour?", "image_url"))
+    info = response.model_extra["mugstan"]
+    assert response.choices[0].message.content and info["temporal"] == "image" and info["visual_tokens"] == 16
+    assert not info["cached_features"] and info["timings_ms"]["encode"] > 0
+    again = client.chat.completions.create(model="demo", messages=_messages(url, "what shape?", "image_url"))
+    assert again.model_extra["mugstan"]["cached_features"] and again.model_extra["mugstan"]["timings_ms"]["encode"] == 0
+
+
+def _bad(client, messages, **kwargs) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=kwargs.pop("model", "demo"), messages=messages, **kwargs)
+    return caught.value
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, media, client):
+    allowed = media["allowed"]
+    video = _file_url(allowed / "red_triangle_growing.mp4")
+    cases = [
+        (_bad(client, _messages(video, "what?"), n=2), 400, "n", None),
+        (_bad(client, _messages("ftp://example.com/a.mp4", "what?")), 400, None, "unsupported_url_scheme"),
+        (_bad(client, _messages("file:///etc/passwd", "what?")), 400, None, "local_media_not_allowed"),
+        (_bad(client, _messages(_file_url(allowed / "escape.mp4"), "what?")), 400, None, "local_media_not_allowed"),
+        (_bad(client, _messages(_file_url(allowed / "passwd.mp4"), "what?")), 400, None, "local_media_not_allowed"),
+        (_bad(client, _messages(_file_url(allowed / ".." / media["outside"].name / "secret.mp4"), "what?")),
+         400, None, "local_media_not_allowed"),
+        (_bad(client, _messages(_file_url(allowed / "missing.mp4"), "what?")), 400, None, "media_not_found"),
+        (_bad(client, _messages(_file_url(allowed / "notes.mp4"), "what?")), 400, None, "invalid_video"),
+        (_bad(client, _messages("http://example.com/a.mp4", "what?")), 400, None, "media_domain_not_allowed"),
+        (_bad(client, _messages("data:video/mp4;base64,@@@", "what?")), 400, None, "invalid_media_url"),
+        (_bad(client, [{"role": "user", "content": "no video here"}]), 400, "messages", None),
+        (_bad(client, _messages(video, "what?"), model="gpt-4o"), 404, "model", "model_not_found"),
+        (_bad(client, _messages(video, "what?"), extra_body={"mugstan": {"temporal": "bogus"}}), 400, None, None),
+        (_bad(client, _messages(video, "what?"), extra_body={"mugstan": {"clipz": 2}}), 400, None, None),
+        (_bad(client, _messages(video, "what? " * 2100)), 400, "messages", "context_length_exceeded"),
+    ]
+    for error, status, param, code in cases:
+        assert error.status_code == status, error
+        body = error.body
+        assert set(body) == {"message", "type", "param", "code"} and body["message"], body
+        assert param is None or body["param"] == param, body
+        assert code is None or body["code"] == code, body
+    messages = [e.body["message"] for e, *_ in cases]
+    assert "'ftp'" in messages[1]  # names the scheme
+    assert "secret" not in json.dumps(messages[3:5])  # never says where a link points
+    invalid_json = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=10,
+                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert invalid_json.status_code == 400 and invalid_json.json()["error"]["type"] == "invalid_request_error"
+    unknown = httpx.get(f"{server}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert unknown.status_code == 404 and "error" in unknown.json()
+    assert client.chat.completions.create(model="demo", messages=_messages(video, "still there?")).choices
+    assert _health(server)["running"] == 0
+
+
+def test_body_over_limit_gets_413(server, client):
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="demo", messages=_messages("data:video/mp4;base64," + "A" * (2 << 20),
+                                                                          "what?"))
+    assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
+
+
+def test_busy_server_answers_429_and_a_disconnect_frees_the_slot(server, media, client):
+    video = _file_url(media["allowed"] / "red_triangle_growing.mp4")
+    long_answer = 1500  # far more than can be generated before the client hangs up
+    before = _health(server)["counters"]
+    stream = client.chat.completions.create(model="demo", messages=_messages(video, "tell me everything"),
+                                            max_tokens=long_answer, stream=True)
+    pieces = iter(stream)
+    next(pieces), next(pieces)  # generating now, holding the only slot
+    assert _health(server)["running"] == 1
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="demo", messages=_messages(video, "me too"))
+    assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
+    stream.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 30
+    while _health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = _health(server)["counters"]
+    assert _health(server)["running"] == 0
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < long_answer  # generation really stopped
+    assert client.chat.completions.create(model="demo", messages=_messages(video, "next")).choices  # slot is free
+
+
+def test_non_streamed_request_whose_client_leaves_is_cancelled(server, media):
+    """A client that hangs up before a whole answer is ready: generation stops and the slot is freed."""
+    long_answer = 1500
+    before = _health(server)["counters"]
+    body = json.dumps({"model": "demo", "max_tokens": long_answer, "messages": _messages(
+        _file_url(media["allowed"] / "red_triangle_growing.mp4"), "tell me everything")}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not _health(server)["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _health(server)["running"] == 1
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while _health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = _health(server)["counters"]
+    assert _health(server)["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < long_answer

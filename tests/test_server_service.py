@@ -1,0 +1,346 @@
+"""The server's logic in-process, on the demo model: request planning, the feature cache, stop
+sequences, admission control, the ChatSession hooks it uses, and argument checks before loading."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import mugstan_chat.chat as chat_module
+import mugstan_chat.loader as loader_module
+from mugstan_chat.chat import ChatSession, GenerationSettings, encode_image
+from mugstan_chat.cli import main as cli_main
+from mugstan_chat.feature_cache import FeatureCache, FeatureKey, features_nbytes
+from mugstan_chat.loader import load_chat_model
+from mugstan_chat.server.media import MediaFetcher, MediaPolicy
+from mugstan_chat.server.protocol import APIError, ChatCompletionRequest
+from mugstan_chat.server.service import ChatService, Gate, ServiceConfig, TextAssembler
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    return load_chat_model(demo=True, device="cpu", frames=4)
+
+
+def _service(chat_model, cache_bytes=1 << 20) -> ChatService:
+    config = ServiceConfig(model_name="demo", frames=4, max_new_tokens=8)
+    return ChatService(chat_model, config, MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(cache_bytes))
+
+
+def _request(video: str = "red_triangle_growing.mp4", question: str = "what happens?", **fields):
+    messages = fields.pop("messages", None) or [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"file://{EXAMPLES / video}"}}, {"type": "text", "text": question}]}]
+    return ChatCompletionRequest(messages=messages, **fields)
+
+
+def _run(service: ChatService, request: ChatCompletionRequest, cancel_after: int | None = None):
+    """Runs one request through a job on a fresh event loop; returns (events, outcome or error)."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        job = service.start(service.plan(request), loop, finished.set)
+        events = []
+        while True:
+            kind, value = await job.next()
+            events.append((kind, value))
+            if kind == "text" and cancel_after is not None and len(events) > cancel_after:
+                job.cancel()
+            if kind in ("done", "error"):
+                await finished.wait()
+                job.thread.join()
+                return events, value
+    return asyncio.run(go())
+
+
+# ----------------------------------------------------------------------------- the feature cache
+
+
+def _features(nbytes_per_clip: int, clips: int = 1):
+    return chat_module.VideoFeatures([torch.zeros(nbytes_per_clip // 4) for _ in range(clips)], [[0]], None, 1.0, 1.0)
+
+
+def _key(name: str, frames: int = 8) -> FeatureKey:
+    return FeatureKey(name, frames, 1, "stan", None, None, "model")
+
+
+def test_feature_cache_is_lru_bounded_in_bytes():
+    cache = FeatureCache(max_bytes=1000)
+    a, b, c = _features(400), _features(400), _features(400)
+    assert features_nbytes(a) == 400
+    assert cache.put(_key("a"), a) and cache.put(_key("b"), b)
+    assert cache.get(_key("a")) is a  # a is now the most recent
+    assert cache.put(_key("c"), c)  # 1200 > 1000: evicts b, the least recently used
+    assert _key("b") not in cache and cache.get(_key("a")) is a and cache.get(_key("c")) is c
+    assert cache.bytes == 800 and cache.evictions == 1
+    assert cache.get(_key("a", frames=16)) is None  # every field of the key matters
+    assert not cache.put(_key("huge"), _features(2000)) and len(cache) == 2  # larger than the budget: not kept
+    assert cache.stats() == {"entries": 2, "bytes": 800, "max_bytes": 1000, "hits": 3, "misses": 1, "evictions": 1}
+    assert not FeatureCache(0).put(_key("a"), a)  # 0 disables it
+
+
+def test_same_video_is_decoded_and_encoded_once(chat_model, monkeypatch):
+    reads = []
+    real_reader = chat_module.load_video_clips
+
+    def counting_reader(*args, **kwargs):
+        reads.append(args[0])
+        return real_reader(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "load_video_clips", counting_reader)
+    service, tower = _service(chat_model), chat_model.tower
+    calls = tower.calls
+    _, first = _run(service, _request(question="what happens?"))
+    _, second = _run(service, _request(question="and what colour is it?"))
+    _, again = _run(service, _request(question="what happens?"))
+    assert len(reads) == 1 and tower.calls == calls + 1  # ten questions, one decode and one encode
+    assert not first.info["cached_features"] and second.info["cached_features"] and again.text == first.text
+    _run(service, _request(question="what happens?", mugstan={"temporal": "mean"}))
+    _run(service, _request(question="what happens?", mugstan={"start": 0.5, "end": 1.5}))
+    assert len(reads) == 3 and tower.calls == calls + 3  # other features: encoded again
+    assert service.health()["counters"]["video_encodes"] == 3
+
+
+def test_cache_eviction_means_decoding_again(chat_model, monkeypatch):
+    reads = []
+    real_reader = chat_module.load_video_clips
+    monkeypatch.setattr(chat_module, "load_video_clips", lambda *a, **k: reads.append(a[0]) or real_reader(*a, **k))
+    one_video = 16 * 64 * 4  # visual tokens x text width x fp32
+    service = _service(chat_model, cache_bytes=one_video)
+    for video in ("red_triangle_growing.mp4", "blue_triangle_left.mp4", "red_triangle_growing.mp4"):
+        _run(service, _request(video))
+    assert len(reads) == 3 and service.cache.evictions == 2
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_answers_equal_chat_session_with_history(chat_model):
+    service = _service(chat_model)
+    video = EXAMPLES / "red_triangle_growing.mp4"
+    reference = ChatSession(chat_model, video, frames=4, generation=GenerationSettings(max_new_tokens=8))
+    first = reference.ask("what happens?")
+    second = reference.ask("why?")
+    messages = _request(question="what happens?").model_dump(exclude_none=True)["messages"] + [
+        {"role": "assistant", "content": first}, {"role": "user", "content": "why?"}]
+    events, outcome = _run(service, _request(messages=messages))
+    assert outcome.text == second and outcome.prompt_tokens == reference.last_stats.prompt_tokens
+    assert "".join(v for k, v in events if k == "text") == second
+
+
+def test_cancel_stops_generation(chat_model):
+    service = _service(chat_model)
+    events, outcome = _run(service, _request(max_tokens=1500), cancel_after=3)
+    assert outcome.completion_tokens < 1500 and service.counters["cancelled"] == 1
+
+
+def test_stop_sequences_end_the_answer(chat_model):
+    service = _service(chat_model)
+    _, whole = _run(service, _request(max_tokens=12))
+    words = whole.text.split(" ")
+    stop = " ".join(words[2:4])  # two words from the middle of the greedy answer
+    _, stopped = _run(service, _request(max_tokens=12, stop=[stop, "never-there"]))
+    assert stopped.text == whole.text[: whole.text.index(stop)].rstrip() and stopped.finish_reason == "stop"
+    assert stopped.completion_tokens < 12
+
+
+@pytest.mark.parametrize("pieces,stops,expected", [
+    ([" hello", " wor", "ld", " \n"], [], ["hello", " wor", "ld"]),
+    (["a b", " ST", "OP c"], ["STOP"], ["a b"]),  # " ST" waits (it may begin "STOP"), then is cut
+    (["a S", "x b"], ["ST"], ["a", " Sx b"]),  # a partial match that does not complete is released
+    (["ab", "cd"], ["bc"], ["a"]),
+])
+def test_text_assembler(pieces, stops, expected):
+    assembler = TextAssembler(stops)
+    out = [assembler.feed(p) for p in pieces] + [assembler.finish()]
+    assert [o for o in out if o] == expected
+    if not stops:
+        assert "".join(out) == "".join(pieces).strip()
+
+
+def test_plan_refusals(chat_model):
+    service = _service(chat_model)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    video = {"type": "video_url", "video_url": {"url": "file:///x.mp4"}}
+    cases = {
+        "n": _request(n=3),
+        "frequency_penalty": _request(frequency_penalty=0.5),
+        "media_io_kwargs.video.num_frames": _request(media_io_kwargs={"video": {"num_frames": 65}}),
+        "mugstan.clips": _request(mugstan={"clips": 17}),
+        "mugstan.end": _request(mugstan={"start": 2.0, "end": 1.0}),
+        "mugstan": ChatCompletionRequest(messages=[{"role": "user", "content": [image, {"type": "text", "text": "q"}]}],
+                                         mugstan={"clips": 2}),
+        "messages": ChatCompletionRequest(messages=[{"role": "user", "content": [video, image, {"type": "text",
+                                                                                             "text": "q"}]}]),
+        "messages[1].content[0].video_url": ChatCompletionRequest(messages=[
+            {"role": "user", "content": "hi"}, {"role": "user", "content": [video]}]),
+        "messages[0].content[0]": ChatCompletionRequest(messages=[
+            {"role": "assistant", "content": [video]}, {"role": "user", "content": "q"}]),
+    }
+    for param, request in cases.items():
+        with pytest.raises(APIError) as caught:
+            service.plan(request)
+        assert caught.value.status == 400 and caught.value.param == param, (param, caught.value.message)
+    with pytest.raises(APIError) as caught:
+        service.plan(_request(messages=[{"role": "user", "content": [video]}, {"role": "assistant", "content": "a"}]))
+    assert "end with a user message" in caught.value.message
+    plan = service.plan(_request(max_tokens=5, max_completion_tokens=7, temperature=0.5, seed=3,
+                                 messages=[{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": [video, {"type": "text", "text": "q1"}]},
+                                           {"role": "assistant", "content": "a1"},
+                                           {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"}]))
+    assert plan.system == "be brief" and plan.history == [("q1", "a1")] and plan.question == "q2\nq3"
+    assert plan.generation.max_new_tokens == 7 and plan.generation.temperature == 0.5 and plan.seed == 3
+
+
+def test_seed_makes_sampling_repeatable(chat_model):
+    service = _service(chat_model)
+    answers = [_run(service, _request(temperature=1.5, seed=seed, max_tokens=12))[1].text for seed in (7, 7, 8)]
+    greedy = _run(service, _request(max_tokens=12))[1].text
+    assert answers[0] == answers[1] and len({answers[0], answers[2], greedy}) > 1
+
+
+# ----------------------------------------------------------------------------- admission control
+
+
+def test_gate_runs_queues_and_refuses():
+    async def go():
+        gate = Gate(concurrency=1, queue_size=1)
+        await gate.acquire()  # runs
+        waiting = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        assert gate.running == 1 and gate.waiting == 1
+        with pytest.raises(APIError) as caught:
+            await gate.acquire()  # one running, one waiting: full
+        assert caught.value.status == 429 and caught.value.code == "rate_limit_exceeded"
+        gate.release()
+        await asyncio.wait_for(waiting, 5)
+        assert gate.running == 1 and gate.waiting == 0
+        gate.release()
+        assert gate.running == 0
+
+    asyncio.run(go())
+
+
+# ----------------------------------------------------------------------------- ChatSession hooks
+
+
+def test_image_answers_equal_stock_llava(chat_model):
+    """An image_url is stock LLaVA image chat: same answer as LLaVA with its own CLIP tower and processor."""
+    from PIL import Image
+
+    from mugstan_chat.demo import build_demo_llava
+
+    image = Image.new("RGB", (48, 40), (30, 160, 220))
+    image.paste((250, 250, 0), (5, 5, 20, 30))
+    session = ChatSession(chat_model, "image.png", frames=1, clips=1, generation=GenerationSettings(max_new_tokens=10),
+                          prepare=False)
+    session.attach_features(encode_image(chat_model, image), cached=False)
+    answer = session.ask("what is in the picture?")
+    fresh = session.last_stats
+    assert not fresh.cached_features and fresh.encode_ms > 0 and fresh.visual_tokens == 16
+    stock, processor = build_demo_llava(0)  # the same seed as the loaded demo model, without the video tower
+    content = [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=text, images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        output = stock.generate(**inputs, max_new_tokens=10, do_sample=False)
+    expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer == expected
+    session.ask("and then?")
+    assert session.last_stats.cached_features and session.last_stats.encode_ms == 0
+
+
+def test_attach_features_checks_clips_and_stop_event_ends_generation(chat_model):
+    video = EXAMPLES / "red_triangle_growing.mp4"
+    source = ChatSession(chat_model, video, frames=4, generation=GenerationSettings(max_new_tokens=300))
+    other = ChatSession(chat_model, video, frames=4, clips=2, prepare=False)
+    with pytest.raises(ValueError, match="1 clips, this session expects 2"):
+        other.attach_features(source.video_features)
+    stop = threading.Event()
+    pieces = []
+    for piece in source.ask_stream("tell me everything", stop=stop):
+        pieces.append(piece)
+        stop.set()  # from the first piece on: generation ends after the current token
+    assert source.last_stats.new_tokens < 300 and pieces
+
+
+# ----------------------------------------------------------------------------- arguments, before any model loads
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--allowed-local-media-path", "/no/such/folder"], "not a directory"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--queue-size", "-1"], "--queue-size"),
+    (["--max-body-mb", "0"], "--max-body-mb"),
+    (["--temperature", "-1"], "invalid generation settings"),
+    (["--frames", "65"], "--max-frames"),
+])
+def test_bad_arguments_fail_before_the_model_loads(argv, message, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader_module, "load_chat_model", refuse)
+    monkeypatch.delenv("MUGSTAN_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["serve", "--demo", *argv])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_busy_port_fails_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(loader_module, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as caught:
+            cli_main(["serve", "--demo", "--port", str(taken.getsockname()[1])])
+    assert caught.value.code == 2 and "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_data_url_of_an_image_is_refused_as_a_video(chat_model):
+    service = _service(chat_model)
+    url = "data:image/png;base64," + base64.b64encode(b"x").decode()
+    request = _request(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                              {"type": "text", "text": "q"}]}])
+    _, error = _run(service, request)
+    assert isinstance(error, APIError) and error.code == "invalid_media_url"
+
+
+def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, monkeypatch):
+    """In-process app: a generation that breaks after the stream began ends with an error event and [DONE];
+    unstreamed, it is a 500 in OpenAI's shape; either way the server keeps serving."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from mugstan_chat.server.app import create_app
+
+    def broken(self, question, stop=None):
+        yield "partial"
+        raise RuntimeError("boom")
+
+    gate = Gate(1, 0)
+    app = create_app(_service(chat_model), gate)
+    body = _request().model_dump(exclude_none=True)
+    monkeypatch.setattr(ChatSession, "ask_stream", broken)
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line]
+        assert json.loads(events[1][6:])["choices"][0]["delta"]["content"] == "partial"
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "server_error"
+        whole = client.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 500 and "RuntimeError" in whole.json()["error"]["message"]
+        monkeypatch.undo()
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert client.get("/health").json()["running"] == 0
