@@ -27,6 +27,7 @@ class MugStanConfig:
     freeze_backbone: bool = False  # train STAN only (the LLaVA-compatible mode); saves the branch alone
     context_length: int = 64  # caption tokens (64 for post-pretraining, 32 for MSR-VTT/LSMDC)
     tokenizer: str | None = None  # transformers tokenizer name/path; None: open_clip's bundled CLIP BPE
+    frames: int | None = None  # frames per clip it was trained with: evaluation's default (None: unknown)
 
     def to_dict(self) -> dict:
         return {
@@ -36,6 +37,7 @@ class MugStanConfig:
             "freeze_backbone": self.freeze_backbone,
             "context_length": self.context_length,
             "tokenizer": self.tokenizer,
+            "frames": self.frames,
         }
 
     @classmethod
@@ -47,6 +49,7 @@ class MugStanConfig:
             freeze_backbone=data.get("freeze_backbone", False),
             context_length=data.get("context_length", 64),
             tokenizer=data.get("tokenizer"),
+            frames=data.get("frames"),
         )
 
 

@@ -29,6 +29,10 @@ class StanConfig:
     num_layers: int = 4  # K: 4 by default; 6 helps motion-heavy data
     fuse_layer: int = -1  # f: backbone layer whose output is fused; negative counts from the end
     max_frames: int = 64  # rows of the temporal embedding table
+    # initial std of the temporal embedding: the released code's N(0, 1) (nn.Embedding's default), on the scale
+    # of the backbone's hidden states; at 0.02 the order signal entering STAN is ~50x weaker and, on motions
+    # beyond a few easy ones, never grows (docs/temporal_probe.md)
+    temporal_embedding_std: float = 1.0
     drop_path: float = 0.1  # drop-path rate of the last STAN layer; grows linearly from 0
     dropout: float = 0.0  # dropout on STAN's input embeddings
     backbone_projection: bool = False  # paper eqs. 6-7 D x D projection of the backbone term (off: released code)
@@ -142,7 +146,7 @@ class STAN(nn.Module):
         self.fuse_layer = self.config.resolved_fuse_layer(backbone.num_layers)
         self.source_layers = [self.fuse_layer - K + 1 + j for j in range(K)]
         self.temporal_embedding = nn.Parameter(torch.empty(self.config.max_frames, D))
-        nn.init.trunc_normal_(self.temporal_embedding, std=0.02)
+        nn.init.normal_(self.temporal_embedding, std=self.config.temporal_embedding_std)
         self.dropout = nn.Dropout(self.config.dropout)
         rates = torch.linspace(0.0, self.config.drop_path, K).tolist() if K > 1 else [0.0]
         self.cross_frame = nn.ModuleList(

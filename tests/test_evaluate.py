@@ -11,8 +11,10 @@ import torch
 from mugstan_chat.model import MugStan
 from mugstan_chat.synthetic import make_synthetic_videos
 
-from training.evaluate import (classification_metrics, main, pairwise_accuracy, ranks_of_relevant,
-                               relevance_from_index, retrieval_metrics)
+from training.data import VideoRecord
+from training.evaluate import (classification_metrics, main, pairwise_accuracy, pairwise_from_pairs,
+                               ranks_of_relevant, relevance_by_caption, relevance_from_index, retrieval_metrics,
+                               score_tolerance)
 from training.params import model_config
 
 
@@ -44,6 +46,35 @@ def test_classification_and_pairwise():
     assert pairwise_accuracy(torch.tensor([1.0, 0.2, 0.5]), torch.tensor([0.0, 0.4, 0.5])) == pytest.approx(0.5)
 
 
+def test_duplicated_captions_are_all_correct_and_near_ties_count_against():
+    captions = ["a red circle", "a blue square"]
+    relevant = relevance_by_caption(captions, [["a red circle"], ["a red circle"], ["a blue square"]])
+    assert relevant.tolist() == [[True, True, False], [False, False, True]]
+    scores = torch.tensor([[0.2, 0.9, 0.1], [0.3, 0.2, 0.8]])
+    assert retrieval_metrics(scores, relevant)["t2v_R@1"] == 100.0  # video 1 carries caption 0 too
+    # an order-blind model scores a clip and its reversal alike up to fp32 summation order
+    tol = score_tolerance(16)
+    blind = torch.tensor([[0.5 + 1e-7, 0.5]])  # the right clip ahead of its reversal by rounding alone
+    assert ranks_of_relevant(blind, torch.tensor([[True, False]])).tolist() == [1]  # exact comparison: a "win"
+    assert ranks_of_relevant(blind, torch.tensor([[True, False]]), tol).tolist() == [2]  # a tie, counted against
+    assert 1e-7 < tol < 1e-3
+
+
+def test_pairwise_from_a_pair_column():
+    videos = [VideoRecord("a.mp4", ["moving left"], extra={"pair": "0"}),
+              VideoRecord("b.mp4", ["moving right"], extra={"pair": "0"}),
+              VideoRecord("c.mp4", ["growing"], extra={"pair": "1"}),
+              VideoRecord("d.mp4", ["shrinking"], extra={"pair": "1"})]
+    captions = ["moving left", "moving right", "growing", "shrinking"]
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.0],   # pair 0: both videos prefer their own caption
+                           [0.2, 0.8, 0.0, 0.0],
+                           [0.0, 0.0, 0.4, 0.6],   # pair 1: video c right, video d wrong
+                           [0.0, 0.0, 0.3, 0.5]])
+    assert pairwise_from_pairs(scores, captions, videos, 1e-6) == pytest.approx(0.75)
+    unpaired = [VideoRecord(v.video, v.captions) for v in videos]
+    assert pairwise_from_pairs(scores, captions, unpaired, 1e-6) is None
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
@@ -59,6 +90,7 @@ def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):
               "--workers", "0", "--output", str(out)]
     assert main(["--checkpoint", str(tmp_path / "ckpt"), *common]) == 0
     metrics = json.loads(out.read_text())
+    assert metrics["pairwise_acc"] is not None and 0 <= metrics["pairwise_acc"] <= 1  # the pair column
     assert metrics["videos"] == 6 and 0 <= metrics["t2v_R@1"] <= 100 and metrics["v2t_MnR"] >= 1
     assert json.loads(out.read_text())["mug_mode"] == "frame-token"  # the checkpoint's own
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--mug-mode", "frame-token-simple", *common]) == 0
@@ -72,3 +104,16 @@ def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):
                  "--class-names", str(tmp_path / "classes.txt"), "--video-root", str(videos), "--frames", "4",
                  "--workers", "0", "--output", str(out)]) == 0
     assert set(json.loads(out.read_text())) >= {"top1", "top5"}
+
+
+def test_frames_default_to_the_checkpoints_own(videos, tmp_path):
+    config = model_config("tiny", stan_layers=2)
+    config.frames = 3
+    MugStan(config).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "metrics.json"
+    common = ["--data", str(videos / "annotations.csv"), "--video-root", str(videos), "--workers", "0",
+              "--output", str(out), "--threads", "1"]
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), *common]) == 0
+    assert json.loads(out.read_text())["frames"] == 3
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", *common]) == 0
+    assert json.loads(out.read_text())["frames"] == 5

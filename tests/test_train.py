@@ -58,6 +58,29 @@ def test_short_run_learns_and_exports(videos, tmp_path):
     torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
 
 
+def test_save_interval_zero_writes_only_the_final_export(videos, tmp_path, caplog):
+    # 16 videos / batch 4: three epoch ends in 12 steps, none of which may leave a training checkpoint
+    result = train(_args(videos, tmp_path, "--max-steps", "12", "--save-interval", "0", "--diagnostics-interval", "0"))
+    assert result.final_dir.is_dir()
+    assert not list(tmp_path.glob("checkpoints/step_*"))
+    assert json.loads((result.final_dir / "config.json").read_text())["model"]["frames"] == 4  # for evaluation
+    with caplog.at_level("WARNING"):
+        again = train(_args(videos, tmp_path, "--max-steps", "1", "--save-interval", "0", "--resume", "latest"))
+    assert "nothing to resume" in caplog.text and "--save-interval 0" in caplog.text
+    assert len(again.losses) == 1
+
+
+def test_diagnostics_are_logged(videos, tmp_path):
+    train(_args(videos, tmp_path, "--max-steps", "4", "--save-interval", "0", "--diagnostics-interval", "2"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    diagnostics = [r for r in records if r["type"] == "diagnostics"]
+    assert [r["step"] for r in diagnostics] == [2, 4]
+    last = diagnostics[-1]
+    assert last["order_sensitivity"] >= 0 and last["temporal_embedding"] > 0
+    assert last["cross_frame0_out"] > 0  # the zero-initialised output linear has left zero after 4 steps
+    assert last["cross_frame0_out_grad"] > 0
+
+
 def test_resume_matches_uninterrupted_run(videos, tmp_path):
     # 16 videos / batch 4 = 4 steps per epoch: 6 steps cross an epoch boundary; drop-path stays on (RNG restore)
     whole = train(_args(videos, tmp_path / "whole", "--max-steps", "6", "--save-interval", "2"))

@@ -39,19 +39,31 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- pure metrics
 
 
-def ranks_of_relevant(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+def score_tolerance(projection_dim: int) -> float:
+    """Scores closer than this are ties: what fp32 summation order alone can move a cosine-scale score.
+
+    A Mug or cosine score sums about ``projection_dim`` products of unit-scale numbers; reordering
+    the sum (e.g. the same frames in reverse order) moves it by at most about that many units of
+    fp32 rounding (2^-24 each), times a small factor for the softmax weightings around it.
+    """
+    return 4 * projection_dim * 2.0 ** -24
+
+
+def ranks_of_relevant(scores: torch.Tensor, relevant: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
     """Rank (1 = best) of the best-scored relevant column of each row.
 
     Args:
         scores: (Nq, Ng) query-by-gallery scores.
         relevant: (Nq, Ng) bool, True where the gallery item is a correct answer (>= 1 per row).
+        tolerance: irrelevant items within this of the best relevant score tie with it (see
+            :func:`score_tolerance`).
     Returns:
         (Nq,) long: 1 + number of irrelevant items scoring at least as high (ties count against).
     """
     if not bool(relevant.any(dim=1).all()):
         raise ValueError("every query needs at least one relevant gallery item")
     best = scores.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)  # (Nq, 1)
-    return 1 + ((scores >= best) & ~relevant).sum(dim=1)
+    return 1 + ((scores >= best - tolerance) & ~relevant).sum(dim=1)
 
 
 def rank_metrics(ranks: torch.Tensor, prefix: str = "") -> dict[str, float]:
@@ -63,15 +75,46 @@ def rank_metrics(ranks: torch.Tensor, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, float]:
+def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, tolerance: float = 0.0) -> dict[str, float]:
     """Text-to-video ("t2v_") and video-to-text ("v2t_") retrieval metrics.
 
     Args:
         scores: (Nt, Nv) text-by-video scores.
         relevant: (Nt, Nv) bool (e.g. one-hot of each caption's video).
+        tolerance: scores within this of each other tie (ties count against).
     """
-    return {**rank_metrics(ranks_of_relevant(scores, relevant), "t2v_"),
-            **rank_metrics(ranks_of_relevant(scores.T, relevant.T), "v2t_")}
+    return {**rank_metrics(ranks_of_relevant(scores, relevant, tolerance), "t2v_"),
+            **rank_metrics(ranks_of_relevant(scores.T, relevant.T, tolerance), "v2t_")}
+
+
+def relevance_by_caption(captions: list[str], video_captions: list[list[str]]) -> torch.Tensor:
+    """(Nt, Nv) bool: a caption is a correct answer for every video that has exactly that caption."""
+    return torch.tensor([[caption in own for own in video_captions] for caption in captions], dtype=torch.bool)
+
+
+def pairwise_from_pairs(scores: torch.Tensor, captions: list[str], videos: list[VideoRecord],
+                        tolerance: float) -> float | None:
+    """Pairwise accuracy over videos sharing a ``pair`` value with a different caption (time-reversal pairs).
+
+    For each such video, its own (first) caption must outscore its partner's; ties count 0.5.
+    ``scores``: (Nt, Nv) over ``captions`` x ``videos``. None when the records have no pairs.
+    """
+    row = {caption: i for i, caption in enumerate(captions)}
+    groups: dict[str, list[int]] = {}
+    for j, record in enumerate(videos):
+        if record.extra.get("pair") not in (None, ""):
+            groups.setdefault(str(record.extra["pair"]), []).append(j)
+    correct, wrong = [], []
+    for members in groups.values():
+        for j in members:
+            for k in members:
+                own, other = videos[j].captions[0], videos[k].captions[0]
+                if k != j and own != other:
+                    correct.append(scores[row[own], j])
+                    wrong.append(scores[row[other], j])
+    if not correct:
+        return None
+    return pairwise_accuracy(torch.stack(correct), torch.stack(wrong), tolerance)
 
 
 def relevance_from_index(text_to_video: torch.Tensor, num_videos: int) -> torch.Tensor:
@@ -156,11 +199,16 @@ def evaluate_retrieval(model: MugStan, records: list[VideoRecord], root: str | P
     frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision)
     kept = [i for i in range(len(records)) if ok[i] and records[i].captions]
     captions = [c for i in kept for c in records[i].captions]
-    owner = torch.tensor([j for j, i in enumerate(kept) for _ in records[i].captions])
     texts = encode_texts(model, captions, device, precision=precision)
     scores = score(model, texts, frames[kept])
     model.train(was_training)
-    metrics = retrieval_metrics(scores, relevance_from_index(owner, len(kept)))
+    # a caption is right for every video that carries it (duplicated captions are not misses)
+    videos = [records[i] for i in kept]
+    tolerance = score_tolerance(frames.shape[-1])
+    metrics = retrieval_metrics(scores, relevance_by_caption(captions, [v.captions for v in videos]), tolerance)
+    pairwise = pairwise_from_pairs(scores, captions, videos, tolerance)
+    if pairwise is not None:
+        metrics["pairwise_acc"] = pairwise
     metrics.update({"videos": len(kept), "texts": len(captions), "failed_videos": len(records) - int(ok.sum())})
     return metrics
 
@@ -204,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--label-column", default="label", help="recognition: class name or index column")
     p.add_argument("--class-names", help="recognition: text file, one class name per line")
-    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per clip (default: what the checkpoint was trained with, else 12)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--text-length", type=int, default=None, help="default: the checkpoint's (64)")
     p.add_argument("--mug-mode", choices=MODES, default=None,
@@ -234,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     from training.params import columns_from_args
 
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model = load_model(args.checkpoint, args.backbone, args.text_length).to(device)
     if args.mug_mode:
         model.config.mug = dataclasses.replace(model.config.mug, mode=args.mug_mode)
-    clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
+    frames = args.frames or model.config.frames or 12
+    clip = ClipSettings(frames=frames, size=args.image_size or model.image_size)
     columns = columns_from_args(args)
     if args.task == "recognition":
         if not args.class_names:
@@ -254,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate_retrieval(model, read_annotations(args.data, columns), args.video_root, clip, device,
                                      args.batch_size, args.workers, args.precision)
     metrics["mug_mode"] = model.config.mug.mode
+    metrics["frames"] = frames
     for key, value in metrics.items():
         print(f"{key:>10s}  {value:.2f}" if isinstance(value, float) else f"{key:>10s}  {value}")
     if args.output:

@@ -110,12 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", required=True)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints (0: epoch ends only)")
+    r.add_argument("--save-interval", type=int, default=1000, help="steps between training checkpoints, also written at epoch ends and the last step "
+                        "(0: none, only the final export, and the one --stop-at-step needs)")
     r.add_argument("--keep-checkpoints", type=int, default=3)
     r.add_argument("--resume", default=None, help="latest, or a checkpoint directory")
     r.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
     r.add_argument("--log-interval", type=int, default=10)
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--diagnostics-interval", type=int, default=100,
                    help="steps between temporal-branch diagnostics (order sensitivity on a fixed batch of "
                         "--diagnostics-clips training clips, branch norms and gradients; 0: off)")
@@ -145,7 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> MugStanConfig:
-    return model_config(args.backbone, no_stan=args.no_stan, stan_layers=args.stan_layers,
-                        fuse_layer=args.fuse_layer, mug_mode=args.mug_mode, mug_topk=args.mug_topk,
-                        drop_path=args.drop_path, freeze_backbone=args.freeze_backbone,
-                        text_length=args.text_length, seed=args.seed)
+    config = model_config(args.backbone, no_stan=args.no_stan, stan_layers=args.stan_layers,
+                          fuse_layer=args.fuse_layer, mug_mode=args.mug_mode, mug_topk=args.mug_topk,
+                          drop_path=args.drop_path, freeze_backbone=args.freeze_backbone,
+                          text_length=args.text_length, seed=args.seed)
+    config.frames = args.frames  # saved with the model: evaluation samples the same number by default
+    return config

@@ -215,6 +215,8 @@ def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, stat
 
 def run(args: argparse.Namespace) -> TrainResult:
     """Trains according to ``args`` (see :mod:`training.params`); joins the process group under torchrun."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     env = init_distributed(args.device)
     try:
         return _run(args, env)
@@ -255,7 +257,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     if args.resume:
         path = ckpt.resolve_resume(args.resume, output / "checkpoints")
         if path is None:
-            logger.info("--resume %s: no checkpoint yet, starting from scratch", args.resume)
+            logger.warning("--resume %s: nothing to resume in %s%s; starting from scratch", args.resume,
+                           output / "checkpoints",
+                           " (--save-interval 0 writes no checkpoint)" if args.save_interval == 0 else "")
         else:
             state = restore(path, model, optimizer, scheduler, scaler, monitor, args, env)
 
@@ -309,8 +313,10 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 stop = args.stop_at_step is not None and state.step >= args.stop_at_step
                 if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total:
                     _maybe_evaluate(model, args, env, state, run_logger)
-                if (args.save_interval and state.step % args.save_interval == 0) or epoch_end or stop \
-                        or state.step == total:
+                # --save-interval 0: no training checkpoint but the one --stop-at-step needs to resume
+                periodic = args.save_interval > 0 and (state.step % args.save_interval == 0 or epoch_end
+                                                       or state.step == total)
+                if periodic or stop:
                     save(model, optimizer, scheduler, scaler, monitor, state, args, env)
                 if stop or state.step >= total:
                     break
