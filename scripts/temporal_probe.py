@@ -1,33 +1,36 @@
 """Temporal probe: does the model know which way time runs? (plain-CLIP mean baseline vs STAN + Mug)
 
-Mirrors the paper's setting on a tiny scale, using the trainer itself
-(:func:`training.post_pretrain.train`) for every stage:
+One fixed recipe, decided in advance and the same for every motion family and for
+users' own data, run with the trainer itself (:func:`training.post_pretrain.train`):
 
 1. **image-text warm-up** (shared): the tiny random CLIP is first trained as an
-   image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``,
-   one random frame per visit) with appearance-only captions derived from the
-   video captions ("a red circle moving left" -> "a red circle"). Mug-STAN
-   post-pretrains a *pretrained* CLIP; from a random tower Mug's frame-token head
-   collapses (docs/temporal_probe.md).
-2. **video-text post-pretraining**: every variant starts from that same checkpoint
-   (``--init-from``; STAN's intra-frame modules copy the warmed-up layers) with the
-   same budget, on synthetic clips whose caption depends on frame order
-   (``moving left`` / ``moving right``, ``growing`` / ``shrinking``...), with a clip
-   and its time-reversed partner in the same batch (``--group-column pair``, hard
-   negatives), STAN's learning rate 10x the backbone's as in the paper.
+   image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``)
+   with the appearance-only captions of the ``appearance`` column ("a red circle"):
+   Mug-STAN post-pretrains a *pretrained* CLIP. Skipped when the data has no such column.
+2. **video-text post-pretraining**: every variant starts from that checkpoint
+   (``--init-from``) with the same budget, a clip and its time-reversed partner in
+   the same batch (``--group-column pair``), STAN's learning rate 10x the backbone's.
 
-Then, on held-out pairs, each test clip and its exact time reversal (the same
-decoded frames, flipped) are scored against the correct caption and the reversed one.
+Then each held-out clip and its exact time reversal (the same decoded frames,
+flipped) are scored against the clip's caption and its partner's:
 
-* pairwise accuracy: fraction of clips whose correct caption scores above the
-  reversed caption; ties count 0.5. A model whose video embedding ignores frame
-  order scores a clip and its reversal identically, so it gets exactly 0.5.
-* R@1: text-to-video and video-to-text over the gallery of test clips and their
-  reversals (clips with identical captions all count as correct; ties count against).
+* pairwise accuracy, per motion family (``family`` column) and overall: the right
+  caption above the reversed one; ties (within fp32 summation noise) count 0.5, so a
+  model blind to frame order gets exactly 0.5;
+* R@1 over the gallery of clips and reversals (ties count against).
 
-Usage (CPU, one thread)::
+Data: by default all motion families of :mod:`mugstan_chat.motions`, generated under
+``OUT/data``; or any folder of time-reversal pairs in the same layout
+(``--train-data DIR --test-data DIR``: ``DIR/annotations.csv`` with ``video``,
+``caption``, ``pair``, optional ``appearance`` and ``family``). Each variant's model
+is exported under ``OUT/runs/<variant>/final``; ``OUT/temporal_probe.json`` holds
+every figure.
 
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe
+Usage (CPU)::
+
+    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 20 min, 2 cores
+    python scripts/temporal_probe.py --out-dir runs/quick --quick             # a few minutes, fewer pairs
+    python scripts/temporal_probe.py --out-dir runs/mine --train-data my/train --test-data my/test
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,144 +49,202 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` is no
 import torch  # noqa: E402
 
 from mugstan_chat.model import MugStan  # noqa: E402
-from mugstan_chat.synthetic import MOTIONS, make_synthetic_videos  # noqa: E402
+from mugstan_chat.motions import FAMILIES, make_time_reversal_dataset  # noqa: E402
 
-from training.data import ClipSettings, EvalDataset, read_annotations  # noqa: E402
-from training.evaluate import encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics, score  # noqa: E402
+from training.data import ClipSettings, EvalDataset, VideoRecord  # noqa: E402
+from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,  # noqa: E402
+                               score, score_tolerance)
 from training.post_pretrain import train  # noqa: E402
 
+# The recipe, fixed in advance: no per-family or per-dataset settings.
+RECIPE = {
+    "image_steps": 300, "image_batch_size": 32, "image_lr": 1e-3,
+    "steps": 1000, "batch_size": 16, "frames": 8, "lr_backbone": 3e-4, "lr_stan": 3e-3,
+    "stan_layers": 4, "weight_decay": 0.05, "warmup_fraction": 0.05,
+}
+QUICK = {"steps": 400, "image_steps": 200}
+DATA = {"train_pairs_per_family": 12, "test_pairs_per_family": 4}
+QUICK_DATA = {"train_pairs_per_family": 6, "test_pairs_per_family": 2}
 # Headline STAN row first: Mug's default frame-token mode; frame-text (paper Table VIII) for comparison.
 VARIANTS = {
     "plain CLIP (mean)": ["--no-stan", "--mug-mode", "mean"],
     "STAN + Mug frame-token": ["--mug-mode", "frame-token"],
     "STAN + Mug frame-text": ["--mug-mode", "frame-text"],
 }
-VERBS = sorted({verb for pair in MOTIONS.values() for verb in pair}, key=len, reverse=True)
+REQUIRED = ("video", "caption", "pair")
 
 
-def appearance_caption(caption: str) -> str:
-    """The image caption of a frame: the video caption without its (order-dependent) motion verb."""
-    for verb in VERBS:
-        if caption.endswith(" " + verb):
-            return caption[: -len(verb) - 1]
-    raise ValueError(f"caption {caption!r} has no known motion verb")
+class ProbeDataError(ValueError):
+    """A --train-data / --test-data folder is not in the probe's layout."""
 
 
-def write_image_captions(data: Path) -> Path:
-    """``image_captions.csv`` beside ``annotations.csv``: same videos, appearance-only captions."""
-    with open(data / "annotations.csv", newline="") as handle:
+def read_pairs(folder: Path) -> list[dict]:
+    """The rows of ``folder/annotations.csv``, checked: the columns exist and every pair has two captions."""
+    path = folder / "annotations.csv"
+    if not path.is_file():
+        raise ProbeDataError(f"{path}: no such file (expected columns {', '.join(REQUIRED)}[, appearance, family])")
+    with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    path = data / "image_captions.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["video", "caption", "pair"])
-        writer.writeheader()
-        writer.writerows({**row, "caption": appearance_caption(row["caption"])} for row in rows)
-    return path
-
-
-def _test_pairs(data: Path) -> list[tuple[str, str, str]]:
-    """(forward video, forward caption, reversed caption) per held-out pair."""
-    with open(data / "annotations.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    by_pair: dict[str, list[dict]] = {}
+    missing = [c for c in REQUIRED if not rows or c not in rows[0]]
+    if missing:
+        raise ProbeDataError(f"{path}: missing column(s) {missing}")
+    pairs: dict[str, list[dict]] = {}
     for row in rows:
-        by_pair.setdefault(row["pair"], []).append(row)
-    return [(a["video"], a["caption"], b["caption"]) for a, b in by_pair.values()]
+        pairs.setdefault(row["pair"], []).append(row)
+    bad = [p for p, members in pairs.items() if len(members) != 2 or members[0]["caption"] == members[1]["caption"]]
+    if bad:
+        raise ProbeDataError(f"{path}: pair(s) {bad[:5]} do not hold exactly two clips with different captions")
+    return rows
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" + ", "-").replace(" ", "-").replace("(", "").replace(")", "")
 
 
 @torch.no_grad()
-def probe(model: MugStan, data: Path, frames: int) -> dict[str, float]:
-    """Pairwise accuracy and R@1 of a model on held-out clips and their exact time reversals."""
+def probe(model: MugStan, data: Path, frames: int) -> dict:
+    """Pairwise accuracy (overall and per family) and R@1 on held-out clips and their exact reversals."""
     model.eval()
-    pairs = _test_pairs(data)
-    records = read_annotations(data / "annotations.csv")
-    by_name = {r.video: r for r in records}
-    dataset = EvalDataset([by_name[v] for v, _, _ in pairs], data, ClipSettings(frames=frames, size=model.image_size))
-    clips = torch.stack([dataset[i]["video"] for i in range(len(pairs))])  # (N, T, 3, H, W)
-    gallery = torch.cat([clips, clips.flip(1)])  # forward clips, then the same frames reversed: (2N, ...)
-    captions = [fwd for _, fwd, _ in pairs] + [rev for _, _, rev in pairs]  # caption of each gallery clip
-    wrong = [rev for _, _, rev in pairs] + [fwd for _, fwd, _ in pairs]
+    rows = read_pairs(data)
+    first = {}
+    for row in rows:
+        first.setdefault(row["pair"], row)
+    partner = {row["pair"]: row["caption"] for row in rows if first[row["pair"]] is not row}
+    tests = list(first.values())
+    dataset = EvalDataset([VideoRecord(r["video"], [r["caption"]]) for r in tests], data,
+                          ClipSettings(frames=frames, size=model.image_size))
+    items = [dataset[i] for i in range(len(tests))]
+    failed = [tests[i]["video"] for i, item in enumerate(items) if not item["ok"]]
+    if failed:
+        raise ProbeDataError(f"{data}: cannot decode {failed[:5]}")
+    clips = torch.stack([item["video"] for item in items])  # (N, T, 3, H, W)
+    gallery = torch.cat([clips, clips.flip(1)])  # forward clips, then the same frames reversed
+    captions = [r["caption"] for r in tests] + [partner[r["pair"]] for r in tests]
+    wrong = [partner[r["pair"]] for r in tests] + [r["caption"] for r in tests]
     device = next(model.parameters()).device
-    video_feats = encode_clips(model, gallery, device)
+    video = encode_clips(model, gallery, device)
     unique = sorted(set(captions))
-    scores = score(model, encode_texts(model, unique, device), video_feats)  # (captions, 2N)
+    scores = score(model, encode_texts(model, unique, device), video)  # (captions, 2N)
     row = {c: i for i, c in enumerate(unique)}
     columns = torch.arange(len(captions))
-    correct = scores[[row[c] for c in captions], columns]
-    reversed_ = scores[[row[c] for c in wrong], columns]
+    correct, reversed_ = scores[[row[c] for c in captions], columns], scores[[row[c] for c in wrong], columns]
+    tolerance = score_tolerance(video.shape[-1])
+    families = [r.get("family") or "all" for r in tests] * 2
+    per_family = {}
+    for family in dict.fromkeys(families):
+        keep = torch.tensor([f == family for f in families])
+        per_family[family] = pairwise_accuracy(correct[keep], reversed_[keep], tolerance)
     relevant = torch.tensor([[c == u for c in captions] for u in unique])
-    metrics = retrieval_metrics(scores, relevant)
-    return {"pairwise_acc": pairwise_accuracy(correct, reversed_), "t2v_R@1": metrics["t2v_R@1"],
-            "v2t_R@1": metrics["v2t_R@1"], "test_clips": len(captions)}
+    metrics = retrieval_metrics(scores, relevant, tolerance)
+    return {"pairwise_acc": pairwise_accuracy(correct, reversed_, tolerance), "per_family": per_family,
+            "t2v_R@1": metrics["t2v_R@1"], "v2t_R@1": metrics["v2t_R@1"], "test_clips": len(captions)}
+
+
+def training_summary(run_dir: Path, losses: list[float], grouped: bool) -> dict:
+    """Smoothed final loss (mean of the last 10% of steps), the order-blind floor, and order sensitivity."""
+    tail = losses[-max(1, len(losses) // 10):]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    order = [(r["step"], r["order_sensitivity"]) for r in records if r.get("type") == "diagnostics"]
+    return {
+        "smoothed_final_loss": sum(tail) / len(tail),
+        # in a batch made only of pairs, a model blind to order can at best tie each clip with its
+        # reversal in both directions of the loss: ln 2 + ln 2
+        "order_blind_floor": 2 * math.log(2) if grouped else None,
+        "order_sensitivity": order,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default="runs/temporal_probe")
+    p.add_argument("--train-data", type=Path, default=None, help="folder of time-reversal pairs (annotations.csv)")
+    p.add_argument("--test-data", type=Path, default=None, help="held-out folder in the same layout")
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                   help="motion families to generate (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"fewer pairs and steps ({QUICK_DATA}, {QUICK}): a smoke run, not the measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                   help=f"subset of {list(VARIANTS)}")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default="runs/temporal_probe")
-    p.add_argument("--train-pairs", type=int, default=96)
-    p.add_argument("--test-pairs", type=int, default=24)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000, help="video-text steps of every variant")
-    p.add_argument("--batch-size", type=int, default=16, help="video-text batch (8 pairs when grouped)")
-    p.add_argument("--lr", type=float, default=3e-4, help="backbone learning rate of the video-text stage")
-    p.add_argument("--stan-lr-ratio", type=float, default=10.0, help="STAN lr = ratio x --lr (paper: 10)")
-    p.add_argument("--image-steps", type=int, default=600, help="image-text warm-up steps (0: start random)")
-    p.add_argument("--image-batch-size", type=int, default=32)
-    p.add_argument("--image-lr", type=float, default=1e-3, help="warm-up lr (the tiny backbone starts random)")
-    p.add_argument("--no-group", action="store_true", help="random batches instead of pairs batched together")
-    p.add_argument("--stan-layers", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
-                   help=f"subset of {list(VARIANTS)}")
-    args = p.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.train_data is None) != (args.test_data is None):
+        parser.error("--train-data and --test-data go together")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    recipe = {**RECIPE, **(QUICK if args.quick else {})}
     out = Path(args.out_dir)
-    train_data, test_data = out / "data" / "train", out / "data" / "test"
-    for folder, pairs, seed in ((train_data, args.train_pairs, args.seed), (test_data, args.test_pairs, args.seed + 1000)):
-        if not (folder / "annotations.csv").is_file():
-            make_synthetic_videos(folder, num=2 * pairs, seed=seed, size=64, frames=24)
-    common = ["--backbone", "tiny", "--video-root", str(train_data), "--weight-decay", "0.05",
-              "--seed", str(args.seed), "--workers", str(args.workers),
-              "--save-interval", "0", "--keep-checkpoints", "1", "--log-interval", "50"]
+    started = time.time()
+    if args.train_data is None:
+        sizes = QUICK_DATA if args.quick else DATA
+        train_data, test_data = out / "data" / "train", out / "data" / "test"
+        for folder, pairs, seed in ((train_data, sizes["train_pairs_per_family"], args.seed),
+                                    (test_data, sizes["test_pairs_per_family"], args.seed + 1000)):
+            if not (folder / "annotations.csv").is_file():
+                make_time_reversal_dataset(folder, pairs, seed=seed, families=args.families)
+    else:
+        train_data, test_data = args.train_data, args.test_data
+    try:
+        train_rows, _ = read_pairs(train_data), read_pairs(test_data)
+    except ProbeDataError as error:
+        parser.exit(2, f"error: {error}\n")
+    common = ["--backbone", "tiny", "--video-root", str(train_data), "--weight-decay", str(recipe["weight_decay"]),
+              "--seed", str(args.seed), "--workers", str(args.workers), "--save-interval", "0",
+              "--log-interval", "50", "--diagnostics-interval", "100"]
     init, warmup_seconds = [], 0.0
-    if args.image_steps > 0:  # stage 1: the shared image-text warm-up (plain CLIP on single frames)
+    if "appearance" in train_rows[0] and recipe["image_steps"] > 0:  # stage 1, shared by every variant
         start = time.time()
-        warm = train([*common, "--train-data", str(write_image_captions(train_data)), "--frames", "1",
-                      "--batch-size", str(args.image_batch_size), "--no-stan", "--mug-mode", "mean",
-                      "--max-steps", str(args.image_steps),
-                      "--lr-backbone", str(args.image_lr), "--lr-stan", str(args.image_lr),
-                      "--warmup-steps", str(max(1, args.image_steps // 20)),
+        warm = train([*common, "--train-data", str(train_data / "annotations.csv"), "--caption-column", "appearance",
+                      "--frames", "1", "--batch-size", str(recipe["image_batch_size"]), "--no-stan",
+                      "--mug-mode", "mean", "--max-steps", str(recipe["image_steps"]),
+                      "--lr-backbone", str(recipe["image_lr"]), "--lr-stan", str(recipe["image_lr"]),
+                      "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * recipe["image_steps"]))),
                       "--output-dir", str(out / "runs" / "image-text-warmup")])
         warmup_seconds = round(time.time() - start, 1)
         init = ["--init-from", str(warm.final_dir)]
-        print(f"image-text warm-up: {args.image_steps} steps, final loss {warm.losses[-1]:.3f}, "
-              f"{warmup_seconds:.0f} s", flush=True)
+        print(f"image-text warm-up: {recipe['image_steps']} steps, {warmup_seconds:.0f} s", flush=True)
+    else:
+        print("no 'appearance' column: no image-text warm-up (the tiny tower starts random)", flush=True)
     results = {}
     for name in [v for v in VARIANTS if v in args.variants]:  # stage 2: every variant from the same start
-        run_dir = out / "runs" / name.lower().replace(" + ", "-").replace(" ", "-").replace("(", "").replace(")", "")
+        run_dir = out / "runs" / _slug(name)
         start = time.time()
-        result = train([*common, *init, *([] if args.no_group else ["--group-column", "pair"]),
-                        "--train-data", str(train_data / "annotations.csv"), "--frames", str(args.frames),
-                        "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-                        "--lr-backbone", str(args.lr), "--lr-stan", str(args.lr * args.stan_lr_ratio), "--warmup-steps",
-                        str(max(1, args.steps // 20)), "--stan-layers", str(args.stan_layers),
+        result = train([*common, *init, "--group-column", "pair", "--train-data", str(train_data / "annotations.csv"),
+                        "--frames", str(recipe["frames"]), "--batch-size", str(recipe["batch_size"]),
+                        "--max-steps", str(recipe["steps"]), "--lr-backbone", str(recipe["lr_backbone"]),
+                        "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"]),
+                        "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * recipe["steps"]))),
                         "--output-dir", str(run_dir), *VARIANTS[name]])
+        seconds = round(time.time() - start, 1)
         model = MugStan.from_pretrained(result.final_dir)
-        results[name] = {**probe(model, test_data, args.frames), "final_loss": result.losses[-1],
-                         "train_seconds": round(time.time() - start, 1)}
-        print(f"{name}: {results[name]}", flush=True)
-    print(f"\n{'variant':<24s} {'pairwise acc':>12s} {'t2v R@1':>8s} {'v2t R@1':>8s} {'loss':>7s} {'time s':>7s}")
-    for name, r in results.items():
-        print(f"{name:<24s} {r['pairwise_acc']:>12.3f} {r['t2v_R@1']:>8.1f} {r['v2t_R@1']:>8.1f} "
-              f"{r['final_loss']:>7.3f} {r['train_seconds']:>7.1f}")
-    print(f"(shared image-text warm-up: {warmup_seconds:.0f} s)")
-    report = {"settings": vars(args), "warmup_seconds": warmup_seconds, "results": results}
-    (out / "temporal_probe.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out / 'temporal_probe.json'}")
+        results[name] = {**probe(model, test_data, recipe["frames"]),
+                         **training_summary(run_dir, result.losses, grouped=True),
+                         "train_seconds": seconds, "model": str(result.final_dir)}
+        print(f"{name}: pairwise {results[name]['pairwise_acc']:.3f} ({seconds:.0f} s)", flush=True)
+    report = {"settings": {**vars(args), "train_data": str(train_data), "test_data": str(test_data)},
+              "recipe": recipe, "warmup_seconds": warmup_seconds, "wall_seconds": round(time.time() - started, 1),
+              "results": results}
+    print_table(results)
+    (out / "temporal_probe.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out / 'temporal_probe.json'} ({report['wall_seconds'] / 60:.1f} min)")
     return 0
+
+
+def print_table(results: dict) -> None:
+    families = list(next(iter(results.values()))["per_family"]) if results else []
+    print(f"\n{'variant':<24s} {'pairwise':>8s} " + " ".join(f"{f[:9]:>9s}" for f in families)
+          + f" {'t2v R@1':>8s} {'loss':>6s} {'floor':>6s} {'order':>7s}")
+    for name, r in results.items():
+        order = r["order_sensitivity"][-1][1] if r["order_sensitivity"] else float("nan")
+        print(f"{name:<24s} {r['pairwise_acc']:>8.3f} " + " ".join(f"{r['per_family'][f]:>9.3f}" for f in families)
+              + f" {r['t2v_R@1']:>8.1f} {r['smoothed_final_loss']:>6.3f} {r['order_blind_floor']:>6.3f} "
+              f"{order:>7.4f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""The temporal probe's scoring and data checks (the training runs are measured in docs/temporal_probe.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugstan_chat.model import MugStan
+from mugstan_chat.motions import make_time_reversal_dataset
+from training.params import model_config
+
+_spec = importlib.util.spec_from_file_location(
+    "temporal_probe", Path(__file__).resolve().parents[1] / "scripts" / "temporal_probe.py")
+temporal_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(temporal_probe)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    make_time_reversal_dataset(folder, pairs_per_family=2, seed=5, families=("horizontal", "fade"), size=32,
+                               frames=8)
+    return folder
+
+
+def test_an_order_blind_model_scores_exactly_chance(pairs):
+    torch.manual_seed(0)
+    blind = MugStan(model_config("tiny", no_stan=True))
+    result = temporal_probe.probe(blind, pairs, frames=4)
+    assert result["pairwise_acc"] == 0.5 and result["per_family"] == {"horizontal": 0.5, "fade": 0.5}
+    assert result["t2v_R@1"] == 0.0  # no clip is retrieved ahead of its own reversal
+    assert result["test_clips"] == 8
+
+
+def test_data_folders_are_checked(tmp_path, pairs, capsys):
+    (tmp_path / "annotations.csv").write_text("video,caption\na.mp4,x\n")
+    with pytest.raises(temporal_probe.ProbeDataError, match=r"missing column\(s\) \['pair'\]"):
+        temporal_probe.read_pairs(tmp_path)
+    (tmp_path / "annotations.csv").write_text("video,caption,pair\na.mp4,x,0\nb.mp4,x,0\nc.mp4,y,1\n")
+    with pytest.raises(temporal_probe.ProbeDataError, match=r"pair\(s\) \['0', '1'\]"):
+        temporal_probe.read_pairs(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        temporal_probe.main(["--out-dir", str(tmp_path / "out"), "--train-data", str(tmp_path),
+                             "--test-data", str(pairs)])
+    assert exit_.value.code == 2 and "annotations.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        temporal_probe.main(["--train-data", str(pairs)])  # --test-data missing
