@@ -7,9 +7,17 @@ users' own data, run with the trainer itself (:func:`training.post_pretrain.trai
    image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``)
    with the appearance-only captions of the ``appearance`` column ("a red circle"):
    Mug-STAN post-pretrains a *pretrained* CLIP. Skipped when the data has no such column.
-2. **video-text post-pretraining**: every variant starts from that checkpoint
-   (``--init-from``) with the same budget, a clip and its time-reversed partner in
-   the same batch (``--group-column pair``), STAN's learning rate 10x the backbone's.
+2. **video-text warm-up of the towers** (shared): STAN + Mug with the end-of-text head
+   (``frame-text``) on the full captions; only the towers are kept. Mug's frame-token head
+   selects tokens with a near-hard softmax (tau = 100): when only appearance tokens are
+   aligned with video, as after stage 1, it never selects a token that carries the motion
+   words, both captions of a pair get the same text embedding, and the loss sits at the
+   order-blind floor with no gradient for order (docs/temporal_probe.md). This stage gives
+   the tiny text tower what a pretrained CLIP's has: an end-of-text token that carries them.
+3. **video-text post-pretraining**: every variant starts from those towers
+   (``--init-from``, so each builds a fresh STAN) with the same budget, a clip and its
+   time-reversed partner in the same batch (``--group-column pair``), STAN's learning
+   rate 10x the backbone's.
 
 Then each held-out clip and its exact time reversal (the same decoded frames,
 flipped) are scored against the clip's caption and its partner's:
@@ -59,10 +67,11 @@ from training.post_pretrain import train  # noqa: E402
 # The recipe, fixed in advance: no per-family or per-dataset settings.
 RECIPE = {
     "image_steps": 300, "image_batch_size": 32, "image_lr": 1e-3,
+    "video_warmup_steps": 1000,
     "steps": 1000, "batch_size": 16, "frames": 8, "lr_backbone": 3e-4, "lr_stan": 3e-3,
     "stan_layers": 4, "weight_decay": 0.05, "warmup_fraction": 0.05,
 }
-QUICK = {"steps": 400, "image_steps": 200}
+QUICK = {"steps": 300, "image_steps": 150, "video_warmup_steps": 300}
 DATA = {"train_pairs_per_family": 12, "test_pairs_per_family": 4}
 QUICK_DATA = {"train_pairs_per_family": 6, "test_pairs_per_family": 2}
 # Headline STAN row first: Mug's default frame-token mode; frame-text (paper Table VIII) for comparison.
@@ -211,16 +220,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image-text warm-up: {recipe['image_steps']} steps, {warmup_seconds:.0f} s", flush=True)
     else:
         print("no 'appearance' column: no image-text warm-up (the tiny tower starts random)", flush=True)
+    def video_stage(run_dir: Path, steps: int, variant: list[str]):
+        return train([*common, *init, "--group-column", "pair", "--train-data", str(train_data / "annotations.csv"),
+                      "--frames", str(recipe["frames"]), "--batch-size", str(recipe["batch_size"]),
+                      "--max-steps", str(steps), "--lr-backbone", str(recipe["lr_backbone"]),
+                      "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"]),
+                      "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * steps))),
+                      "--output-dir", str(run_dir), *variant])
+
+    video_warmup_seconds = 0.0
+    if recipe["video_warmup_steps"] > 0:  # stage 2, shared: the towers learn the captions' motion words
+        start = time.time()
+        warm = video_stage(out / "runs" / "video-text-warmup", recipe["video_warmup_steps"],
+                           ["--mug-mode", "frame-text"])
+        video_warmup_seconds = round(time.time() - start, 1)
+        init = ["--init-from", str(warm.final_dir)]  # its STAN is dropped: every variant builds a fresh branch
+        print(f"video-text warm-up: {recipe['video_warmup_steps']} steps, {video_warmup_seconds:.0f} s", flush=True)
     results = {}
-    for name in [v for v in VARIANTS if v in args.variants]:  # stage 2: every variant from the same start
+    for name in [v for v in VARIANTS if v in args.variants]:  # stage 3: every variant from the same start
         run_dir = out / "runs" / _slug(name)
         start = time.time()
-        result = train([*common, *init, "--group-column", "pair", "--train-data", str(train_data / "annotations.csv"),
-                        "--frames", str(recipe["frames"]), "--batch-size", str(recipe["batch_size"]),
-                        "--max-steps", str(recipe["steps"]), "--lr-backbone", str(recipe["lr_backbone"]),
-                        "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"]),
-                        "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * recipe["steps"]))),
-                        "--output-dir", str(run_dir), *VARIANTS[name]])
+        result = video_stage(run_dir, recipe["steps"], VARIANTS[name])
         seconds = round(time.time() - start, 1)
         model = MugStan.from_pretrained(result.final_dir)
         results[name] = {**probe(model, test_data, recipe["frames"]),
@@ -228,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                          "train_seconds": seconds, "model": str(result.final_dir)}
         print(f"{name}: pairwise {results[name]['pairwise_acc']:.3f} ({seconds:.0f} s)", flush=True)
     report = {"settings": {**vars(args), "train_data": str(train_data), "test_data": str(test_data)},
-              "recipe": recipe, "warmup_seconds": warmup_seconds, "wall_seconds": round(time.time() - started, 1),
+              "recipe": recipe, "warmup_seconds": warmup_seconds, "video_warmup_seconds": video_warmup_seconds,
+              "wall_seconds": round(time.time() - started, 1),
               "results": results}
     print_table(results)
     (out / "temporal_probe.json").write_text(json.dumps(report, indent=2, default=str))

@@ -17,7 +17,7 @@ import json
 import sys
 
 from .modes import MODES
-from .scoring import ANSWER_FORMATS, SCORINGS
+from .prompt import ANSWER_FORMATS, SCORINGS
 
 EVAL_MAX_NEW_TOKENS = 16  # generate scoring: room for "B" or "(B) the option text"
 
