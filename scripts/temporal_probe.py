@@ -36,7 +36,7 @@ every figure.
 
 Usage (CPU)::
 
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 20 min, 2 cores
+    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 21 min, 1 thread
     python scripts/temporal_probe.py --out-dir runs/quick --quick             # a few minutes, fewer pairs
     python scripts/temporal_probe.py --out-dir runs/mine --train-data my/train --test-data my/test
 """
