@@ -157,8 +157,11 @@ class ChatApp:
         path = os.fspath(video)
         name = os.path.basename(path)
         try:
-            info = self._check_video(path)
-            chat, cached = self._new_chat(path, int(frames), int(clips), temporal)
+            self._check_upload(path)
+            # the header's limits are checked on a miss only: a hit's bytes passed them when first encoded
+            chat, cached = self._new_chat(path, int(frames), int(clips), temporal,
+                                          before_decoding=lambda: self._check_header(path))
+            info = chat.video_info
         except (UploadRejected, VideoDecodeError, ValueError) as error:
             message = str(error).replace(path, name)  # never show server paths
             logger.info("video refused: %s", message)
@@ -224,9 +227,9 @@ class ChatApp:
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_video(self, path: str):
-        """Size and type checks before decoding, then the header (duration, resolution) limits."""
-        from mugstan_chat.video import SUPPORTED_EXTENSIONS, probe_video
+    def _check_upload(self, path: str) -> None:
+        """Size and type checks, before hashing or decoding."""
+        from mugstan_chat.video import SUPPORTED_EXTENSIONS
 
         if not os.path.isfile(path):
             raise UploadRejected("the file is missing")
@@ -235,9 +238,14 @@ class ChatApp:
             raise UploadRejected(f"the file is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB")
         if not path.lower().endswith(SUPPORTED_EXTENSIONS):
             raise UploadRejected(f"unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
-        return probe_video(path, self.video_limits)
 
-    def _new_chat(self, path: str, frames: int, clips: int, temporal: str):
+    def _check_header(self, path: str) -> None:
+        """The header's (duration, resolution) limits, before decoding."""
+        from mugstan_chat.video import probe_video
+
+        probe_video(path, self.video_limits)
+
+    def _new_chat(self, path: str, frames: int, clips: int, temporal: str, before_decoding=None):
         """A ChatSession with its own temporal mode, and whether its features came from the shared cache.
 
         On a miss it decodes and encodes the video now and stores the features for the next visitor.
@@ -248,7 +256,7 @@ class ChatApp:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
         chat = ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal,
                            limits=self.video_limits, prepare=False)
-        return chat, self.feature_cache.session_features(chat)
+        return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
 
     @property
     def video_limits(self):

@@ -117,22 +117,26 @@ class FeatureCache:
             self.bytes += size
             return True
 
-    def session_features(self, session, content_hash: str | None = None) -> bool:
+    def session_features(self, session, content_hash: str | None = None, before_decoding=None) -> bool:
         """Gives ``session`` its video features from the cache, or decodes, encodes and stores them.
 
         Args:
             session: a ``chat.ChatSession`` not yet prepared.
             content_hash: sha256 of the session's video file (default: hashed here).
+            before_decoding: called on a miss only, before the decoder (e.g. the app's header limit
+                checks: a hit's bytes passed them when they were encoded, so a hit skips them).
         Returns:
             True on a hit (the session reports its features as cached), False if it was encoded now.
         Raises:
-            whatever ``ChatSession.prepare`` raises (``video.VideoDecodeError`` ...); nothing is stored then.
+            whatever ``before_decoding`` or ``ChatSession.prepare`` raise (``video.VideoDecodeError`` ...); nothing is stored then.
         """
         key = session_key(session, content_hash or file_sha256(session.video_path))
         features = self.get(key)
         if features is not None:
             session.attach_features(features)
             return True
+        if before_decoding is not None:
+            before_decoding()
         session.prepare()
         self.put(key, session.video_features)
         return False

@@ -50,7 +50,11 @@ def _app(chat_model, cache_mb: float = 64.0):
     return app_module.ChatApp(chat_model, settings)
 
 
-def test_two_visitors_picking_the_same_example_share_one_decode_and_encode(chat_model, reads):
+def test_two_visitors_picking_the_same_example_share_one_decode_and_encode(chat_model, reads, monkeypatch):
+    import mugstan_chat.video as video_module
+
+    probes, real_probe = [], video_module.probe_video
+    monkeypatch.setattr(video_module, "probe_video", lambda *a, **k: probes.append(a[0]) or real_probe(*a, **k))
     app, example = _app(chat_model), str(EXAMPLES / "red_triangle_growing.mp4")
     calls = chat_model.tower.calls
     first, _, first_status = _load(app, example)
@@ -58,6 +62,8 @@ def test_two_visitors_picking_the_same_example_share_one_decode_and_encode(chat_
     second, _, second_status = _load(app, example)  # a new browser session: state None
     assert len(reads) == 1 and chat_model.tower.calls == calls + 1  # one decode, one encode for both
     assert "from the cache" not in first_status and "from the cache" in second_status
+    assert first_status.split("·")[0] == second_status.split("·")[0]  # duration and size, from the cached info
+    assert len(probes) == 1  # the hit's bytes passed the header limits when first encoded
     second, second_texts = _ask(app, second, "what happens?")
     answer, stats_line = second_texts[-1].rsplit("\n\n", 1)
     assert answer == first_texts[-1].rsplit("\n\n", 1)[0]  # greedy: the cached features give the same answer
