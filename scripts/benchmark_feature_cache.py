@@ -41,6 +41,9 @@ COLUMNS = ["round", "miss_load_ms", "hit_load_ms", "first_ttft_ms", "followup_tt
 
 def _import_app():
     """app.py lives at the repository root, outside the package."""
+    loaded = sys.modules.get("app")
+    if loaded is not None and getattr(loaded, "__file__", None) == str(benchlib.REPO_ROOT / "app.py"):
+        return loaded
     spec = importlib.util.spec_from_file_location("app", benchlib.REPO_ROOT / "app.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["app"] = module  # its dataclasses look their module up

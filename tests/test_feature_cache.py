@@ -7,6 +7,7 @@ never timed; the server's own use of the cache is in tests/test_server_service.p
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -166,3 +167,20 @@ def test_cache_size_option_is_checked_before_the_model_loads(chat_model, capsys)
     assert exit_info.value.code == 2 and "--feature-cache-mb" in capsys.readouterr().err
     assert app_module.build_parser().parse_args(["--demo"]).feature_cache_mb == 1024.0
     assert _app(chat_model, 2.0).feature_cache.max_bytes == 2 * 2**20
+
+
+def test_benchmark_script_measures_a_hit_against_a_follow_up(tmp_path, capsys):
+    sys.path.insert(0, str(EXAMPLES.parent / "scripts"))
+    try:
+        import benchmark_feature_cache
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cache.json"
+    assert benchmark_feature_cache.main(["--demo", "--runs", "2", "--new-tokens", "2", "--frames", "2",
+                                         "--out", str(out)]) == 0  # it raises unless A misses and B hits
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 and result["model"] == "demo"
+    for row in result["rows"]:
+        assert row["new_vs_followup"] == pytest.approx(row["new_session_ttft_ms"] / row["followup_ttft_ms"])
+        assert row["miss_load_ms"] > 0 and row["hit_load_ms"] > 0
+    assert "target: new-session TTFT" in capsys.readouterr().out
