@@ -37,9 +37,11 @@ class FeatureKey:
 def model_identity(chat_model) -> str:
     """What identifies the encoder of a loaded ``ChatModel``: checkpoint, STAN branch, dtype, quantization.
 
-    Why all four: the branch changes "stan" features, the dtype their values, and 4/8-bit
-    loading may quantise the projector. One cache serves one loaded model in practice;
-    the identity keeps a cache shared across reloads from returning another model's features.
+    Why: the branch changes "stan" features and the dtype their values. 4/8-bit loading keeps
+    the tower and projector in 16 bit today (loader's skip list), so quantisation is in the key
+    only so that a loader change can never serve stale features. One cache serves one loaded
+    model in practice; the identity keeps a cache that outlives a reload from returning
+    another model's features.
     """
     s = chat_model.settings
     return f"{s.model}|stan={s.stan}|{s.dtype}|{s.quantization or 'full'}"
