@@ -57,6 +57,7 @@ class AppSettings:
     concurrency: int = 1  # model jobs (encode or generate) at once
     queue_size: int = 16  # waiting jobs beyond this are refused
     max_sessions: int = 100  # browser sessions whose state is kept (least recently used are dropped)
+    feature_cache_mb: float = 1024.0  # encoded videos shared by all visitors (LRU, on the model's device); 0: off
     examples_dir: Path | None = EXAMPLES_DIR  # bundled example videos; None: no examples
 
     @property
@@ -109,8 +110,12 @@ class ChatApp:
     """
 
     def __init__(self, chat_model, settings: AppSettings | None = None):
+        from mugstan_chat.feature_cache import FeatureCache
+
         self.chat_model = chat_model
         self.settings = settings or AppSettings(frames=chat_model.settings.frames, clips=chat_model.settings.clips)
+        # one cache for every visitor: the same bytes with the same settings are decoded and encoded once
+        self.feature_cache = FeatureCache(int(self.settings.feature_cache_mb * 2**20))
 
     # ------------------------------------------------------------------ facts for the page
 
@@ -152,8 +157,11 @@ class ChatApp:
         path = os.fspath(video)
         name = os.path.basename(path)
         try:
-            info = self._check_video(path)
-            chat = self._new_chat(path, int(frames), int(clips), temporal)
+            self._check_upload(path)
+            # the header's limits are checked on a miss only: a hit's bytes passed them when first encoded
+            chat, cached = self._new_chat(path, int(frames), int(clips), temporal,
+                                          before_decoding=lambda: self._check_header(path))
+            info = chat.video_info
         except (UploadRejected, VideoDecodeError, ValueError) as error:
             message = str(error).replace(path, name)  # never show server paths
             logger.info("video refused: %s", message)
@@ -165,7 +173,8 @@ class ChatApp:
             return state, state.messages, f"⚠️ **{name}** was not loaded."
         state.chat, state.video_name = chat, name
         status = (f"**{name}**: {info.duration:.1f} s, {info.width}x{info.height} · {chat.clips} clip(s) x "
-                  f"{chat.frames} frames → {chat.visual_tokens} visual tokens · temporal `{temporal}`")
+                  f"{chat.frames} frames → {chat.visual_tokens} visual tokens · temporal `{temporal}`"
+                  + (" · features from the cache" if cached else ""))
         return state, state.messages, status
 
     def respond(self, question: str, state: UserSession | None, max_new_tokens: int = 512,
@@ -218,9 +227,9 @@ class ChatApp:
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_video(self, path: str):
-        """Size and type checks before decoding, then the header (duration, resolution) limits."""
-        from mugstan_chat.video import SUPPORTED_EXTENSIONS, probe_video
+    def _check_upload(self, path: str) -> None:
+        """Size and type checks, before hashing or decoding."""
+        from mugstan_chat.video import SUPPORTED_EXTENSIONS
 
         if not os.path.isfile(path):
             raise UploadRejected("the file is missing")
@@ -229,16 +238,25 @@ class ChatApp:
             raise UploadRejected(f"the file is {size / 2**20:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB")
         if not path.lower().endswith(SUPPORTED_EXTENSIONS):
             raise UploadRejected(f"unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
-        return probe_video(path, self.video_limits)
 
-    def _new_chat(self, path: str, frames: int, clips: int, temporal: str):
-        """A ChatSession with its own temporal mode; it decodes and encodes the video now."""
+    def _check_header(self, path: str) -> None:
+        """The header's (duration, resolution) limits, before decoding."""
+        from mugstan_chat.video import probe_video
+
+        probe_video(path, self.video_limits)
+
+    def _new_chat(self, path: str, frames: int, clips: int, temporal: str, before_decoding=None):
+        """A ChatSession with its own temporal mode, and whether its features came from the shared cache.
+
+        On a miss it decodes and encodes the video now and stores the features for the next visitor.
+        """
         from mugstan_chat.chat import ChatSession
 
         if temporal not in self.temporal_modes:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
-        return ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal,
-                           limits=self.video_limits)
+        chat = ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal,
+                           limits=self.video_limits, prepare=False)
+        return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
 
     @property
     def video_limits(self):
@@ -397,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="waiting jobs; more are refused with 'queue is full' (default: %(default)s)")
     server.add_argument("--max-sessions", type=int, default=100,
                         help="browser sessions whose chat state is kept (default: %(default)s)")
+    server.add_argument("--feature-cache-mb", type=float, default=1024.0,
+                        help="memory for encoded videos shared by all visitors, least recently used out; "
+                             "0 turns the cache off (default: %(default)s)")
     server.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
     return parser
 
@@ -447,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_upload_mb <= 0 or args.max_video_seconds <= 0:
         parser.error("--max-upload-mb and --max-video-seconds must be positive")
+    if not 0 <= args.feature_cache_mb < float("inf"):  # also refuses nan
+        parser.error("--feature-cache-mb must be a finite number, 0 or more")
     busy = port_in_use(args.host, args.port)
     if busy:
         print(port_message("app.py", args.host, args.port, busy), file=sys.stderr)
@@ -477,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds,
         concurrency=args.concurrency, queue_size=args.queue_size, max_sessions=args.max_sessions,
-        examples_dir=examples_dir)
+        feature_cache_mb=args.feature_cache_mb, examples_dir=examples_dir)
     demo = build_demo(chat_model, settings)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
     try:

@@ -24,7 +24,9 @@ import sys
 import traceback
 
 PROG = "mugstan-chat"
-CHAT_COMMANDS = "commands: /reset clears the conversation, /exit (or /quit) quits, /help shows this"
+CHAT_COMMANDS = ("commands: /reset clears the conversation (the video stays encoded), /video PATH starts a "
+                 "conversation about another video (videos seen before come from the feature cache), "
+                 "/exit (or /quit) quits, /help shows this")
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
 
 
@@ -77,6 +79,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cache_mb(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     shared = model_options()
     parser = argparse.ArgumentParser(prog=PROG, description="Zero-shot video chat: LLaVA with a Mug-STAN video tower.")
@@ -87,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object (answer, settings, timings)")
     chat = commands.add_parser("chat", parents=[shared], help="multi-turn chat about a video (/reset, /exit)")
     chat.add_argument("video", help="video file")
+    chat.add_argument("--feature-cache-mb", type=_cache_mb, default=1024.0,
+                      help="memory for encoded videos that /video returns to, least recently used out; "
+                           "0 turns the cache off (default: %(default)s)")
     from .evaluation.cli import add_eval_command
 
     add_eval_command(commands, shared)  # multiple-choice video QA: docs/evaluation.md
@@ -104,14 +116,14 @@ def _load(args):
         demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
 
 
-def _session(args, chat_model, prepare: bool):
+def _session(args, chat_model, prepare: bool, video: str | None = None):
     from .chat import ChatSession, GenerationSettings
 
     max_new = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if args.demo else GenerationSettings.max_new_tokens)
     generation = GenerationSettings(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                                     repetition_penalty=args.repetition_penalty)
     generation.generate_kwargs()  # validates before any work
-    return ChatSession(chat_model, args.video, frames=args.frames, clips=args.clips, generation=generation,
+    return ChatSession(chat_model, video or args.video, frames=args.frames, clips=args.clips, generation=generation,
                        prepare=prepare)
 
 
@@ -197,17 +209,16 @@ def _run_ask(args) -> int:
 
 def _run_chat(args) -> int:
     from .chat import ConversationTooLong
+    from .feature_cache import FeatureCache
+    from .video import VideoDecodeError
 
     _check_video(args.video, args.debug)
     chat_model = _load(args)
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
-    session = _session(args, chat_model, prepare=True)
+    cache = FeatureCache(int(args.feature_cache_mb * 2**20))
+    session = _open_chat(args, chat_model, cache, args.video)
     interactive = sys.stdin.isatty()
-    info = session.video_info
-    print(f"video: {args.video} ({info.width}x{info.height}, {info.duration:.1f} s; {session.clips} clip(s) x "
-          f"{session.frames} frames, {session.visual_tokens} visual tokens, temporal: {session.temporal}); "
-          "/help lists the commands", file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -221,6 +232,16 @@ def _run_chat(args) -> int:
         if question == "/reset":
             session.reset()
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if question.startswith("/video ") or question == "/video":
+            path = question[len("/video"):].strip()
+            try:
+                if not path:
+                    raise ValueError("/video needs a file: /video PATH")
+                _check_video(path, args.debug)
+                session = _open_chat(args, chat_model, cache, path)
+            except (VideoDecodeError, ValueError, OSError) as error:  # one line; the chat goes on
+                print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
             continue
         if question in ("/help", "/?") or (question.startswith("/") and " " not in question):
             known = question in ("/help", "/?")
@@ -238,6 +259,17 @@ def _run_chat(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0
+
+
+def _open_chat(args, chat_model, cache, path: str):
+    """A new conversation about ``path``; its features come from ``cache`` when this video was seen."""
+    session = _session(args, chat_model, prepare=False, video=path)
+    cached = cache.session_features(session)
+    info = session.video_info
+    print(f"video: {path} ({info.width}x{info.height}, {info.duration:.1f} s; {session.clips} clip(s) x "
+          f"{session.frames} frames, {session.visual_tokens} visual tokens, temporal: {session.temporal}"
+          + ("; features from the cache" if cached else "") + "); /help lists the commands", file=sys.stderr)
+    return session
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

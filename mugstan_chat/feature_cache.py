@@ -6,10 +6,16 @@ cache is what lets the tenth question about a video skip the decoder and the vid
 tower. Entries are keyed by everything that changes the features (the content hash
 of the file, frames, clips, temporal mode, time window, the model) and bounded in
 bytes, the resource that runs out; the least recently used entry goes first.
+
+The server, the web app (one cache shared by every visitor) and the CLI's ``chat``
+command all build their keys here (:func:`model_identity`, :func:`file_sha256`,
+:func:`session_key`), so the three agree on what makes two encodings the same.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +32,41 @@ class FeatureKey:
     start: float | None  # time window in seconds (None: the whole video)
     end: float | None
     model: str  # identity of the model and branch that encoded them
+
+
+def model_identity(chat_model) -> str:
+    """What identifies the encoder of a loaded ``ChatModel``: checkpoint, STAN branch, dtype, quantization.
+
+    Why: the branch changes "stan" features and the dtype their values. 4/8-bit loading keeps
+    the tower and projector in 16 bit today (loader's skip list), so quantisation is in the key
+    only so that a loader change can never serve stale features. One cache serves one loaded
+    model in practice; the identity keeps a cache that outlives a reload from returning
+    another model's features.
+    """
+    s = chat_model.settings
+    return f"{s.model}|stan={s.stan}|{s.dtype}|{s.quantization or 'full'}"
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (an upload may be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def session_key(session, content_hash: str) -> FeatureKey:
+    """The key of a ``chat.ChatSession``'s video features, given its file's content hash.
+
+    Every setting of the session that changes its features is in the key: frames, clips,
+    temporal mode ("concat" for the frames-as-images baseline, whose features differ from
+    both modes), time window and the model's identity.
+    """
+    start, end = session.window
+    temporal = "concat" if session.frames_as_images else session.temporal
+    return FeatureKey(content_hash, session.frames, session.clips, temporal, start, end,
+                      model_identity(session.chat_model))
 
 
 def features_nbytes(features) -> int:
@@ -77,6 +118,30 @@ class FeatureCache:
             self._entries[key] = (features, size)
             self.bytes += size
             return True
+
+    def session_features(self, session, content_hash: str | None = None, before_decoding=None) -> bool:
+        """Gives ``session`` its video features from the cache, or decodes, encodes and stores them.
+
+        Args:
+            session: a ``chat.ChatSession`` not yet prepared.
+            content_hash: sha256 of the session's video file (default: hashed here).
+            before_decoding: called on a miss only, before the decoder (e.g. the app's header limit
+                checks: a hit's bytes passed them when they were encoded, so a hit skips them).
+        Returns:
+            True on a hit (the session reports its features as cached), False if it was encoded now.
+        Raises:
+            whatever ``before_decoding`` or ``ChatSession.prepare`` raise (``video.VideoDecodeError`` ...); nothing is stored then.
+        """
+        key = session_key(session, content_hash or file_sha256(session.video_path))
+        features = self.get(key)
+        if features is not None:
+            session.attach_features(features)
+            return True
+        if before_decoding is not None:
+            before_decoding()
+        session.prepare()
+        self.put(key, session.video_features)
+        return False
 
     def __len__(self) -> int:
         return len(self._entries)

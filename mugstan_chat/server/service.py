@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import ChatSession, ConversationTooLong, GenerationSettings, encode_image
-from ..feature_cache import FeatureCache, FeatureKey
+from ..feature_cache import FeatureCache, FeatureKey, model_identity
 from ..video import VideoDecodeError, VideoLimits
 from .media import MediaFetcher, describe_url, open_image
 from .protocol import APIError, ChatCompletionRequest, bad_request
@@ -240,8 +240,7 @@ class ChatService:
         self.config = config
         self.fetcher = fetcher
         self.cache = cache
-        settings = chat_model.settings
-        self.model_identity = f"{settings.model}|stan={settings.stan}|{settings.dtype}"
+        self.model_identity = model_identity(chat_model)  # the same identity the app and the CLI key by
         self._lock = threading.Lock()
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0, "video_encodes": 0,
                          "image_encodes": 0, "completion_tokens": 0}
