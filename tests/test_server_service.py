@@ -3,6 +3,8 @@ sequences, admission control, the ChatSession hooks it uses, and argument checks
 
 from __future__ import annotations
 
+import time
+
 import asyncio
 import base64
 import threading
@@ -343,4 +345,9 @@ def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, 
         assert whole.status_code == 500 and "RuntimeError" in whole.json()["error"]["message"]
         monkeypatch.undo()
         assert client.post("/v1/chat/completions", json=body).status_code == 200
+        # the slot is released on the event loop once the worker thread has ended, which can be just
+        # after the response went out: wait for it, boundedly
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert client.get("/health").json()["running"] == 0
