@@ -309,7 +309,8 @@ def bench_configs(chat_model: ChatModel, video: Path, configs: list[tuple[str, i
         row["ttft_runs_ms"] = [r["ttft_ms"] for r in runs]
         row["followup_vs_text"] = row["followup_ttft_ms"] / row["text_only_ttft_ms"]
         row["followup_vs_text_best"] = row["followup_ttft_best_ms"] / row["text_only_ttft_best_ms"]
-        row.update(peak_first_turn(chat_model, video, mode, frames, args.new_tokens))
+        if not args.no_peak:
+            row.update(peak_first_turn(chat_model, video, mode, frames, args.new_tokens))
         row["over_real_context"] = row["prompt_tokens"] + args.new_tokens > args.real_context
         rows.append(row)
     return rows
@@ -461,6 +462,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 steadies a tiny model on a loaded machine; default: torch's)")
     parser.add_argument("--no-floors", action="store_true", help="skip FLOP counting and the peak-rate test")
+    parser.add_argument("--no-peak", action="store_true", help="skip the extra first turn that measures peak memory")
     parser.add_argument("--turns", type=int, default=10,
                         help="conversation length for the follow-up table, KV reuse on/off (0: skip it)")
     parser.add_argument("--followup-frames", type=int, default=None, help="T for the follow-up table "
