@@ -19,10 +19,14 @@ Warm-up first, then medians of ``--runs``; all modes in one process on the same 
 
     python scripts/benchmark_chat.py --demo --out runs/bench/chat_demo.json --plot     # CPU, tiny model
     python scripts/benchmark_chat.py --size 7b --out runs/bench/chat_7b.json --plot    # GPU, random 7B
+    python scripts/benchmark_chat.py --size small --device cpu --modes stan --frames 8 --runs 2   # CPU, 0.5B LM
     python scripts/benchmark_chat.py --model llava-hf/llava-1.5-7b-hf --stan BRANCH_DIR --out chat.json
 
 ``--size 7b`` builds LLaVA-1.5-7B's shapes (Llama-2-7B, CLIP-L/14-336, 2-layer MLP projector)
-plus a random STAN branch straight on the GPU in bf16, with random weights: no download.
+plus a random STAN branch straight on the GPU in bf16, with random weights: no download. ``--size small``
+keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide), fp32 on a CPU.
+The follow-up table (:mod:`chat_followups`) times turns 2, 5 and 10 of one conversation with
+conversation KV reuse on and off.
 Timing definitions (also in the JSON under ``definitions``) are in :data:`DEFINITIONS`.
 """
 
