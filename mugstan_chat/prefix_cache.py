@@ -23,7 +23,11 @@ from collections import OrderedDict
 
 import torch
 
-DEFAULT_BUDGET_BYTES = int(float(os.environ.get("MUGSTAN_KV_BUDGET_MB", "2048")) * 2**20)
+DEFAULT_BUDGET_MB = 2048  # MUGSTAN_KV_BUDGET_MB overrides it (read when a budget is created)
+
+
+def default_budget_bytes() -> int:
+    return int(float(os.environ.get("MUGSTAN_KV_BUDGET_MB", DEFAULT_BUDGET_MB)) * 2**20)
 
 
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -63,7 +67,8 @@ class CacheBudget:
     nothing. Thread-safe; sessions are held weakly (a closed session frees its share).
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_BUDGET_BYTES):
+    def __init__(self, max_bytes: int | None = None):
+        max_bytes = default_budget_bytes() if max_bytes is None else max_bytes
         if max_bytes < 0:
             raise ValueError(f"cache budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
