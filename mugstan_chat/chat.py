@@ -8,6 +8,10 @@ processor's own chat template (one ``{"type": "image"}`` entry per clip in the
 first user turn), and each ``<image>`` is expanded to one clip's worth of
 placeholder tokens, as the processor does for an image.
 
+Each session also keeps its conversation's language-model cache (keys/values of the
+previous prompt and answer); the next question prefills only the tokens after the
+longest common prefix (:mod:`mugstan_chat.prefix_cache`), with the same answers.
+
 Sessions are independent objects: a server holds one per conversation.
 """
 
@@ -26,6 +30,7 @@ from typing import Iterator
 import torch
 
 from .loader import ChatModel
+from .prefix_cache import CacheBudget, budget_for, cache_bytes, common_prefix_length
 from .video import VideoClips, VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
@@ -81,6 +86,8 @@ class TurnStats:
     max_new_tokens: int = 0  # the limit this turn ran with, after clipping to the context
     clipped: bool = False  # max_new_tokens was reduced to fit the context
     cached_features: bool = False  # the video features came from the session's cache
+    prefill_tokens: int = 0  # prompt tokens run through the language model (the rest came from the KV cache)
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous turn's cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,15 +181,22 @@ class ChatSession:
         frames_as_images: give LLaVA every decoded frame as its own image (C x T ``<image>``
             entries, plain CLIP per frame: the frame-concatenation baseline) instead of one
             image's worth per clip; the frames are the same C x T the clips would use.
+        reuse_cache: keep the conversation's KV cache and prefill only new tokens (same answers;
+            False recomputes the whole prompt every turn, for tests and benchmarks).
+        cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
+            (default: the one shared by all sessions on this model, :func:`prefix_cache.budget_for`).
 
     Raises (when preparing):
+        ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
+            before any frame is decoded; the message names the largest clips that fits).
         video.VideoDecodeError: missing or undecodable video (the message names the file).
     """
 
     def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
-                 limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False):
+                 limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
+                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.frames = frames or chat_model.settings.frames
@@ -203,6 +217,10 @@ class ChatSession:
         self.turns: list[TurnStats] = []
         self._video: _VideoFeatures | None = None
         self._lock = threading.Lock()  # one generation at a time per session
+        self.reuse_cache = reuse_cache
+        self.cache_budget = cache_budget if cache_budget is not None else budget_for(chat_model.model)
+        self._kv = None  # the language model's cache of the conversation so far (a DynamicCache)
+        self._kv_ids: torch.Tensor | None = None  # (N,) the token ids whose keys/values _kv holds
         if prepare:
             self.prepare()
 
@@ -248,6 +266,7 @@ class ChatSession:
         """
         if len(features.features) != self.clips:
             raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
+        self.drop_prefix_cache()  # new features behind the same placeholder ids: the cache is stale
         self._video = dataclasses.replace(features, reported=cached)
 
     def prepare(self, decoded: VideoClips | None = None) -> bool:
@@ -258,6 +277,7 @@ class ChatSession:
         """
         if self._video is not None:
             return False
+        self.check_fits()  # before decoding a frame
         processor, model = self.chat_model.processor, self.chat_model.model
         t0 = time.perf_counter()
         start, end = self.window
@@ -281,6 +301,7 @@ class ChatSession:
         if tower.device.type == "cuda":
             torch.cuda.synchronize(tower.device)
         t2 = time.perf_counter()
+        self.drop_prefix_cache()
         self._video = _VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
         logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
                     self.video_path, self.clips, self.frames, self.visual_tokens, (t1 - t0) * 1000, (t2 - t1) * 1000)
@@ -289,8 +310,23 @@ class ChatSession:
     # ----------------------------------------------------------------- conversation
 
     def reset(self) -> None:
-        """Forgets the conversation; keeps the video features."""
+        """Forgets the conversation; keeps the video features.
+
+        The KV cache stays: the next prompt shares its system and video prefix, and only
+        what matches the new prompt token for token is reused.
+        """
         self.history.clear()
+
+    def drop_prefix_cache(self) -> None:
+        """Frees the conversation's KV cache (the next question prefills its whole prompt)."""
+        self._kv = None
+        self._kv_ids = None
+        self.cache_budget.release(self)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys/values the session holds for the next question (0: none)."""
+        return 0 if self._kv_ids is None else int(self._kv_ids.numel())
 
     def undo_last(self) -> tuple[str, str] | None:
         """Forgets the last question and its answer (to ask it again); returns them, or None."""
@@ -304,15 +340,19 @@ class ChatSession:
     def last_stats(self) -> TurnStats | None:
         return self.turns[-1] if self.turns else None
 
-    def messages(self, question: str | None = None) -> list[dict]:
-        """The conversation in the processor's chat format, with an optional new question."""
+    def messages(self, question: str | None = None, images: int | None = None) -> list[dict]:
+        """The conversation in the processor's chat format, with an optional new question.
+
+        ``images``: ``<image>`` entries in the first user turn (default: this session's).
+        """
+        images = self.images if images is None else images
         messages = []
         if self.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         turns = self.history + ([(question, None)] if question is not None else [])
         image_token = getattr(self.chat_model.processor, "image_token", "<image>")
         for i, (q, a) in enumerate(turns):
-            content = [{"type": "image"} for _ in range(self.images)] if i == 0 else []
+            content = [{"type": "image"} for _ in range(images)] if i == 0 else []
             text = neutralise_image_token(q, image_token)  # the user's text never becomes a placeholder
             messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
             if a is not None:
@@ -326,28 +366,71 @@ class ChatSession:
         ``prompt_text(q) + continuation`` against it; :meth:`build_prompt` tokenises it alone.
         """
         self.prepare()
-        processor = self.chat_model.processor
-        text = processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
-        image_token = processor.image_token
-        if text.count(image_token) != self.images:
-            raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
-                             f"for {self.images} images")
-        per_clip = self._video.features[0].shape[0]
-        return text.replace(image_token, image_token * per_clip)
+        return self._prompt_text(question, self.images)
 
-    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
-        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
-        text = self.prompt_text(question)
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens one ``<image>`` expands to; known from the configs before any encoding."""
+        if self._video is not None:
+            return self._video.features[0].shape[0]
+        config = self.chat_model.model.config
+        drop_cls = config.vision_feature_select_strategy == "default"  # LLaVA drops [CLS] under "default"
+        return self.chat_model.tower.tokens_per_clip - int(drop_cls)
+
+    def _prompt_text(self, question: str, images: int) -> str:
+        processor = self.chat_model.processor
+        text = processor.apply_chat_template(self.messages(question, images), add_generation_prompt=True,
+                                             tokenize=False)
+        image_token = processor.image_token
+        if text.count(image_token) != images:
+            raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
+                             f"for {images} images")
+        return text.replace(image_token, image_token * self.tokens_per_image)
+
+    def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
         tokenizer = self.chat_model.processor.tokenizer
         # like the processor: no extra BOS when the template already starts with one
         add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
+    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+        return self._tokenize(self.prompt_text(question))
+
+    def _prompt_tokens(self, question: str, clips: int) -> int:
+        images = clips * self.frames if self.frames_as_images else clips
+        return self._tokenize(self._prompt_text(question, images))["input_ids"].shape[1]
+
+    def check_fits(self, question: str = "") -> int:
+        """Prompt tokens of the conversation plus ``question``, computed without decoding or encoding.
+
+        Raises:
+            ConversationTooLong: no room is left for one answer token; the message gives the
+                largest number of clips that fits (0 if not even one clip does).
+        """
+        context = self.chat_model.context_length
+        tokens = self._prompt_tokens(question, self.clips)
+        if tokens < context:
+            return tokens
+        one = self._prompt_tokens(question, 1)
+        per_clip = max(1, self._prompt_tokens(question, 2) - one)
+        largest = 0 if one >= context else 1 + (context - 1 - one) // per_clip
+        while largest > 0 and self._prompt_tokens(question, largest) >= context:
+            largest -= 1
+        unit = f"{self.frames} frames x {self.tokens_per_image}" if self.frames_as_images else f"{self.tokens_per_image}"
+        advice = (f"the largest --clips that fits is {largest}" if largest else
+                  "not even one clip fits: use fewer frames or a model with a longer context")
+        raise ConversationTooLong(
+            f"{self.clips} clip(s) x {unit} visual tokens make a prompt of {tokens} tokens and the model's "
+            f"context is {context}: {advice} (nothing was decoded)")
+
     def _start_turn(self, question: str):
         if not question or not question.strip():
             raise ValueError("empty question")
         started = time.perf_counter()
+        if not self.prepared:
+            self.check_fits(question.strip())  # refuse before decoding a frame
         self.prepare()
         inputs = self.build_prompt(question.strip())
         prompt_tokens = inputs["input_ids"].shape[1]
@@ -369,16 +452,52 @@ class ChatSession:
         device = self.chat_model.device
         kwargs = {k: v.to(device) for k, v in inputs.items()}
         kwargs.update(self.generation.generate_kwargs())
-        kwargs.update(max_new_tokens=max_new, mm_encoder_outputs=self._cached_outputs())
+        kwargs.update(max_new_tokens=max_new)
+        ids = inputs["input_ids"][0]
+        reused = 0
+        if self.reuse_cache:
+            kwargs["cache"], reused = self._take_cache(ids)
+        if (ids[reused:] == self.chat_model.model.config.image_token_id).any():
+            kwargs["mm_encoder_outputs"] = self._cached_outputs()  # placeholders left to fill
+        stats.prefill_tokens, stats.reused_tokens = prompt_tokens - reused, reused
         tokenizer = self.chat_model.processor.tokenizer
         if tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return question.strip(), started, stats, kwargs
 
-    def _record(self, question: str, answer: str, stats: TurnStats) -> None:
+    def _take_cache(self, ids: torch.Tensor):
+        """The session's cache cropped to its longest common prefix with ``ids``, and that length.
+
+        The cache leaves the session for the turn (a failed turn leaves none behind). At
+        least one token is always prefilled (it yields the first answer token's logits), and
+        the video placeholders are never split: LLaVA fills them from the features only in
+        the prefilled part, so the prefix either covers all of them or stops before the first.
+        """
+        from transformers import DynamicCache
+
+        cache, cached_ids = self._kv, self._kv_ids
+        self.drop_prefix_cache()
+        keep = 0
+        if cache is not None:
+            keep = min(common_prefix_length(cached_ids, ids), ids.numel() - 1)
+            image = (ids == self.chat_model.model.config.image_token_id).nonzero()
+            if image.numel() and int(image[0]) < keep <= int(image[-1]):
+                keep = int(image[0])
+        if keep == 0:
+            return DynamicCache(config=self.chat_model.model.config), 0
+        cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to remove
+        return cache, keep
+
+    def _record(self, question: str, answer: str, stats: TurnStats, sequence: torch.Tensor | None = None,
+                cache=None) -> None:
+        """Adds the turn; keeps ``cache`` (keys/values of ``sequence``'s first tokens) for the next one."""
         self.history.append((question, answer))
         self.turns.append(stats)
         self._video.reported = True
+        if cache is not None and sequence is not None:
+            held = cache.get_seq_length()  # the last generated token was never fed back: not in the cache
+            self._kv, self._kv_ids = cache, sequence[:held].detach().cpu()
+            self.cache_budget.charge(self, cache_bytes(cache))
 
     @contextlib.contextmanager
     def _busy(self):
@@ -408,7 +527,7 @@ class ChatSession:
             answer = self.chat_model.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
             stats.new_tokens = int(new.numel())
             stats.total_ms = (finished - started) * 1000
-            self._record(question, answer, stats)
+            self._record(question, answer, stats, output[0], kwargs.get("cache"))
             return answer
 
     def ask_stream(self, question: str, stop: threading.Event | None = None) -> Iterator[str]:
@@ -427,11 +546,12 @@ class ChatSession:
 
             kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
             errors: list[BaseException] = []
+            outputs: list[torch.Tensor] = []
 
             def run():
                 try:
                     with torch.inference_mode():
-                        self.chat_model.model.generate(**kwargs)
+                        outputs.append(self.chat_model.model.generate(**kwargs))
                 except BaseException as error:  # re-raised in the consumer's thread
                     errors.append(error)
                     streamer.end()
@@ -453,7 +573,8 @@ class ChatSession:
                 stats.total_ms = (finished - started) * 1000
                 stats.new_tokens = streamer.new_tokens
                 if not errors:
-                    self._record(question, "".join(pieces).strip(), stats)
+                    sequence = outputs[0][0] if outputs else None
+                    self._record(question, "".join(pieces).strip(), stats, sequence, kwargs.get("cache"))
             if errors:
                 raise errors[0]
 

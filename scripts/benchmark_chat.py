@@ -19,10 +19,14 @@ Warm-up first, then medians of ``--runs``; all modes in one process on the same 
 
     python scripts/benchmark_chat.py --demo --out runs/bench/chat_demo.json --plot     # CPU, tiny model
     python scripts/benchmark_chat.py --size 7b --out runs/bench/chat_7b.json --plot    # GPU, random 7B
+    python scripts/benchmark_chat.py --size small --device cpu --modes stan --frames 8 --runs 2   # CPU, 0.5B LM
     python scripts/benchmark_chat.py --model llava-hf/llava-1.5-7b-hf --stan BRANCH_DIR --out chat.json
 
 ``--size 7b`` builds LLaVA-1.5-7B's shapes (Llama-2-7B, CLIP-L/14-336, 2-layer MLP projector)
-plus a random STAN branch straight on the GPU in bf16, with random weights: no download.
+plus a random STAN branch straight on the GPU in bf16, with random weights: no download. ``--size small``
+keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide), fp32 on a CPU.
+The follow-up table (:mod:`chat_followups`) times turns 2, 5 and 10 of one conversation with
+conversation KV reuse on and off.
 Timing definitions (also in the JSON under ``definitions``) are in :data:`DEFINITIONS`.
 """
 
@@ -40,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402  (also puts the repo root on sys.path)
+import chat_followups  # noqa: E402
 
 import torch  # noqa: E402
 from transformers import StoppingCriteriaList, TextIteratorStreamer  # noqa: E402
@@ -58,15 +63,28 @@ DEFINITIONS = {
                "it is the same T frames for every mode)",
     "ttft_e2e_ms": "question on a fresh video -> first answer token (decode + encode + prefill)",
     "decode_tok_s": "(new tokens - 1) / (last token time - first token time), fixed answer length",
-    "followup_ttft_ms": "second question -> first token, video features from the session cache",
+    "followup_ttft_ms": "second question -> first token, video features from the session cache, KV reuse off "
+                        "(the whole prompt prefilled; the follow-up table has reuse on and off)",
     "text_only_ttft_ms": "text-only prompt of the follow-up's length -> first token, same harness",
     "peak_mb": "CUDA max allocated (weights included) or CPU RSS growth, one extra first turn",
 }
 
 
 # ---------------------------------------------------------------------------------------- models
-def llava_7b_shape_config(context: int = 4096):
+# text models by --size: Llama-2-7B (LLaVA-1.5-7B's), and a ~0.5 B one (Qwen2-0.5B's widths) for CPUs
+TEXT_SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "small": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2),
+}
+
+
+def llava_7b_shape_config(context: int = 4096, size: str = "7b"):
     """(LlavaConfig, processor) of LLaVA-1.5-7B's architecture; nothing is downloaded.
+
+    ``size="small"``: the same tower and projector with a 24-layer, 896-wide language model
+    (0.47 B parameters with the 32064-token vocabulary), so prefill still dominates on a CPU.
 
     Llama-2-7B text model (4096 wide, 32 layers, 32 heads, MLP 11008, vocab 32064), CLIP ViT-L/14
     at 336 px (1024 wide, 24 layers, 16 heads), 2-layer GELU MLP projector, features from layer -2.
@@ -86,8 +104,7 @@ def llava_7b_shape_config(context: int = 4096):
     tokenizer.model_max_length = context
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=context,
+    text = LlamaConfig(vocab_size=32064, **TEXT_SHAPES[size], max_position_embeddings=context,
                        rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
@@ -97,7 +114,8 @@ def llava_7b_shape_config(context: int = 4096):
     return config, processor
 
 
-def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int = 4096, seed: int = 0) -> ChatModel:
+def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int = 4096, seed: int = 0,
+                         size: str = "7b") -> ChatModel:
     """LLaVA-1.5-7B's architecture (:func:`llava_7b_shape_config`) with random weights on ``device``,
     plus a random K=4 STAN branch fused at layer -2 (what LLaVA reads), video tower installed.
 
@@ -110,7 +128,7 @@ def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int
     from mugstan_chat.loader import DTYPES
     from mugstan_chat.stan import STAN, StanConfig
 
-    config, processor = llava_7b_shape_config(context)
+    config, processor = llava_7b_shape_config(context, size)
     torch_dtype = DTYPES[dtype]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -120,16 +138,21 @@ def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int
         setattr(model.generation_config, key, getattr(processor.tokenizer, key))
     tower = install_video_tower(model, stan.to(device=device, dtype=torch_dtype), mode="stan")
     model.eval()
-    settings = ChatSettings(model="llava-1.5-7b shape (random weights)", temporal="stan", stan="random",
+    name = "llava-1.5-7b shape" if size == "7b" else "CLIP-L/14-336 + 0.5B LM shape"
+    settings = ChatSettings(model=f"{name} (random weights)", temporal="stan", stan="random",
                             frames=8, clips=1, device=device, dtype=dtype, quantization=None, demo=False)
     return ChatModel(model=model, processor=processor, tower=tower, settings=settings,
-                     notices=["random weights at LLaVA-1.5-7B shape: timings only"])
+                     notices=[f"random weights at {name}: timings only"])
 
 
 def load_model(args) -> ChatModel:
     """The model under test: demo, random 7B shape, or real weights through the one loader."""
     if args.size == "7b":
         return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else "bf16", args.context)
+    if args.size == "small":
+        default = "bf16" if args.device.startswith("cuda") else "fp32"
+        return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else default, args.context,
+                                    size="small")
     if args.demo or args.model is None:
         return load_chat_model(demo=True, device=args.device, dtype=args.dtype)
     return load_chat_model(args.model, stan=args.stan, temporal="stan" if args.stan else "mean",
@@ -157,13 +180,15 @@ class FixedLength(GenerationSettings):
         return {**super().generate_kwargs(), "min_new_tokens": self.max_new_tokens}
 
 
-def session_for(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int) -> ChatSession:
+def session_for(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int,
+                reuse_cache: bool = True) -> ChatSession:
     """A fresh, unprepared session feeding the video the way ``mode`` does ("image": T=1 reference)."""
     generation = FixedLength(max_new_tokens=new_tokens)
     # "image" is concat of T=1: one frame as one image through the tower's image path
     shape = session_shape("concat" if mode == "image" else mode, frames)
     return ChatSession(chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
-                       frames_as_images=shape.frames_as_images, generation=generation, prepare=False)
+                       frames_as_images=shape.frames_as_images, generation=generation, prepare=False,
+                       reuse_cache=reuse_cache)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -175,7 +200,7 @@ def _stream(session: ChatSession, question: str):
 
 def conversation(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int) -> dict:
     """One fresh session: first question (decode + encode + prefill + answer), then a follow-up."""
-    session = session_for(chat_model, video, mode, frames, new_tokens)
+    session = session_for(chat_model, video, mode, frames, new_tokens, reuse_cache=False)
     first = _stream(session, QUESTION)
     calls = chat_model.tower.calls
     second = _stream(session, FOLLOW_UP)
@@ -288,7 +313,8 @@ def bench_configs(chat_model: ChatModel, video: Path, configs: list[tuple[str, i
         row["ttft_runs_ms"] = [r["ttft_ms"] for r in runs]
         row["followup_vs_text"] = row["followup_ttft_ms"] / row["text_only_ttft_ms"]
         row["followup_vs_text_best"] = row["followup_ttft_best_ms"] / row["text_only_ttft_best_ms"]
-        row.update(peak_first_turn(chat_model, video, mode, frames, args.new_tokens))
+        if not args.no_peak:
+            row.update(peak_first_turn(chat_model, video, mode, frames, args.new_tokens))
         row["over_real_context"] = row["prompt_tokens"] + args.new_tokens > args.real_context
         rows.append(row)
     return rows
@@ -418,7 +444,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--demo", action="store_true", help="tiny random demo model (CPU; the default)")
-    which.add_argument("--size", choices=["7b"], help="random weights at LLaVA-1.5-7B's shape (GPU)")
+    which.add_argument("--size", choices=list(TEXT_SHAPES),
+                       help="random weights: 7b = LLaVA-1.5-7B's shape (GPU); small = its CLIP-L/14-336 tower with "
+                            "a 0.5 B language model (CPU)")
     which.add_argument("--model", help="real LLaVA weights (hub id or directory) through the loader")
     parser.add_argument("--stan", help="STAN branch for --model (without it only mean/concat run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -438,6 +466,12 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 steadies a tiny model on a loaded machine; default: torch's)")
     parser.add_argument("--no-floors", action="store_true", help="skip FLOP counting and the peak-rate test")
+    parser.add_argument("--no-peak", action="store_true", help="skip the extra first turn that measures peak memory")
+    parser.add_argument("--turns", type=int, default=10,
+                        help="conversation length for the follow-up table, KV reuse on/off (0: skip it)")
+    parser.add_argument("--followup-frames", type=int, default=None, help="T for the follow-up table "
+                        "(default: the first --frames)")
+    parser.add_argument("--followup-new-tokens", type=int, default=8, help="answer length in the follow-up table")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--plot", action="store_true", help="write PNG plots next to --out")
     return parser.parse_args(argv)
@@ -466,6 +500,12 @@ def main(argv=None) -> int:
         for row in rows:
             add_floors(row, work_of(chat_model, video, row["mode"], row["frames"]), peaks)
     targets = evaluate_targets(rows, chat_model.device.type == "cuda")
+    followups = []
+    if args.turns > 0:
+        followups = chat_followups.followup_turns(
+            chat_model, video, args.followup_frames or args.frames[0], args.followup_new_tokens, args.turns,
+            args.runs, args.warmup, session_for, _stream, text_only_ttft)
+        targets += chat_followups.followup_targets(followups)
     machine = benchlib.machine_description(device)
     print(f"## Video chat, {chat_model.settings.model}, {chat_model.settings.dtype} ({machine}, "
           f"{torch.get_num_threads()} torch threads; {args.runs} runs, {args.new_tokens} new tokens)\n")
@@ -474,6 +514,11 @@ def main(argv=None) -> int:
         print(f"\n## Work and floors (matmul {peaks['matmul_gflop_s']:.0f} GFLOP/s, memory "
               f"{peaks['memory_gb_s']:.1f} GB/s measured)\n")
         print(benchlib.markdown_table(rows, FLOOR_COLUMNS))
+    if followups:
+        print(f"\n## Follow-ups over {args.turns} turns, KV reuse on / off (T={args.followup_frames or args.frames[0]}, "
+              f"{args.followup_new_tokens} new tokens per answer; text-only: no history, as many tokens as the "
+              "reused turn prefilled)\n")
+        print(benchlib.markdown_table(followups, chat_followups.FOLLOWUP_COLUMNS))
     print("\n## Targets\n")
     for t in targets:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
@@ -485,7 +530,7 @@ def main(argv=None) -> int:
     payload = {"machine": machine, "torch_threads": torch.get_num_threads(), "load_average": _load_average(),
                "model": chat_model.settings.model, "dtype": chat_model.settings.dtype,
                "device": device, "args": vars(args), "video": {"path": str(video), "bytes": video.stat().st_size},
-               "definitions": DEFINITIONS, "peaks": peaks, "rows": rows, "targets": targets, "skipped_modes": skipped,
+               "definitions": DEFINITIONS, "peaks": peaks, "rows": rows, "followups": followups, "targets": targets, "skipped_modes": skipped,
                "wall_s": time.perf_counter() - started}
     benchlib.write_json(args.out, payload)
     if args.plot and args.out:

@@ -58,6 +58,13 @@ def test_chat_benchmark_smoke(tmp_path, benchmark_chat, capsys):
         assert 0 < row["encode_ms"] < row["ttft_ms"] < row["ttft_e2e_ms"]
         assert row["decode_ms"] > 0 and row["decode_tok_s"] > 0 and row["text_only_ttft_ms"] > 0
         assert not row["over_real_context"]
+    followups = result["followups"]  # 10 turns with KV reuse on and off (default --turns)
+    assert [r["turn"] for r in followups] == [2, 5, 10]
+    for row in followups:
+        assert 0 < row["new_tokens_prefilled"] < row["prompt_tokens"]  # reuse prefilled only the new part
+        assert row["ttft_reuse_ms"] > 0 and row["ttft_no_reuse_ms"] > 0 and row["text_only_ttft_ms"] > 0
+    assert followups[0]["prompt_tokens"] < followups[-1]["prompt_tokens"]
+    assert any(t["target"].startswith("follow-up TTFT turn 10") for t in result["targets"])
     per_image = rows[("image", 1)]["visual_tokens"]
     for t in (2, 4):  # one clip is one image's worth for STAN and mean; concat pays per frame
         assert rows[("stan", t)]["visual_tokens"] == rows[("mean", t)]["visual_tokens"] == per_image
@@ -65,7 +72,7 @@ def test_chat_benchmark_smoke(tmp_path, benchmark_chat, capsys):
         assert rows[("stan", t)]["encode_gflop"] > rows[("mean", t)]["encode_gflop"]  # the branch costs work
     assert result["peaks"]["matmul_gflop_s"] > 0 and result["peaks"]["memory_gb_s"] > 0
     targets = {t["target"]: t for t in result["targets"]}
-    assert len(targets) == 6
+    assert len(targets) == 8  # six per-configuration targets and two follow-up ones
     assert all(isinstance(t["met"], bool) and {"value", "limit", "note"} <= set(t) for t in targets.values())
     assert targets["prompt tokens of one clip == one image's, every T"]["met"]
     assert any(name.startswith("TTFT(stan) growth T=2 -> T=4") for name in targets)
@@ -90,3 +97,19 @@ def test_chat_benchmark_7b_shape_is_llava_1_5_7b(benchmark_chat):
     assert counts["clip"] == 303_507_456 and counts["projector"] == 20_979_712  # CLIP-L/14-336, 2-layer MLP
     assert math.isclose(sum(counts.values()), 7.06e9, rel_tol=0.01)
     assert processor.image_processor.crop_size["height"] == 336 and config.vision_feature_layer == -2
+
+
+def test_chat_benchmark_small_shape_is_clip_l_336_with_a_half_billion_lm(benchmark_chat):
+    """--size small: LLaVA-1.5's CLIP-L/14-336 tower and projector input, a 24-layer 896-wide LM (meta device)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    config, processor = benchmark_chat.llava_7b_shape_config(context=4096, size="small")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float32)
+    language = sum(p.numel() for p in model.model.language_model.parameters())
+    head = sum(p.numel() for p in model.lm_head.parameters())
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) == 303_507_456  # CLIP-L/14-336
+    assert config.text_config.num_hidden_layers == 24 and config.text_config.hidden_size == 896
+    assert 0.4e9 < language + head < 0.6e9
+    assert processor.image_processor.crop_size["height"] == 336
