@@ -30,14 +30,22 @@ def video(tmp_path_factory):
     return str(made[0][0])
 
 
+# Exactness is compared in float64: reuse and no reuse sum the same products in different orders
+# (a full prefill vs a cached prefix plus the rest), which moves fp32 logits by ~1e-6 and could flip a
+# greedy choice between two near-tied tokens of a random model on some CPU; in float64 such a flip
+# needs a tie within ~1e-14.
 @pytest.fixture(scope="module")
 def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=4)
+    chat_model = load_chat_model(demo=True, device="cpu", frames=4)
+    chat_model.model.to(torch.float64)
+    assert {p.dtype for p in chat_model.model.parameters()} == {torch.float64}
+    return chat_model
 
 
 @pytest.fixture(scope="module")
 def chatml_model():
     chat_model = load_chat_model(demo=True, device="cpu", frames=4, seed=1)
+    chat_model.model.to(torch.float64)
     chat_model.processor.chat_template = CHATML
     chat_model.processor.tokenizer.chat_template = CHATML
     return chat_model
