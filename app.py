@@ -481,13 +481,11 @@ def main(argv: list[str] | None = None) -> int:
               "pass --auth USER:PASS", file=sys.stderr)
 
     from mugstan_chat.checkpoint import CheckpointError
-    from mugstan_chat.loader import ModelLoadError, load_chat_model
+    from mugstan_chat.cli import load_model_from_options
+    from mugstan_chat.loader import ModelLoadError
 
     try:
-        chat_model = load_chat_model(
-            model=args.model, stan=args.stan, temporal=args.temporal, device=args.device, dtype=args.dtype,
-            load_4bit=args.load_4bit, load_8bit=args.load_8bit, frames=args.frames, clips=args.clips,
-            demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+        chat_model = load_model_from_options(args)
     except (ModelLoadError, CheckpointError) as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         return 1

@@ -107,13 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def load_model_from_options(args, **overrides):
+    """The ChatModel that the shared options of :func:`model_options` describe (the CLI, the web app,
+    the server and eval all load through here); ``overrides`` replace single settings."""
     from .loader import load_chat_model
 
-    return load_chat_model(
+    settings = dict(
         model=args.model, stan=args.stan, temporal=args.temporal, device=args.device, dtype=args.dtype,
         load_4bit=args.load_4bit, load_8bit=args.load_8bit, frames=args.frames, clips=args.clips,
         demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+    return load_chat_model(**{**settings, **overrides})
 
 
 def _session(args, chat_model, prepare: bool, video: str | None = None):
@@ -163,7 +166,7 @@ def _native_stderr_silenced(enabled: bool = True):
 
 def _run_ask(args) -> int:
     _check_video(args.video, args.debug)
-    chat_model = _load(args)
+    chat_model = load_model_from_options(args)
     if chat_model.notice and not args.json:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     session = _session(args, chat_model, prepare=False)  # decode/encode inside the turn: part of its timings
@@ -213,7 +216,7 @@ def _run_chat(args) -> int:
     from .video import VideoDecodeError
 
     _check_video(args.video, args.debug)
-    chat_model = _load(args)
+    chat_model = load_model_from_options(args)
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     cache = FeatureCache(int(args.feature_cache_mb * 2**20))

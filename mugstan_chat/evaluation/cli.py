@@ -59,7 +59,7 @@ def _positive(text: str) -> int:
 
 def run_eval(args) -> int:
     """Runs ``mugstan-chat eval`` from parsed arguments; returns the exit status."""
-    from ..loader import load_chat_model
+    from ..cli import load_model_from_options
     from .readers import read_questions, resolve_videos
     from .runner import EvalRun, EvalSettings, prepare_output
     from .summary import markdown_tables
@@ -83,10 +83,7 @@ def run_eval(args) -> int:
           f"scoring: {settings.scoring} ({settings.answer_format}); {len(done)} results already in {args.out}",
           file=sys.stderr)
 
-    chat_model = load_chat_model(
-        model=args.model, stan=args.stan, temporal="stan" if "stan" in settings.modes else "mean",
-        device=args.device, dtype=args.dtype, load_4bit=args.load_4bit, load_8bit=args.load_8bit,
-        frames=args.frames, clips=args.clips, demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+    chat_model = load_model_from_options(args, temporal="stan" if "stan" in settings.modes else "mean")
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     run = EvalRun(chat_model, questions, videos, settings, args.out, done=done, progress=not args.no_progress)

@@ -334,14 +334,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..checkpoint import CheckpointError
     from ..feature_cache import FeatureCache
-    from ..loader import ModelLoadError, load_chat_model
+    from ..cli import load_model_from_options
+    from ..loader import ModelLoadError
     from .service import ChatService, Gate, ServiceConfig
 
     try:
-        chat_model = load_chat_model(
-            model=args.model, stan=args.stan, temporal=args.temporal, device=args.device, dtype=args.dtype,
-            load_4bit=args.load_4bit, load_8bit=args.load_8bit, frames=args.frames, clips=args.clips,
-            demo=args.demo, allow_resolution_mismatch=args.allow_resolution_mismatch)
+        chat_model = load_model_from_options(args)
     except (ModelLoadError, CheckpointError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
