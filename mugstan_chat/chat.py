@@ -20,147 +20,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
 from .loader import ChatModel
 from .prefix_cache import CacheBudget, budget_for, cache_bytes, common_prefix_length
+# the turn's parts live in .turns; re-exported here, where callers have always imported them
+from .turns import (ConversationTooLong, GenerationSettings, TurnStats, VideoFeatures, _StopOnEvent,
+                    _TimedStreamer, _VideoFeatures, encode_image, neutralise_image_token)
+
+__all__ = ["ChatSession", "ConversationTooLong", "GenerationSettings", "TurnStats", "VideoFeatures", "encode_image",
+           "neutralise_image_token"]
 from .video import VideoClips, VideoLimits, load_video_clips
 
 logger = logging.getLogger(__name__)
-
-
-def neutralise_image_token(text: str, image_token: str = "<image>") -> str:
-    """A user's ``<image>`` becomes ``< image>``: only the session places video placeholders.
-
-    Why: the tokenizer turns every literal ``<image>`` into the placeholder token, so a
-    question quoting it would ask for a clip that does not exist.
-    """
-    return text.replace(image_token, f"{image_token[:1]} {image_token[1:]}") if image_token else text
-
-
-class ConversationTooLong(Exception):
-    """The conversation no longer fits the language model's context; reset or start a new session."""
-
-
-@dataclass
-class GenerationSettings:
-    """How answers are generated (greedy by default)."""
-
-    max_new_tokens: int = 512  # upper bound; clipped to what the context has left
-    temperature: float = 0.0  # 0: greedy decoding; > 0: sampling
-    top_p: float = 1.0  # nucleus sampling (sampling only)
-    repetition_penalty: float = 1.0  # 1.0: off
-
-    def generate_kwargs(self) -> dict:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
-        if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise ValueError(f"invalid generation settings {self}")
-        kwargs = {"repetition_penalty": self.repetition_penalty}
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:  # greedy: override sampling defaults the checkpoint's generation config may carry
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-
-@dataclass
-class TurnStats:
-    """What one answer cost. decode/encode are 0 on follow-ups, which reuse the cached features."""
-
-    decode_ms: float = 0.0  # video decode + preprocessing (reported with the session's first answer)
-    encode_ms: float = 0.0  # video tower + projector (reported with the session's first answer)
-    first_token_ms: float | None = None  # question -> first generated token (None without streaming)
-    total_ms: float = 0.0  # question -> last token (includes decode/encode when they ran inside this turn)
-    prompt_tokens: int = 0  # whole prompt, visual placeholder tokens included
-    visual_tokens: int = 0  # placeholder tokens filled with video features (all clips)
-    new_tokens: int = 0  # generated tokens
-    max_new_tokens: int = 0  # the limit this turn ran with, after clipping to the context
-    clipped: bool = False  # max_new_tokens was reduced to fit the context
-    cached_features: bool = False  # the video features came from the session's cache
-    prefill_tokens: int = 0  # prompt tokens run through the language model (the rest came from the KV cache)
-    reused_tokens: int = 0  # prompt tokens whose keys/values came from the previous turn's cache
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class _VideoFeatures:
-    features: list[torch.Tensor]  # C tensors (tokens per clip, text width): projected, ready for placeholders
-    indices: list[list[int]]  # frame indices per clip
-    info: object  # video.VideoInfo
-    decode_ms: float
-    encode_ms: float
-    reported: bool = False  # decode/encode times already shown in a turn's stats
-
-
-VideoFeatures = _VideoFeatures  # public name: a server caches these across stateless sessions
-
-
-def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
-    """One image as stock LLaVA sees it (plain CLIP, no temporal branch), ready for one ``<image>``.
-
-    Args:
-        chat_model: the loaded model.
-        image: a PIL image (RGB).
-    Returns:
-        :class:`VideoFeatures` with one entry: (tokens per image, text width); attach it to a
-        session with ``clips=1`` (:meth:`ChatSession.attach_features`).
-    """
-    t0 = time.perf_counter()
-    pixels = chat_model.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, H, W)
-    t1 = time.perf_counter()
-    tower = chat_model.tower
-    with torch.inference_mode():
-        pixels = pixels.to(device=tower.device, dtype=tower.dtype)
-        output = chat_model.model.model.get_image_features(pixel_values=pixels, return_dict=True)
-        features = [f.detach() for f in output.pooler_output]  # 1 x (tokens, text width)
-    if tower.device.type == "cuda":
-        torch.cuda.synchronize(tower.device)
-    t2 = time.perf_counter()
-    return VideoFeatures(features, [[0]], None, (t1 - t0) * 1000, (t2 - t1) * 1000)
-
-
-class _TimedStreamer:
-    """Builds a TextIteratorStreamer that records when the first generated token arrives."""
-
-    @staticmethod
-    def create(tokenizer, started: float):
-        from transformers import TextIteratorStreamer
-
-        class Streamer(TextIteratorStreamer):
-            first_token_at: float | None = None
-            new_tokens = 0
-
-            def put(self, value):
-                if not (self.skip_prompt and self.next_tokens_are_prompt):
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    self.new_tokens += value.numel()
-                super().put(value)
-
-        streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.started = started
-        return streamer
-
-
-class _StopOnEvent:
-    """A stopping criterion that ends generation when the consumer goes away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatSession:
