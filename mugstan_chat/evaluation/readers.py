@@ -298,26 +298,24 @@ def read_perceptiontest(path: Path, data: dict) -> Iterable[Question]:
     for key, video in data.items():
         video_id = str(video.get("metadata", {}).get("video_id") or key)
         for rec in video.get("mc_question") or []:
-            options = tuple(str(o) for o in rec["options"])
-            qid = f"{video_id}/{rec['id']}"
-            yield Question(
-                id=qid, videos=(f"{video_id}.mp4", f"videos/{video_id}.mp4"), question=str(rec["question"]),
-                options=options, answer=_answer_index(int(rec["answer_id"]), options, qid),
-                task=str(rec.get("area") or "perceptiontest"), layout="perceptiontest",
-                extra={k: rec[k] for k in ("reasoning", "tag") if k in rec})
+            yield _perceptiontest_question(video_id, rec["id"], rec)
 
 
 def read_perceptiontest_flat(path: Path, data: list) -> Iterable[Question]:
     """lmms-lab/PerceptionTest_Val's rows (answer_id stored as a string), exported to JSON/JSONL."""
     for rec in data:
-        options = tuple(str(o) for o in rec["options"])
-        video_id = str(rec["video_name"])
-        qid = f"{video_id}/{rec['question_id']}"
-        yield Question(
-            id=qid, videos=(f"{video_id}.mp4", f"videos/{video_id}.mp4"), question=str(rec["question"]),
-            options=options, answer=_answer_index(int(rec["answer_id"]), options, qid),
-            task=str(rec.get("area") or "perceptiontest"), layout="perceptiontest",
-            extra={k: rec[k] for k in ("reasoning", "tag") if k in rec})
+        yield _perceptiontest_question(str(rec["video_name"]), rec["question_id"], rec)
+
+
+def _perceptiontest_question(video_id: str, question_id, rec: dict) -> Question:
+    """One Perception Test multiple-choice record (both layouts share the question fields)."""
+    options = tuple(str(o) for o in rec["options"])
+    qid = f"{video_id}/{question_id}"
+    return Question(
+        id=qid, videos=(f"{video_id}.mp4", f"videos/{video_id}.mp4"), question=str(rec["question"]),
+        options=options, answer=_answer_index(int(rec["answer_id"]), options, qid),
+        task=str(rec.get("area") or "perceptiontest"), layout="perceptiontest",
+        extra={k: rec[k] for k in ("reasoning", "tag") if k in rec})
 
 
 def read_plain(path: Path, data: list) -> Iterable[Question]:
