@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mugstan_chat.backbone import tiny_backbone_config
+from mugstan_chat.checkpoint import CheckpointError
 from mugstan_chat.model import MugStan, MugStanConfig
 from mugstan_chat.synthetic import make_synthetic_videos
 
@@ -141,6 +142,30 @@ def test_init_from_loads_towers_and_rebuilds_stan(videos, tmp_path):
     with pytest.raises(SystemExit):  # a frozen run would export a branch for the wrong tower
         train(_args(videos, tmp_path / "bad", "--freeze-backbone", "--init-from", str(warm.final_dir)))
 
+
+
+def test_init_stan_keeps_the_saved_branch(videos, tmp_path):
+    # a frame-text video run, then a frame-token run going on from its towers *and* its STAN
+    first = train(_args(videos, tmp_path / "first", "--max-steps", "2", "--mug-mode", "frame-text",
+                        "--save-interval", "0", "--seed", "3"))
+    result = train(_args(videos, tmp_path / "next", "--max-steps", "1", "--lr-backbone", "0", "--lr-stan", "0",
+                         "--save-interval", "0", "--mug-mode", "frame-token", "--init-from", str(first.final_dir),
+                         "--init-stan"))
+    loaded = MugStan.from_pretrained(first.final_dir)
+    for name in ("vision", "text", "stan"):
+        for key, value in getattr(loaded, name).state_dict().items():
+            torch.testing.assert_close(getattr(result.model, name).state_dict()[key], value, rtol=0, atol=0)
+    assert loaded.stan.cross_frame[0].out.weight.abs().max() > 0  # trained, so not what a fresh branch holds
+    with pytest.raises(CheckpointError, match="2-layer STAN"):
+        train(_args(videos, tmp_path / "bad", "--max-steps", "1", "--stan-layers", "3", "--init-from",
+                    str(first.final_dir), "--init-stan"))
+    warm = train(_args(videos, tmp_path / "warm", "--max-steps", "1", "--no-stan", "--mug-mode", "mean",
+                       "--frames", "1", "--save-interval", "0"))
+    with pytest.raises(CheckpointError, match="has no STAN branch"):
+        train(_args(videos, tmp_path / "bad2", "--max-steps", "1", "--init-from", str(warm.final_dir),
+                    "--init-stan"))
+    with pytest.raises(SystemExit):
+        train(_args(videos, tmp_path / "bad3", "--max-steps", "1", "--init-stan"))
 
 def test_group_column_resume_is_exact_and_checked(videos, tmp_path):
     grouped = ("--group-column", "pair", "--max-steps", "5", "--save-interval", "2")

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the vision and text towers from a saved MugStan model (e.g. an image-text warm-up "
                         "run's final/); STAN is then built fresh from the loaded tower, so its intra-frame modules "
                         "copy the loaded layers. Any STAN in DIR is ignored (use --resume to continue a run)")
+    m.add_argument("--init-stan", action="store_true",
+                   help="with --init-from: load DIR's STAN branch too (same --stan-layers), to go on from a "
+                        "video-text run with another Mug head; the optimiser and schedule start afresh")
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True, help="annotations: .csv, .tsv, .json or .jsonl")
     d.add_argument("--video-root", default=".", help="folder the annotation video paths are relative to")
@@ -139,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--freeze-backbone with --no-stan leaves nothing to train")
     if args.frames < 1 or args.batch_size < 1:
         parser.error("--frames and --batch-size must be positive")
+    if args.init_stan and not args.init_from:
+        parser.error("--init-stan needs --init-from DIR")
     if args.init_from and args.freeze_backbone:
         # a frozen run exports the branch alone, to be reloaded on the tower named by --backbone, not DIR's
         parser.error("--init-from with --freeze-backbone is not supported: the exported branch would be "

@@ -136,14 +136,16 @@ def save(model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMon
     return path
 
 
-def initialise_towers(model: MugStan, directory: str | Path, seed: int) -> None:
+def initialise_towers(model: MugStan, directory: str | Path, seed: int, keep_stan: bool = False) -> None:
     """Loads the vision and text towers of a saved MugStan (``--init-from``) and rebuilds STAN on them.
 
     This is the paper's starting point: post-pretraining begins from a *pretrained*
     image-language model, here one the trainer itself produced (e.g. an image-text
     run with ``--no-stan --frames 1``). STAN is rebuilt after loading, seeded by
     ``seed`` (the same on every rank), so its intra-frame modules copy the loaded
-    layers; a STAN saved in ``directory`` is ignored.
+    layers; a STAN saved in ``directory`` is ignored, unless ``keep_stan``
+    (``--init-stan``): then it is loaded too, to go on from a video-text run with
+    another head or other data (not a resume: the optimiser and schedule start afresh).
     """
     source = MugStan.from_pretrained(directory)
     for name in ("vision", "text"):
@@ -152,6 +154,18 @@ def initialise_towers(model: MugStan, directory: str | Path, seed: int) -> None:
         except RuntimeError as error:
             raise CheckpointError(f"--init-from {directory}: its {name} tower does not fit --backbone: "
                                   f"{str(error).splitlines()[0]}") from error
+    if keep_stan:
+        if source.stan is None or model.stan is None:
+            raise CheckpointError(f"--init-stan: {directory} has no STAN branch" if source.stan is None
+                                  else "--init-stan with --no-stan: this run has no STAN branch to load into")
+        if source.config.stan.num_layers != model.config.stan.num_layers:
+            raise CheckpointError(f"--init-stan: {directory} has a {source.config.stan.num_layers}-layer STAN, "
+                                  f"this run asks for --stan-layers {model.config.stan.num_layers}")
+        torch.manual_seed(seed)
+        model.stan = STAN(model.vision, model.config.stan)
+        model.stan.load_state_dict(source.stan.state_dict())
+        logger.info("initialised the vision and text towers and the STAN branch from %s", directory)
+        return
     if source.stan is not None:
         logger.info("--init-from %s: its STAN branch is ignored (the branch is rebuilt from the loaded tower)",
                     directory)
@@ -232,7 +246,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     torch.manual_seed(args.seed)  # STAN's fresh modules: the same on every rank
     model = MugStan(config_from_args(args))
     if args.init_from:
-        initialise_towers(model, args.init_from, args.seed)
+        initialise_towers(model, args.init_from, args.seed, keep_stan=args.init_stan)
     torch.manual_seed(args.seed + env.rank)  # drop-path masks differ between ranks
     np.random.seed(args.seed + env.rank)
     model.gradient_checkpointing = args.grad_checkpointing
