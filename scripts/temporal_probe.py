@@ -7,17 +7,16 @@ users' own data, run with the trainer itself (:func:`training.post_pretrain.trai
    image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``)
    with the appearance-only captions of the ``appearance`` column ("a red circle"):
    Mug-STAN post-pretrains a *pretrained* CLIP. Skipped when the data has no such column.
-2. **video-text warm-up of the towers** (shared): STAN + Mug with the end-of-text head
-   (``frame-text``) on the full captions; only the towers are kept. From the image-text
-   warm-up alone, Mug's frame-token head stays at the order-blind floor even on two
-   memorised pairs: about half of its token weight sits on tokens that are identical in both
+2. **video-text warm-up** (shared): STAN + Mug with the end-of-text head (``frame-text``)
+   on the full captions. From the image-text warm-up alone, Mug's frame-token head stays
+   at the order-blind floor even on two memorised pairs: about half of its token weight sits on tokens that are identical in both
    captions of a pair (causal mask), the two captions tie, and a tie is a stationary point.
    The end-of-text head leaves it at once; after it, frame-token learns
    (docs/temporal_probe.md, "Diagnosis").
-3. **video-text post-pretraining**: every variant starts from those towers
-   (``--init-from``, so each builds a fresh STAN) with the same budget, a clip and its
-   time-reversed partner in the same batch (``--group-column pair``), STAN's learning
-   rate 10x the backbone's.
+3. **video-text post-pretraining**: every variant starts from that run with the same
+   budget (``--init-from``; STAN variants keep its branch, ``--init-stan``, the baseline
+   takes its towers), a clip and its time-reversed partner in the same batch
+   (``--group-column pair``), STAN's learning rate 10x the backbone's.
 
 Then each held-out clip and its exact time reversal (the same decoded frames,
 flipped) are scored against the clip's caption and its partner's:
@@ -68,18 +67,19 @@ from training.post_pretrain import train  # noqa: E402
 RECIPE = {
     "image_steps": 300, "image_batch_size": 32, "image_lr": 1e-3,
     "video_warmup_steps": 1000,
-    "steps": 1000, "batch_size": 16, "frames": 8, "lr_backbone": 3e-4, "lr_stan": 3e-3,
+    "steps": 5000, "batch_size": 16, "frames": 8, "lr_backbone": 3e-4, "lr_stan": 3e-3,
     "stan_layers": 4, "weight_decay": 0.05, "warmup_fraction": 0.05,
 }
 QUICK = {"steps": 300, "image_steps": 150, "video_warmup_steps": 300}
-DATA = {"train_pairs_per_family": 24, "test_pairs_per_family": 8}
+DATA = {"train_pairs_per_family": 48, "test_pairs_per_family": 24}
 QUICK_DATA = {"train_pairs_per_family": 6, "test_pairs_per_family": 2}
-# Headline STAN row first: Mug's default frame-token mode; frame-text (paper Table VIII) for comparison.
+# Headline STAN row first: Mug's default frame-token mode; frame-text (paper Table VIII) on request.
 VARIANTS = {
     "plain CLIP (mean)": ["--no-stan", "--mug-mode", "mean"],
     "STAN + Mug frame-token": ["--mug-mode", "frame-token"],
     "STAN + Mug frame-text": ["--mug-mode", "frame-text"],
 }
+DEFAULT_VARIANTS = ["plain CLIP (mean)", "STAN + Mug frame-token"]
 REQUIRED = ("video", "caption", "pair")
 
 
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
-                   help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS, metavar="NAME",
+                   help=f"any of {list(VARIANTS)} (default: {DEFAULT_VARIANTS})")
     return p
 
 
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         train_rows, _ = read_pairs(train_data), read_pairs(test_data)
     except ProbeDataError as error:
         parser.exit(2, f"error: {error}\n")
+    clips = len(train_rows)  # a batch never asks for more clips than the folder holds (pairs keep it even)
+    image_batch, video_batch = min(recipe["image_batch_size"], clips), min(recipe["batch_size"], clips)
     common = ["--backbone", "tiny", "--video-root", str(train_data), "--weight-decay", str(recipe["weight_decay"]),
               "--seed", str(args.seed), "--workers", str(args.workers), "--save-interval", "0",
               "--log-interval", "50", "--diagnostics-interval", "100"]
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if "appearance" in train_rows[0] and recipe["image_steps"] > 0:  # stage 1, shared by every variant
         start = time.time()
         warm = train([*common, "--train-data", str(train_data / "annotations.csv"), "--caption-column", "appearance",
-                      "--frames", "1", "--batch-size", str(recipe["image_batch_size"]), "--no-stan",
+                      "--frames", "1", "--batch-size", str(image_batch), "--no-stan",
                       "--mug-mode", "mean", "--max-steps", str(recipe["image_steps"]),
                       "--lr-backbone", str(recipe["image_lr"]), "--lr-stan", str(recipe["image_lr"]),
                       "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * recipe["image_steps"]))),
@@ -222,25 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         print("no 'appearance' column: no image-text warm-up (the tiny tower starts random)", flush=True)
     def video_stage(run_dir: Path, steps: int, variant: list[str]):
         return train([*common, *init, "--group-column", "pair", "--train-data", str(train_data / "annotations.csv"),
-                      "--frames", str(recipe["frames"]), "--batch-size", str(recipe["batch_size"]),
+                      "--frames", str(recipe["frames"]), "--batch-size", str(video_batch),
                       "--max-steps", str(steps), "--lr-backbone", str(recipe["lr_backbone"]),
                       "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"]),
                       "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * steps))),
                       "--output-dir", str(run_dir), *variant])
 
-    video_warmup_seconds = 0.0
+    video_warmup_seconds, keep_stan = 0.0, False
     if recipe["video_warmup_steps"] > 0:  # stage 2, shared: the towers learn the captions' motion words
         start = time.time()
         warm = video_stage(out / "runs" / "video-text-warmup", recipe["video_warmup_steps"],
                            ["--mug-mode", "frame-text"])
         video_warmup_seconds = round(time.time() - start, 1)
-        init = ["--init-from", str(warm.final_dir)]  # its STAN is dropped: every variant builds a fresh branch
+        init, keep_stan = ["--init-from", str(warm.final_dir)], True  # STAN variants go on with its branch
         print(f"video-text warm-up: {recipe['video_warmup_steps']} steps, {video_warmup_seconds:.0f} s", flush=True)
     results = {}
     for name in [v for v in VARIANTS if v in args.variants]:  # stage 3: every variant from the same start
         run_dir = out / "runs" / _slug(name)
         start = time.time()
-        result = video_stage(run_dir, recipe["steps"], VARIANTS[name])
+        carry = ["--init-stan"] if keep_stan and "--no-stan" not in VARIANTS[name] else []
+        result = video_stage(run_dir, recipe["steps"], [*VARIANTS[name], *carry])
         seconds = round(time.time() - start, 1)
         model = MugStan.from_pretrained(result.final_dir)
         results[name] = {**probe(model, test_data, recipe["frames"]),
