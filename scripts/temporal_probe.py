@@ -47,6 +47,7 @@ import csv
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -175,9 +176,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--print-commands", action="store_true",
+                   help="print the recipe as training/post_pretrain.py commands (run by hand, same result) and exit")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS, metavar="NAME",
                    help=f"any of {list(VARIANTS)} (default: {DEFAULT_VARIANTS})")
     return p
+
+
+def plan_stages(recipe: dict, train_data: Path, out: Path, *, clips: int, appearance: bool, seed: int,
+                workers: int, variants: list[str]) -> list[tuple[str, list[str]]]:
+    """The recipe as trainer argument lists, in order: (run name, ``post_pretrain.py`` arguments).
+
+    Every stage starts from the previous stage's ``final/`` export. Batches never ask for
+    more clips than the folder holds (pairs keep the count even).
+    """
+    runs = out / "runs"
+    annotations = str(train_data / "annotations.csv")
+    common = ["--backbone", "tiny", "--train-data", annotations, "--video-root", str(train_data),
+              "--weight-decay", str(recipe["weight_decay"]), "--seed", str(seed), "--workers", str(workers),
+              "--save-interval", "0", "--log-interval", "50", "--diagnostics-interval", "100"]
+
+    def warmup(steps: int) -> list[str]:
+        return ["--max-steps", str(steps), "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * steps)))]
+
+    stages, init, keep_stan = [], [], False
+    if appearance and recipe["image_steps"] > 0:  # stage 1, shared by every variant
+        stages.append(("image-text-warmup", [
+            *common, "--caption-column", "appearance", "--frames", "1", "--no-stan", "--mug-mode", "mean",
+            "--batch-size", str(min(recipe["image_batch_size"], clips)), *warmup(recipe["image_steps"]),
+            "--lr-backbone", str(recipe["image_lr"]), "--lr-stan", str(recipe["image_lr"]),
+            "--output-dir", str(runs / "image-text-warmup")]))
+        init = ["--init-from", str(runs / "image-text-warmup" / "final")]
+    video = ["--group-column", "pair", "--frames", str(recipe["frames"]),
+             "--batch-size", str(min(recipe["batch_size"], clips)), "--lr-backbone", str(recipe["lr_backbone"]),
+             "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"])]
+    if recipe["video_warmup_steps"] > 0:  # stage 2, shared: the towers learn the captions' motion words
+        stages.append(("video-text-warmup", [*common, *init, *video, *warmup(recipe["video_warmup_steps"]),
+                                             "--mug-mode", "frame-text", "--output-dir", str(runs / "video-text-warmup")]))
+        init, keep_stan = ["--init-from", str(runs / "video-text-warmup" / "final")], True
+    for name in [v for v in VARIANTS if v in variants]:  # stage 3: every variant from the same start
+        carry = ["--init-stan"] if keep_stan and "--no-stan" not in VARIANTS[name] else []  # STAN goes on
+        stages.append((name, [*common, *init, *carry, *video, *warmup(recipe["steps"]), *VARIANTS[name],
+                              "--output-dir", str(runs / _slug(name))]))
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,69 +231,51 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {**RECIPE, **(QUICK if args.quick else {})}
     out = Path(args.out_dir)
     started = time.time()
+    sizes = QUICK_DATA if args.quick else DATA
     if args.train_data is None:
-        sizes = QUICK_DATA if args.quick else DATA
         train_data, test_data = out / "data" / "train", out / "data" / "test"
-        for folder, pairs, seed in ((train_data, sizes["train_pairs_per_family"], args.seed),
-                                    (test_data, sizes["test_pairs_per_family"], args.seed + 1000)):
-            if not (folder / "annotations.csv").is_file():
-                make_time_reversal_dataset(folder, pairs, seed=seed, families=args.families)
+        if args.print_commands:  # the generated folders' shape is known without generating them
+            clips, appearance = 2 * sizes["train_pairs_per_family"] * len(args.families), True
     else:
         train_data, test_data = args.train_data, args.test_data
-    try:
-        train_rows, _ = read_pairs(train_data), read_pairs(test_data)
-    except ProbeDataError as error:
-        parser.exit(2, f"error: {error}\n")
-    clips = len(train_rows)  # a batch never asks for more clips than the folder holds (pairs keep it even)
-    image_batch, video_batch = min(recipe["image_batch_size"], clips), min(recipe["batch_size"], clips)
-    common = ["--backbone", "tiny", "--video-root", str(train_data), "--weight-decay", str(recipe["weight_decay"]),
-              "--seed", str(args.seed), "--workers", str(args.workers), "--save-interval", "0",
-              "--log-interval", "50", "--diagnostics-interval", "100"]
-    init, warmup_seconds = [], 0.0
-    if "appearance" in train_rows[0] and recipe["image_steps"] > 0:  # stage 1, shared by every variant
-        start = time.time()
-        warm = train([*common, "--train-data", str(train_data / "annotations.csv"), "--caption-column", "appearance",
-                      "--frames", "1", "--batch-size", str(image_batch), "--no-stan",
-                      "--mug-mode", "mean", "--max-steps", str(recipe["image_steps"]),
-                      "--lr-backbone", str(recipe["image_lr"]), "--lr-stan", str(recipe["image_lr"]),
-                      "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * recipe["image_steps"]))),
-                      "--output-dir", str(out / "runs" / "image-text-warmup")])
-        warmup_seconds = round(time.time() - start, 1)
-        init = ["--init-from", str(warm.final_dir)]
-        print(f"image-text warm-up: {recipe['image_steps']} steps, {warmup_seconds:.0f} s", flush=True)
-    else:
+    if not (args.print_commands and args.train_data is None):
+        if args.train_data is None:
+            for folder, pairs, seed in ((train_data, sizes["train_pairs_per_family"], args.seed),
+                                        (test_data, sizes["test_pairs_per_family"], args.seed + 1000)):
+                if not (folder / "annotations.csv").is_file():
+                    make_time_reversal_dataset(folder, pairs, seed=seed, families=args.families)
+        try:
+            train_rows, _ = read_pairs(train_data), read_pairs(test_data)
+        except ProbeDataError as error:
+            parser.exit(2, f"error: {error}\n")
+        clips, appearance = len(train_rows), "appearance" in train_rows[0]
+    stages = plan_stages(recipe, train_data, out, clips=clips, appearance=appearance, seed=args.seed,
+                         workers=args.workers, variants=args.variants)
+    if args.print_commands:
+        for name, stage_args in stages:
+            print(f"# {name}\npython training/post_pretrain.py {shlex.join(stage_args)}\n")
+        return 0
+    if not appearance:
         print("no 'appearance' column: no image-text warm-up (the tiny tower starts random)", flush=True)
-    def video_stage(run_dir: Path, steps: int, variant: list[str]):
-        return train([*common, *init, "--group-column", "pair", "--train-data", str(train_data / "annotations.csv"),
-                      "--frames", str(recipe["frames"]), "--batch-size", str(video_batch),
-                      "--max-steps", str(steps), "--lr-backbone", str(recipe["lr_backbone"]),
-                      "--lr-stan", str(recipe["lr_stan"]), "--stan-layers", str(recipe["stan_layers"]),
-                      "--warmup-steps", str(max(1, round(recipe["warmup_fraction"] * steps))),
-                      "--output-dir", str(run_dir), *variant])
-
-    video_warmup_seconds, keep_stan = 0.0, False
-    if recipe["video_warmup_steps"] > 0:  # stage 2, shared: the towers learn the captions' motion words
+    results, seconds = {}, {}
+    for name, stage_args in stages:
         start = time.time()
-        warm = video_stage(out / "runs" / "video-text-warmup", recipe["video_warmup_steps"],
-                           ["--mug-mode", "frame-text"])
-        video_warmup_seconds = round(time.time() - start, 1)
-        init, keep_stan = ["--init-from", str(warm.final_dir)], True  # STAN variants go on with its branch
-        print(f"video-text warm-up: {recipe['video_warmup_steps']} steps, {video_warmup_seconds:.0f} s", flush=True)
-    results = {}
-    for name in [v for v in VARIANTS if v in args.variants]:  # stage 3: every variant from the same start
-        run_dir = out / "runs" / _slug(name)
-        start = time.time()
-        carry = ["--init-stan"] if keep_stan and "--no-stan" not in VARIANTS[name] else []
-        result = video_stage(run_dir, recipe["steps"], [*VARIANTS[name], *carry])
-        seconds = round(time.time() - start, 1)
+        result = train(stage_args)
+        seconds[name] = round(time.time() - start, 1)
+        if name not in VARIANTS:
+            print(f"{name}: {seconds[name]:.0f} s", flush=True)
+            continue
         model = MugStan.from_pretrained(result.final_dir)
+        run_dir = out / "runs" / _slug(name)
         results[name] = {**probe(model, test_data, recipe["frames"]),
                          **training_summary(run_dir, result.losses, grouped=True),
-                         "train_seconds": seconds, "model": str(result.final_dir)}
-        print(f"{name}: pairwise {results[name]['pairwise_acc']:.3f} ({seconds:.0f} s)", flush=True)
+                         "train_seconds": seconds[name], "model": str(result.final_dir)}
+        print(f"{name}: pairwise {results[name]['pairwise_acc']:.3f} ({seconds[name]:.0f} s)", flush=True)
     report = {"settings": {**vars(args), "train_data": str(train_data), "test_data": str(test_data)},
-              "recipe": recipe, "warmup_seconds": warmup_seconds, "video_warmup_seconds": video_warmup_seconds,
+              "recipe": recipe, "warmup_seconds": seconds.get("image-text-warmup", 0.0),
+              "video_warmup_seconds": seconds.get("video-text-warmup", 0.0),
               "wall_seconds": round(time.time() - started, 1),
+              "commands": [["python", "training/post_pretrain.py", *stage_args] for _, stage_args in stages],
               "results": results}
     print_table(results)
     (out / "temporal_probe.json").write_text(json.dumps(report, indent=2, default=str))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,21 @@ def test_data_folders_are_checked(tmp_path, pairs, capsys):
         temporal_probe.main(["--train-data", str(pairs)])  # --test-data missing
 
 
-def test_the_recipe_runs_end_to_end_on_a_users_folder(tmp_path, pairs, monkeypatch):
+def test_the_recipe_runs_end_to_end_on_a_users_folder(tmp_path, pairs, monkeypatch, capsys):
     """Every stage runs through the trainer (batches capped at the folder's 8 clips); each variant's model is
     exported and the JSON holds its figures."""
     monkeypatch.setitem(temporal_probe.RECIPE, "image_steps", 2)
     monkeypatch.setitem(temporal_probe.RECIPE, "video_warmup_steps", 2)
     monkeypatch.setitem(temporal_probe.RECIPE, "steps", 2)
     out = tmp_path / "out"
-    assert temporal_probe.main(["--out-dir", str(out), "--train-data", str(pairs), "--test-data", str(pairs),
-                                "--variants", *temporal_probe.VARIANTS]) == 0
+    argv = ["--out-dir", str(out), "--train-data", str(pairs), "--test-data", str(pairs),
+            "--variants", *temporal_probe.VARIANTS]
+    assert temporal_probe.main([*argv, "--print-commands"]) == 0
+    printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert not out.exists()  # printing runs nothing
+    assert temporal_probe.main(argv) == 0
     report = json.loads((out / "temporal_probe.json").read_text())
+    assert report["commands"] == printed and len(printed) == 2 + len(temporal_probe.VARIANTS)  # what ran
     assert list(report["results"]) == list(temporal_probe.VARIANTS)
     warm = MugStan.from_pretrained(out / "runs" / "video-text-warmup" / "final")
     args = json.loads((out / "runs" / "stan-mug-frame-token" / "args.json").read_text())
@@ -77,3 +83,18 @@ def test_the_recipe_runs_end_to_end_on_a_users_folder(tmp_path, pairs, monkeypat
         assert result["order_blind_floor"] == pytest.approx(2 * math.log(2))
     assert report["results"]["plain CLIP (mean)"]["pairwise_acc"] == 0.5  # order-blind by construction
     assert (out / "runs" / "image-text-warmup" / "final").is_dir() and (out / "runs" / "video-text-warmup").is_dir()
+
+
+def test_print_commands_shows_the_recipe_without_generating_data(tmp_path, capsys):
+    assert temporal_probe.main(["--out-dir", str(tmp_path / "out"), "--print-commands"]) == 0
+    text = capsys.readouterr().out
+    commands = {line[2:]: None for line in text.splitlines() if line.startswith("# ")}
+    assert list(commands) == ["image-text-warmup", "video-text-warmup", *temporal_probe.DEFAULT_VARIANTS]
+    lines = [shlex.split(line) for line in text.splitlines() if line.startswith("python ")]
+    baseline, stan = lines[2], lines[3]
+    assert "--init-stan" in stan and "--init-stan" not in baseline and "--no-stan" in baseline
+    steps = str(temporal_probe.RECIPE["steps"])
+    assert stan[stan.index("--max-steps") + 1] == steps == baseline[baseline.index("--max-steps") + 1]
+    clips = 2 * temporal_probe.DATA["train_pairs_per_family"] * len(temporal_probe.FAMILIES)
+    assert lines[0][lines[0].index("--batch-size") + 1] == str(min(clips, temporal_probe.RECIPE["image_batch_size"]))
+    assert not (tmp_path / "out").exists()
