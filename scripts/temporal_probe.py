@@ -35,7 +35,8 @@ every figure.
 
 Usage (CPU)::
 
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 21 min, 1 thread
+    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 58 min, 1 thread
+    python scripts/temporal_probe.py --out-dir runs/temporal_probe --print-commands   # the trainer commands
     python scripts/temporal_probe.py --out-dir runs/quick --quick             # a few minutes, fewer pairs
     python scripts/temporal_probe.py --out-dir runs/mine --train-data my/train --test-data my/test
 """
@@ -150,11 +151,16 @@ def probe(model: MugStan, data: Path, frames: int) -> dict:
             "t2v_R@1": metrics["t2v_R@1"], "v2t_R@1": metrics["v2t_R@1"], "test_clips": len(captions)}
 
 
+def order_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, order sensitivity) from a run's training log."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["order_sensitivity"]) for r in records if r.get("type") == "diagnostics"]
+
+
 def training_summary(run_dir: Path, losses: list[float], grouped: bool) -> dict:
     """Smoothed final loss (mean of the last 10% of steps), the order-blind floor, and order sensitivity."""
     tail = losses[-max(1, len(losses) // 10):]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    order = [(r["step"], r["order_sensitivity"]) for r in records if r.get("type") == "diagnostics"]
+    order = order_curve(run_dir)
     return {
         "smoothed_final_loss": sum(tail) / len(tail),
         # in a batch made only of pairs, a model blind to order can at best tie each clip with its
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"settings": {**vars(args), "train_data": str(train_data), "test_data": str(test_data)},
               "recipe": recipe, "warmup_seconds": seconds.get("image-text-warmup", 0.0),
               "video_warmup_seconds": seconds.get("video-text-warmup", 0.0),
+              # where the order signal first grows: STAN variants go on from this run's branch
+              "video_warmup_order_sensitivity": (order_curve(out / "runs" / "video-text-warmup")
+                                                 if "video-text-warmup" in seconds else []),
               "wall_seconds": round(time.time() - started, 1),
               "commands": [["python", "training/post_pretrain.py", *stage_args] for _, stage_args in stages],
               "results": results}

@@ -82,6 +82,7 @@ def test_the_recipe_runs_end_to_end_on_a_users_folder(tmp_path, pairs, monkeypat
         assert steps == [2]  # measured at the last step at least
         assert result["order_blind_floor"] == pytest.approx(2 * math.log(2))
     assert report["results"]["plain CLIP (mean)"]["pairwise_acc"] == 0.5  # order-blind by construction
+    assert [step for step, _ in report["video_warmup_order_sensitivity"]] == [2]
     assert (out / "runs" / "image-text-warmup" / "final").is_dir() and (out / "runs" / "video-text-warmup").is_dir()
 
 
