@@ -9,10 +9,10 @@ users' own data, run with the trainer itself (:func:`training.post_pretrain.trai
    Mug-STAN post-pretrains a *pretrained* CLIP. Skipped when the data has no such column.
 2. **video-text warm-up** (shared): STAN + Mug with the end-of-text head (``frame-text``)
    on the full captions. From the image-text warm-up alone, Mug's frame-token head stays
-   at the order-blind floor even on two memorised pairs: about half of its token weight sits on tokens that are identical in both
-   captions of a pair (causal mask), the two captions tie, and a tie is a stationary point.
-   The end-of-text head leaves it at once; after it, frame-token learns
-   (docs/temporal_probe.md, "Diagnosis").
+   at the order-blind floor even on two memorised pairs: about half of its token weight
+   sits on tokens that are identical in both captions of a pair (causal mask), the two
+   captions tie, and a tie is a stationary point. The end-of-text head leaves it at once;
+   after it, frame-token learns (docs/temporal_probe.md, "Diagnosis").
 3. **video-text post-pretraining**: every variant starts from that run with the same
    budget (``--init-from``; STAN variants keep its branch, ``--init-stan``, the baseline
    takes its towers), a clip and its time-reversed partner in the same batch
@@ -238,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     started = time.time()
     sizes = QUICK_DATA if args.quick else DATA
-    if args.train_data is None:
+    generated = args.train_data is None
+    if generated:
         train_data, test_data = out / "data" / "train", out / "data" / "test"
-        if args.print_commands:  # the generated folders' shape is known without generating them
-            clips, appearance = 2 * sizes["train_pairs_per_family"] * len(args.families), True
     else:
         train_data, test_data = args.train_data, args.test_data
-    if not (args.print_commands and args.train_data is None):
-        if args.train_data is None:
+    if generated and args.print_commands:  # the generated folders' shape is known without generating them
+        clips, appearance = 2 * sizes["train_pairs_per_family"] * len(args.families), True
+    else:
+        if generated:
             for folder, pairs, seed in ((train_data, sizes["train_pairs_per_family"], args.seed),
                                         (test_data, sizes["test_pairs_per_family"], args.seed + 1000)):
                 if not (folder / "annotations.csv").is_file():

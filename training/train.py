@@ -158,21 +158,21 @@ def initialise_towers(model: MugStan, directory: str | Path, seed: int, keep_sta
         if source.stan is None or model.stan is None:
             raise CheckpointError(f"--init-stan: {directory} has no STAN branch" if source.stan is None
                                   else "--init-stan with --no-stan: this run has no STAN branch to load into")
-        if source.config.stan.num_layers != model.config.stan.num_layers:
-            raise CheckpointError(f"--init-stan: {directory} has a {source.config.stan.num_layers}-layer STAN, "
-                                  f"this run asks for --stan-layers {model.config.stan.num_layers}")
-        torch.manual_seed(seed)
-        model.stan = STAN(model.vision, model.config.stan)
-        model.stan.load_state_dict(source.stan.state_dict())
-        logger.info("initialised the vision and text towers and the STAN branch from %s", directory)
-        return
-    if source.stan is not None:
+        saved, asked = source.stan, model.stan
+        if (saved.config.num_layers, saved.fuse_layer) != (asked.config.num_layers, asked.fuse_layer):
+            raise CheckpointError(f"--init-stan: {directory} has a {saved.config.num_layers}-layer STAN fused at "
+                                  f"layer {saved.fuse_layer}, this run asks for --stan-layers "
+                                  f"{asked.config.num_layers} fused at layer {asked.fuse_layer}")
+    elif source.stan is not None:
         logger.info("--init-from %s: its STAN branch is ignored (the branch is rebuilt from the loaded tower)",
                     directory)
     if model.stan is not None:
         torch.manual_seed(seed)
         model.stan = STAN(model.vision, model.config.stan)
-    logger.info("initialised the vision and text towers from %s", directory)
+        if keep_stan:
+            model.stan.load_state_dict(source.stan.state_dict())
+    logger.info("initialised the vision and text towers%s from %s", " and the STAN branch" if keep_stan else "",
+                directory)
 
 
 def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor,
