@@ -7,8 +7,9 @@ Usage::
     python app.py --demo                                            # offline toy model (CPU, seconds)
     python app.py --demo --host 0.0.0.0 --auth alice:secret         # reachable from the network
 
-See docs/app.md for serving safely and the limits. This file only wires the UI:
-models come from :func:`mugstan_chat.loader.load_chat_model`, conversations from
+See docs/app.md for serving safely and the limits. This file only wires the UI: the
+flags come from :mod:`mugstan_chat.entrypoints` (the same as every other front end),
+models from :meth:`~mugstan_chat.entrypoints.ModelArgs.load`, conversations from
 :class:`mugstan_chat.chat.ChatSession`. Nothing here is global: the model reaches
 the callbacks through a :class:`ChatApp` instance (a closure), and each browser
 session keeps its own :class:`UserSession` in a ``gr.State``.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import logging
 import os
 import sys
@@ -26,6 +26,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from mugstan_chat.entrypoints import ModelArgs, ServingArgs, configure_logging, port_message
+from mugstan_chat.entrypoints.serving_args import ServingDefaults
+from mugstan_chat.entrypoints.values import megabytes_to_bytes, positive_float, positive_int
 
 logger = logging.getLogger("mugstan_chat.app")
 
@@ -62,7 +66,7 @@ class AppSettings:
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+        return megabytes_to_bytes(self.max_upload_mb)
 
 
 @dataclass
@@ -115,7 +119,7 @@ class ChatApp:
         self.chat_model = chat_model
         self.settings = settings or AppSettings(frames=chat_model.settings.frames, clips=chat_model.settings.clips)
         # one cache for every visitor: the same bytes with the same settings are decoded and encoded once
-        self.feature_cache = FeatureCache(int(self.settings.feature_cache_mb * 2**20))
+        self.feature_cache = FeatureCache(megabytes_to_bytes(self.settings.feature_cache_mb))
 
     # ------------------------------------------------------------------ facts for the page
 
@@ -280,8 +284,7 @@ class ChatApp:
         try:
             chat.generation = GenerationSettings(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                repetition_penalty=self.settings.repetition_penalty)
-            chat.generation.generate_kwargs()  # validates
+                repetition_penalty=self.settings.repetition_penalty).validate()
             stream = chat.ask_stream(question)
             with contextlib.closing(stream):  # closing ends generation early (Stop)
                 for piece in stream:
@@ -392,37 +395,29 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 # ---------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's model/video/generation options (same names), plus the server's."""
-    from mugstan_chat.cli import model_options
-    from mugstan_chat.ports import parse_port
+PROG = "app.py"
+AUTH_HINT = "--auth USER:PASS (or set $MUGSTAN_APP_AUTH)"
+SERVING_DEFAULTS = ServingDefaults(port=7860, max_video_seconds=600.0)
 
-    parser = argparse.ArgumentParser(prog="app.py", parents=[model_options()],
-                                     description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s; 0.0.0.0 exposes the app: use --auth)")
-    server.add_argument("--port", type=parse_port, default=7860, help="TCP port, 1..65535 (default: %(default)s)")
-    server.add_argument("--share", action="store_true", help="public gradio.live link (off by default)")
-    server.add_argument("--auth", default=None, metavar="USER:PASS",
-                        help="require a login (default: $MUGSTAN_APP_AUTH if set)")
-    server.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload (default: %(default)s)")
-    server.add_argument("--max-video-seconds", type=float, default=600.0,
-                        help="longest accepted video (default: %(default)s)")
-    server.add_argument("--concurrency", type=int, default=1,
-                        help="model jobs (encode/generate) at once; 1 per GPU (default: %(default)s)")
-    server.add_argument("--queue-size", type=int, default=16,
-                        help="waiting jobs; more are refused with 'queue is full' (default: %(default)s)")
-    server.add_argument("--max-sessions", type=int, default=100,
-                        help="browser sessions whose chat state is kept (default: %(default)s)")
-    server.add_argument("--feature-cache-mb", type=float, default=1024.0,
-                        help="memory for encoded videos shared by all visitors, least recently used out; "
-                             "0 turns the cache off (default: %(default)s)")
-    server.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The shared model and server flags (the same as ``mugstan-chat serve``), plus the web app's own."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Web chat about videos: LLaVA with a Mug-STAN video tower.")
+    ModelArgs.add_cli_args(parser)
+    ServingArgs.add_cli_args(parser, SERVING_DEFAULTS, AUTH_HINT)
+    web = parser.add_argument_group("web app")
+    web.add_argument("--share", action="store_true", help="public gradio.live link (off by default; needs --auth)")
+    web.add_argument("--auth", default=None, metavar="USER:PASS",
+                     help="require a login (default: $MUGSTAN_APP_AUTH if set)")
+    web.add_argument("--max-upload-mb", type=positive_float, default=200.0, help="largest upload (default: %(default)s)")
+    web.add_argument("--max-sessions", type=positive_int, default=100,
+                     help="browser sessions whose chat state is kept (default: %(default)s)")
+    web.add_argument("--no-examples", action="store_true", help="do not offer the bundled example videos")
     return parser
 
 
-def _parse_auth(text: str | None) -> tuple[str, str] | None:
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``USER:PASS`` as gradio's (user, password), or None; ValueError when malformed."""
     if not text:
         return None
     user, sep, password = text.partition(":")
@@ -431,18 +426,9 @@ def _parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _blocked_paths(args) -> list[str]:
+def _blocked_paths(model_args: ModelArgs) -> list[str]:
     """Weights never go through the file route, even if a folder above them were allowed."""
-    paths = [p for p in (args.model, args.stan) if p and os.path.exists(p)]
+    paths = [p for p in (model_args.model, model_args.stan) if p and os.path.exists(p)]
     try:
         from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -452,64 +438,58 @@ def _blocked_paths(args) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Loads the model and serves the page until interrupted; returns the exit status."""
-    from mugstan_chat.cli import DEMO_MAX_NEW_TOKENS, _configure_logging
-    from mugstan_chat.ports import port_in_use, port_message
-
+def parse_args(argv: list[str] | None = None):
+    """(model args, serving args, login, the namespace); every problem is a usage error (exit 2) here."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        auth = _parse_auth(args.auth or os.environ.get("MUGSTAN_APP_AUTH"))
+        auth = parse_auth(args.auth or os.environ.get("MUGSTAN_APP_AUTH"))
+        model_args = ModelArgs.from_cli_args(args)
+        model_args.generation()
+        serving = ServingArgs.from_cli_args(args).validate(authenticated=auth is not None, auth_hint=AUTH_HINT,
+                                                           public=args.share)
     except ValueError as error:
         parser.error(str(error))
-    for name in ("concurrency", "queue_size", "max_sessions"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_upload_mb <= 0 or args.max_video_seconds <= 0:
-        parser.error("--max-upload-mb and --max-video-seconds must be positive")
-    if not 0 <= args.feature_cache_mb < float("inf"):  # also refuses nan
-        parser.error("--feature-cache-mb must be a finite number, 0 or more")
-    busy = port_in_use(args.host, args.port)
-    if busy:
-        print(port_message("app.py", args.host, args.port, busy), file=sys.stderr)
-        return 1
-    _configure_logging(args.debug)
+    return model_args, serving, auth, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the model and serves the page until interrupted; returns the exit status."""
+    model_args, serving, auth, args = parse_args(argv)
+    configure_logging(model_args.debug)
     logger.setLevel(logging.INFO)
-    if (args.share or not _is_loopback(args.host)) and auth is None:
-        print("app.py: warning: the app is reachable from other machines without a login; "
-              "pass --auth USER:PASS", file=sys.stderr)
 
     from mugstan_chat.checkpoint import CheckpointError
-    from mugstan_chat.cli import load_model_from_options
     from mugstan_chat.loader import ModelLoadError
 
     try:
-        chat_model = load_model_from_options(args)
+        chat_model = model_args.load()
     except (ModelLoadError, CheckpointError) as error:
-        print(f"app.py: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
     settings = AppSettings(
-        frames=args.frames, clips=args.clips,
-        max_new_tokens=args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if args.demo else 512),
-        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_upload_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds,
-        concurrency=args.concurrency, queue_size=args.queue_size, max_sessions=args.max_sessions,
-        feature_cache_mb=args.feature_cache_mb, examples_dir=examples_dir)
+        frames=model_args.frames, clips=model_args.clips, max_new_tokens=model_args.answer_limit,
+        temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
+        max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
+        concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,
+        feature_cache_mb=serving.feature_cache_mb, examples_dir=examples_dir)
     demo = build_demo(chat_model, settings)
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    # gradio counts an event as queued until a worker takes it: room for the running ones too
+    demo.queue(max_size=settings.queue_size + settings.concurrency, default_concurrency_limit=settings.concurrency)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+        demo.launch(server_name=serving.host, server_port=serving.port, share=args.share, auth=auth,
                     max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
-                    allowed_paths=[str(examples_dir)] if examples_dir else [], blocked_paths=_blocked_paths(args),
-                    show_error=False, ssr_mode=False, footer_links=[], css=CSS, quiet=False)
+                    allowed_paths=[str(examples_dir)] if examples_dir else [],
+                    blocked_paths=_blocked_paths(model_args), show_error=False, ssr_mode=False, footer_links=[],
+                    css=CSS, quiet=False)
     except OSError as error:  # the port was taken while the model loaded
-        if args.debug:
+        if model_args.debug:
             raise
-        print(port_message("app.py", args.host, args.port, " ".join(str(error).split())[:200]), file=sys.stderr)
+        print(f"{PROG}: error: {port_message(serving.host, serving.port, ' '.join(str(error).split())[:200])}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -9,8 +9,10 @@ first user turn), and each ``<image>`` is expanded to one clip's worth of
 placeholder tokens, as the processor does for an image.
 
 Each session also keeps its conversation's language-model cache (keys/values of the
-previous prompt and answer); the next question prefills only the tokens after the
-longest common prefix (:mod:`mugstan_chat.prefix_cache`), with the same answers.
+previous prompt and answer, a :class:`~mugstan_chat.prefix_cache.ConversationCache`); the
+next question prefills only the tokens after the longest common prefix, with the same
+answers. :meth:`ChatSession.loglikelihood` scores given continuations of a question on the
+same features and prompt (multiple-choice evaluation uses it; it never calls the model itself).
 
 Sessions are independent objects: a server holds one per conversation.
 """
@@ -28,14 +30,15 @@ from typing import Iterator
 import torch
 
 from .loader import ChatModel
-from .prefix_cache import CacheBudget, budget_for, cache_bytes, common_prefix_length
+from .likelihood import ContinuationScore, score_continuations
+from .prefix_cache import CacheBudget, ConversationCache, budget_for
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
-from .turns import (ConversationTooLong, GenerationSettings, TurnStats, VideoFeatures, _StopOnEvent,
-                    _TimedStreamer, _VideoFeatures, encode_image, neutralise_image_token)
-
-__all__ = ["ChatSession", "ConversationTooLong", "GenerationSettings", "TurnStats", "VideoFeatures", "encode_image",
-           "neutralise_image_token"]
+from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
+                    encode_image, neutralise_image_token)
 from .video import VideoClips, VideoLimits, load_video_clips
+
+__all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
+           "VideoFeatures", "encode_image", "neutralise_image_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +95,11 @@ class ChatSession:
         self.limits = limits
         self.history: list[tuple[str, str]] = []  # (question, answer) pairs
         self.turns: list[TurnStats] = []
-        self._video: _VideoFeatures | None = None
+        self._video: VideoFeatures | None = None
         self._lock = threading.Lock()  # one generation at a time per session
         self.reuse_cache = reuse_cache
         self.cache_budget = cache_budget if cache_budget is not None else budget_for(chat_model.model)
-        self._kv = None  # the language model's cache of the conversation so far (a DynamicCache)
-        self._kv_ids: torch.Tensor | None = None  # (N,) the token ids whose keys/values _kv holds
+        self.kv = ConversationCache(chat_model.model.config, self.cache_budget)  # the conversation's keys/values
         if prepare:
             self.prepare()
 
@@ -179,7 +181,7 @@ class ChatSession:
             torch.cuda.synchronize(tower.device)
         t2 = time.perf_counter()
         self.drop_prefix_cache()
-        self._video = _VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        self._video = VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
         logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
                     self.video_path, self.clips, self.frames, self.visual_tokens, (t1 - t0) * 1000, (t2 - t1) * 1000)
         return True
@@ -196,14 +198,12 @@ class ChatSession:
 
     def drop_prefix_cache(self) -> None:
         """Frees the conversation's KV cache (the next question prefills its whole prompt)."""
-        self._kv = None
-        self._kv_ids = None
-        self.cache_budget.release(self)
+        self.kv.drop()
 
     @property
     def cached_tokens(self) -> int:
         """Tokens whose keys/values the session holds for the next question (0: none)."""
-        return 0 if self._kv_ids is None else int(self._kv_ids.numel())
+        return self.kv.tokens
 
     def undo_last(self) -> tuple[str, str] | None:
         """Forgets the last question and its answer (to ask it again); returns them, or None."""
@@ -333,7 +333,7 @@ class ChatSession:
         ids = inputs["input_ids"][0]
         reused = 0
         if self.reuse_cache:
-            kwargs["cache"], reused = self._take_cache(ids)
+            kwargs["cache"], reused = self.kv.take(ids)
         if (ids[reused:] == self.chat_model.model.config.image_token_id).any():
             kwargs["mm_encoder_outputs"] = self._cached_outputs()  # placeholders left to fill
         stats.prefill_tokens, stats.reused_tokens = prompt_tokens - reused, reused
@@ -342,29 +342,6 @@ class ChatSession:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return question.strip(), started, stats, kwargs
 
-    def _take_cache(self, ids: torch.Tensor):
-        """The session's cache cropped to its longest common prefix with ``ids``, and that length.
-
-        The cache leaves the session for the turn (a failed turn leaves none behind). At
-        least one token is always prefilled (it yields the first answer token's logits), and
-        the video placeholders are never split: LLaVA fills them from the features only in
-        the prefilled part, so the prefix either covers all of them or stops before the first.
-        """
-        from transformers import DynamicCache
-
-        cache, cached_ids = self._kv, self._kv_ids
-        self.drop_prefix_cache()
-        keep = 0
-        if cache is not None:
-            keep = min(common_prefix_length(cached_ids, ids), ids.numel() - 1)
-            image = (ids == self.chat_model.model.config.image_token_id).nonzero()
-            if image.numel() and int(image[0]) < keep <= int(image[-1]):
-                keep = int(image[0])
-        if keep == 0:
-            return DynamicCache(config=self.chat_model.model.config), 0
-        cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to remove
-        return cache, keep
-
     def _record(self, question: str, answer: str, stats: TurnStats, sequence: torch.Tensor | None = None,
                 cache=None) -> None:
         """Adds the turn; keeps ``cache`` (keys/values of ``sequence``'s first tokens) for the next one."""
@@ -372,9 +349,7 @@ class ChatSession:
         self.turns.append(stats)
         self._video.reported = True
         if cache is not None and sequence is not None:
-            held = cache.get_seq_length()  # the last generated token was never fed back: not in the cache
-            self._kv, self._kv_ids = cache, sequence[:held].detach().cpu()
-            self.cache_budget.charge(self, cache_bytes(cache))
+            self.kv.keep(cache, sequence)
 
     @contextlib.contextmanager
     def _busy(self):
@@ -417,11 +392,11 @@ class ChatSession:
         """
         with self._busy():
             question, started, stats, kwargs = self._start_turn(question)
-            streamer = _TimedStreamer.create(self.chat_model.processor.tokenizer, started)
+            streamer = TimedStreamer.create(self.chat_model.processor.tokenizer, started)
             stop = stop if stop is not None else threading.Event()
             from transformers import StoppingCriteriaList
 
-            kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+            kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
             errors: list[BaseException] = []
             outputs: list[torch.Tensor] = []
 
@@ -454,6 +429,24 @@ class ChatSession:
                     self._record(question, "".join(pieces).strip(), stats, sequence, kwargs.get("cache"))
             if errors:
                 raise errors[0]
+
+    def loglikelihood(self, question: str, continuations: list[str]) -> list[ContinuationScore]:
+        """Log-probability of each continuation right after the assistant prompt for ``question``.
+
+        The prompt is this session's (conversation so far, its video features, the chat
+        template) and runs through the language model once; each continuation is scored on a
+        copy of its cache. Continuation tokens are those of ``tokenise(prompt + text)`` past
+        ``tokenise(prompt)`` (the lm-evaluation-harness rule), so a tokenizer that merges the
+        space into the first word is handled. Nothing is recorded in the conversation.
+
+        Raises:
+            ValueError: a continuation has no tokens, or the prompt plus the longest
+                continuation does not fit the context.
+        """
+        with self._busy():
+            prompt = self.prompt_text(question)
+            return score_continuations(self.chat_model.model, self.chat_model.processor.tokenizer, prompt,
+                                       continuations, self._cached_outputs(), self.chat_model.context_length)
 
     def summary(self) -> dict:
         """Session facts for logs and JSON output."""

@@ -8,8 +8,10 @@ of the file, frames, clips, temporal mode, time window, the model) and bounded i
 bytes, the resource that runs out; the least recently used entry goes first.
 
 The server, the web app (one cache shared by every visitor) and the CLI's ``chat``
-command all build their keys here (:func:`model_identity`, :func:`file_sha256`,
-:func:`session_key`), so the three agree on what makes two encodings the same.
+command all build their keys here (:func:`session_key`, :func:`image_key`) and go through
+:meth:`FeatureCache.get_or_encode`, so the three agree on what makes two encodings the
+same, and N requests for the same new video at once decode and encode it once: the first
+does the work, the others wait for its result.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,29 @@ def session_key(session, content_hash: str) -> FeatureKey:
                       model_identity(session.chat_model))
 
 
+def image_key(chat_model, content_hash: str) -> FeatureKey:
+    """The key of a single image's features (stock LLaVA image chat: one frame, no temporal branch)."""
+    return FeatureKey(content_hash, 1, 1, "image", None, None, model_identity(chat_model))
+
+
 def features_nbytes(features) -> int:
     """Bytes held by a ``chat.VideoFeatures`` (its tensors; metadata is negligible)."""
     return sum(t.numel() * t.element_size() for t in features.features)
 
 
+@dataclass
+class InFlight:
+    """An encode under way: waiters block on ``done``; ``features`` stays None if it failed."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    features: object | None = None
+
+
 class FeatureCache:
     """Thread-safe LRU mapping :class:`FeatureKey` -> ``chat.VideoFeatures``, at most ``max_bytes``.
 
-    An entry larger than the whole budget is not stored. ``max_bytes = 0`` disables the cache.
+    An entry larger than the whole budget is not stored. ``max_bytes = 0`` disables the cache
+    (concurrent requests for one key still share one encode).
     """
 
     def __init__(self, max_bytes: int):
@@ -90,6 +106,8 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.shared = 0  # requests that waited for another request's encode of the same key
+        self._in_flight: dict[FeatureKey, InFlight] = {}
 
     def get(self, key: FeatureKey):
         """The cached features (marked most recently used), or None."""
@@ -119,6 +137,47 @@ class FeatureCache:
             self.bytes += size
             return True
 
+    def get_or_encode(self, key: FeatureKey, encode) -> tuple[object, bool]:
+        """The features of ``key``, from the cache or from ``encode()``, encoding each key once at a time.
+
+        The first caller of a missing key runs ``encode()`` (and stores its result); callers
+        that arrive while it runs wait and take the same result. If ``encode()`` raises, the
+        error goes to its caller and each waiter tries again itself (so each request reports
+        its own failure, and a cancelled encode does not fail the others).
+
+        Returns:
+            (features, True) when they came from the cache or another caller's encode,
+            (features, False) when this call encoded them.
+        """
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[0], True
+                flight = self._in_flight.get(key)
+                owner = flight is None
+                if owner:
+                    flight = self._in_flight[key] = InFlight()
+                    self.misses += 1
+                else:
+                    self.shared += 1
+            if not owner:
+                flight.done.wait()
+                if flight.features is not None:
+                    return flight.features, True
+                continue  # the encode failed: try it here
+            try:
+                features = encode()
+                self.put(key, features)
+                flight.features = features
+            finally:
+                with self._lock:
+                    del self._in_flight[key]
+                flight.done.set()
+            return features, False
+
     def session_features(self, session, content_hash: str | None = None, before_decoding=None) -> bool:
         """Gives ``session`` its video features from the cache, or decodes, encodes and stores them.
 
@@ -133,15 +192,17 @@ class FeatureCache:
             whatever ``before_decoding`` or ``ChatSession.prepare`` raise (``video.VideoDecodeError`` ...); nothing is stored then.
         """
         key = session_key(session, content_hash or file_sha256(session.video_path))
-        features = self.get(key)
-        if features is not None:
+
+        def encode():
+            if before_decoding is not None:
+                before_decoding()
+            session.prepare()
+            return session.video_features
+
+        features, cached = self.get_or_encode(key, encode)
+        if cached:
             session.attach_features(features)
-            return True
-        if before_decoding is not None:
-            before_decoding()
-        session.prepare()
-        self.put(key, session.video_features)
-        return False
+        return cached
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -153,4 +214,4 @@ class FeatureCache:
         """Counters for /health and logs."""
         with self._lock:
             return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+                    "hits": self.hits, "misses": self.misses, "shared": self.shared, "evictions": self.evictions}

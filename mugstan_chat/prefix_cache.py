@@ -1,9 +1,10 @@
 """Conversation KV reuse: a follow-up question pays only for its new tokens.
 
-A :class:`ChatSession` keeps the token ids whose keys/values sit in its language
-model cache (the previous prompt plus the answer generated after it). For the next
-question the full prompt is built as before; the cache is cropped to the longest
-common prefix of the two id sequences and only the rest is prefilled. The prefix's
+A :class:`ConversationCache` (one per chat session) keeps the token ids whose
+keys/values sit in its language model cache (the previous prompt plus the answer
+generated after it). For the next question the full prompt is built as before; the
+cache is cropped to the longest common prefix of the two id sequences and only the
+rest is prefilled. The prefix's
 keys/values are the ones a full prefill would compute (causal attention: a token's
 keys/values depend only on the tokens before it), so answers are unchanged.
 
@@ -60,11 +61,11 @@ def cache_bytes(cache) -> int:
 
 
 class CacheBudget:
-    """Bounds the bytes of conversation caches held by sessions; least recently used dropped first.
+    """Bounds the bytes of conversation caches; least recently used dropped first.
 
-    Sessions call :meth:`charge` after each answer (their cache is then the most recent)
-    and :meth:`release` when they drop it. A session over the budget on its own keeps
-    nothing. Thread-safe; sessions are held weakly (a closed session frees its share).
+    A :class:`ConversationCache` calls :meth:`charge` after each answer (it is then the most
+    recent) and :meth:`release` when it drops its keys/values. One over the budget on its own
+    keeps nothing. Thread-safe; holders are held weakly (a closed session frees its share).
     """
 
     def __init__(self, max_bytes: int | None = None):
@@ -72,7 +73,7 @@ class CacheBudget:
         if max_bytes < 0:
             raise ValueError(f"cache budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._held: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()  # id(session) -> (session, bytes)
+        self._held: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()  # id(holder) -> (holder, bytes)
         self._lock = threading.Lock()
 
     @property
@@ -80,12 +81,12 @@ class CacheBudget:
         with self._lock:
             return sum(size for ref, size in self._held.values() if ref() is not None)
 
-    def charge(self, session, size: int) -> None:
-        """Records ``session``'s cache of ``size`` bytes as most recent; drops the oldest others over budget."""
+    def charge(self, holder, size: int) -> None:
+        """Records ``holder``'s cache of ``size`` bytes as most recent; drops the oldest others over budget."""
         evict = []
         with self._lock:
-            self._held.pop(id(session), None)
-            self._held[id(session)] = (weakref.ref(session), size)
+            self._held.pop(id(holder), None)
+            self._held[id(holder)] = (weakref.ref(holder), size)
             total = 0
             for key, (ref, held) in reversed(list(self._held.items())):  # newest first
                 if ref() is None:
@@ -96,11 +97,11 @@ class CacheBudget:
                 else:
                     total += held
         for victim in evict:  # outside the lock: a victim's drop calls release()
-            victim.drop_prefix_cache()
+            victim.drop()
 
-    def release(self, session) -> None:
+    def release(self, holder) -> None:
         with self._lock:
-            self._held.pop(id(session), None)
+            self._held.pop(id(holder), None)
 
 
 _budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -117,3 +118,62 @@ def budget_for(model) -> CacheBudget:
         if budget is None:
             budget = _budgets[model] = CacheBudget()
         return budget
+
+
+class ConversationCache:
+    """One conversation's language-model keys/values and the token ids they belong to.
+
+    :meth:`take` hands the next turn the cache cropped to its longest common prefix with the
+    new prompt (the cache leaves this object for the turn, so a failed turn leaves none
+    behind); :meth:`keep` stores the turn's cache afterwards and charges it to the budget.
+
+    Args:
+        model_config: the LLaVA config (a fresh ``DynamicCache`` is built from it; its
+            ``image_token_id`` marks the video placeholders).
+        budget: the :class:`CacheBudget` the kept bytes count against.
+    """
+
+    def __init__(self, model_config, budget: CacheBudget):
+        self.model_config = model_config
+        self.budget = budget
+        self.cache = None  # a transformers DynamicCache, or None
+        self.ids: torch.Tensor | None = None  # (N,) the token ids whose keys/values ``cache`` holds
+
+    @property
+    def tokens(self) -> int:
+        """Tokens whose keys/values are held for the next turn (0: none)."""
+        return 0 if self.ids is None else int(self.ids.numel())
+
+    def drop(self) -> None:
+        """Frees the keys/values (the next turn prefills its whole prompt)."""
+        self.cache = None
+        self.ids = None
+        self.budget.release(self)
+
+    def take(self, ids: torch.Tensor):
+        """(cache, reused tokens) for a prompt of token ids ``ids`` (1-D).
+
+        At least one token is always prefilled (it yields the first answer token's logits),
+        and the video placeholders are never split: LLaVA fills them from the features only
+        in the prefilled part, so the prefix either covers all of them or stops before the first.
+        """
+        from transformers import DynamicCache
+
+        cache, cached_ids = self.cache, self.ids
+        self.drop()
+        keep = 0
+        if cache is not None:
+            keep = min(common_prefix_length(cached_ids, ids), ids.numel() - 1)
+            image = (ids == self.model_config.image_token_id).nonzero()
+            if image.numel() and int(image[0]) < keep <= int(image[-1]):
+                keep = int(image[0])
+        if keep == 0:
+            return DynamicCache(config=self.model_config), 0
+        cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to remove
+        return cache, keep
+
+    def keep(self, cache, sequence: torch.Tensor) -> None:
+        """Holds ``cache``, the keys/values of ``sequence``'s first tokens, for the next turn."""
+        held = cache.get_seq_length()  # the last generated token was never fed back: not in the cache
+        self.cache, self.ids = cache, sequence[:held].detach().cpu()
+        self.budget.charge(self, cache_bytes(cache))

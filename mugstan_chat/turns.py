@@ -8,6 +8,7 @@ streamer / stop helpers ``generate`` runs with.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -38,19 +39,61 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy decoding; > 0: sampling
     top_p: float = 1.0  # nucleus sampling (sampling only)
     repetition_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None  # sampling only: the turn's own random generator starts here (None: fresh entropy)
 
-    def generate_kwargs(self) -> dict:
+    def validate(self) -> GenerationSettings:
+        """ValueError naming the bad setting; returns self."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
         if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid generation settings {self}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        return self
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``generate``: a fresh random generator for this turn when sampling.
+
+        Sampling never draws from torch's global generator (which every thread shares): the
+        logits are warped as transformers would (temperature, then top-p) and a
+        :class:`SeededSampler` adds Gumbel noise from the turn's own generator, so the argmax
+        that follows is a draw from the warped distribution. The same seed gives the same
+        answer whatever runs beside it.
+        """
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.validate()
         kwargs = {"repetition_penalty": self.repetition_penalty}
+        # greedy search over the (possibly perturbed) scores; override the checkpoint's sampling defaults
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:  # greedy: override sampling defaults the checkpoint's generation config may carry
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            processors = [TemperatureLogitsWarper(self.temperature)]
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+            processors.append(SeededSampler(self.seed))
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         return kwargs
+
+
+class SeededSampler:
+    """A logits processor that turns greedy search into sampling from a generator of its own.
+
+    Gumbel-max: for scores s, argmax(s + G) with G_i = -log(E_i), E_i ~ Exp(1) i.i.d., is a
+    draw from softmax(s). The generator is created on the scores' device at the first step
+    and seeded with ``seed`` (fresh OS entropy when None); one sampler serves one turn.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or self.generator.device != scores.device:
+            self.generator = torch.Generator(device=scores.device)
+            self.generator.manual_seed(self.seed)
+        noise = torch.empty_like(scores).exponential_(generator=self.generator)  # (B, V) E ~ Exp(1)
+        return scores - noise.clamp_min_(torch.finfo(noise.dtype).tiny).log()  # masked -inf stays -inf
 
 
 @dataclass
@@ -75,16 +118,15 @@ class TurnStats:
 
 
 @dataclass
-class _VideoFeatures:
+class VideoFeatures:
+    """An encoded video: what a session holds and a server's cache shares across stateless sessions."""
+
     features: list[torch.Tensor]  # C tensors (tokens per clip, text width): projected, ready for placeholders
     indices: list[list[int]]  # frame indices per clip
     info: object  # video.VideoInfo
     decode_ms: float
     encode_ms: float
     reported: bool = False  # decode/encode times already shown in a turn's stats
-
-
-VideoFeatures = _VideoFeatures  # public name: a server caches these across stateless sessions
 
 
 def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
@@ -111,11 +153,15 @@ def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
     return VideoFeatures(features, [[0]], None, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
 
-class _TimedStreamer:
-    """Builds a TextIteratorStreamer that records when the first generated token arrives."""
+class TimedStreamer:
+    """A ``TextIteratorStreamer`` that records when the first generated token arrives and counts tokens.
+
+    Build one with :meth:`create` (transformers is imported then, not at import time).
+    """
 
     @staticmethod
     def create(tokenizer, started: float):
+        """A streamer over ``tokenizer``'s pieces; ``started`` is the perf_counter time the turn began."""
         from transformers import TextIteratorStreamer
 
         class Streamer(TextIteratorStreamer):
@@ -134,8 +180,8 @@ class _TimedStreamer:
         return streamer
 
 
-class _StopOnEvent:
-    """A stopping criterion that ends generation when the consumer goes away."""
+class StopOnEvent:
+    """A stopping criterion that ends generation when ``event`` is set (the consumer went away)."""
 
     def __init__(self, event: threading.Event):
         self.event = event

@@ -47,9 +47,10 @@ import benchlib  # noqa: E402  (also puts the repo root on sys.path)
 import chat_followups  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import StoppingCriteriaList, TextIteratorStreamer  # noqa: E402
+from transformers import StoppingCriteriaList  # noqa: E402
 
 from mugstan_chat.chat import ChatSession, GenerationSettings  # noqa: E402
+from mugstan_chat.turns import StopOnEvent, TimedStreamer  # noqa: E402  (the chat engine's own)
 from mugstan_chat.evaluation.modes import MODES, session_shape  # noqa: E402  (the library's three modes)
 from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model  # noqa: E402
 
@@ -232,10 +233,10 @@ def text_only_ttft(chat_model: ChatModel, prompt_tokens: int) -> float:
     if ids.shape[1] < prompt_tokens:
         raise ValueError(f"filler text gave {ids.shape[1]} tokens, fewer than {prompt_tokens}")
     ids = ids[:, :prompt_tokens].to(chat_model.device)  # (1, P)
-    streamer = _TokenTimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TimedStreamer.create(tokenizer, started)
     stop = threading.Event()
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, streamer=streamer,
-                  stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                  stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
                   pad_token_id=tokenizer.pad_token_id, **FixedLength(max_new_tokens=2).generate_kwargs())
 
     def run():
@@ -249,27 +250,6 @@ def text_only_ttft(chat_model: ChatModel, prompt_tokens: int) -> float:
     stop.set()
     thread.join()
     return (streamer.first_token_at - started) * 1000
-
-
-class _TokenTimedStreamer(TextIteratorStreamer):
-    """Notes when the first generated token arrives (token time, not text time, as the chat engine does)."""
-
-    first_token_at = None
-
-    def put(self, value):
-        if self.first_token_at is None and not (self.skip_prompt and self.next_tokens_are_prompt):
-            self.first_token_at = time.perf_counter()
-        super().put(value)
-
-
-class _StopOn:
-    """The stop-on-disconnect criterion a streamed chat turn carries (checked every step)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def peak_first_turn(chat_model: ChatModel, video: Path, mode: str, frames: int, new_tokens: int) -> dict:

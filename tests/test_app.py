@@ -242,6 +242,6 @@ def test_build_demo_and_parser(chat_model):
         (True, "branch", "mean", 4, 2, True)
     assert (args.host, args.port, args.share, args.max_upload_mb, args.concurrency, args.queue_size) == \
         ("127.0.0.1", 7999, False, 5.0, 2, 3)
-    assert app_module._parse_auth("alice:se:cret") == ("alice", "se:cret")
+    assert app_module.parse_auth("alice:se:cret") == ("alice", "se:cret")
     with pytest.raises(SystemExit):
         app_module.main(["--demo", "--auth", "nopassword"])

@@ -10,6 +10,7 @@ import mugstan_chat.chat as chat_module
 from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettings
 from mugstan_chat.loader import load_chat_model
 from mugstan_chat.synthetic import make_synthetic_videos
+from mugstan_chat.turns import SeededSampler
 from mugstan_chat.video import VideoDecodeError, read_frames
 
 SHORT = GenerationSettings(max_new_tokens=12)
@@ -129,13 +130,42 @@ def test_missing_video_names_the_file(chat_model, tmp_path):
 
 
 def test_generation_settings_are_validated():
-    assert GenerationSettings().generate_kwargs()["do_sample"] is False
-    sampled = GenerationSettings(temperature=0.7, top_p=0.9).generate_kwargs()
-    assert sampled["do_sample"] and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9
-    with pytest.raises(ValueError):
-        GenerationSettings(max_new_tokens=0).generate_kwargs()
-    with pytest.raises(ValueError):
-        GenerationSettings(top_p=0).generate_kwargs()
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    greedy = GenerationSettings().generate_kwargs()
+    assert greedy["do_sample"] is False and "logits_processor" not in greedy
+    sampled = GenerationSettings(temperature=0.7, top_p=0.9, seed=5).generate_kwargs()
+    # sampling = transformers' own warpers, then a draw from the turn's own generator (never the global one)
+    warpers = list(sampled["logits_processor"])
+    assert isinstance(warpers[0], TemperatureLogitsWarper) and warpers[0].temperature == 0.7
+    assert isinstance(warpers[1], TopPLogitsWarper) and warpers[1].top_p == 0.9
+    assert isinstance(warpers[2], SeededSampler) and warpers[2].seed == 5
+    for bad in (dict(max_new_tokens=0), dict(top_p=0), dict(temperature=float("nan")), dict(seed=-1)):
+        with pytest.raises(ValueError):
+            GenerationSettings(**bad).generate_kwargs()
+
+
+def test_seeded_sampler_draws_from_the_softmax_with_its_own_generator():
+    """argmax(scores + Gumbel noise) is a draw from softmax(scores). n = 20000 draws: each frequency's
+    standard error is <= sqrt(0.25 / n) = 0.0035; 0.02 is more than 5 of them."""
+    scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]])  # (1, V); -inf: masked by top-p
+    expected = torch.softmax(scores, dim=-1)[0]
+    sampler = SeededSampler(seed=11)
+    torch.manual_seed(0)
+    draws = torch.stack([sampler(None, scores).argmax(dim=-1)[0] for _ in range(20000)])
+    frequencies = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert torch.allclose(frequencies, expected.double(), atol=0.02)
+    assert frequencies[3] == 0  # a masked token is never drawn
+    # repeatable from its seed, whatever the global generator does in between; another seed differs
+    def draw(seed: int) -> list[int]:
+        sampler = SeededSampler(seed=seed)
+        picks = []
+        for step in range(50):
+            torch.manual_seed(step)  # the global generator moves; the sampler must not care
+            picks.append(sampler(None, scores).argmax().item())
+        return picks
+
+    assert draw(3) == draw(3) and draw(3) != draw(4)
 
 
 def test_sessions_choose_their_temporal_mode_without_touching_the_shared_tower(chat_model, videos):

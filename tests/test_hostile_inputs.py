@@ -25,7 +25,7 @@ import pytest
 from mugstan_chat import video as V
 from mugstan_chat.cli import main
 from mugstan_chat.video import backends, limits as video_limits
-from mugstan_chat.video.guard import _Progress
+from mugstan_chat.video.guard import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -221,10 +221,10 @@ def test_pyav_falls_back_to_sequential_decoding_when_a_seek_misses(transport_str
     wanted = [0, 30, 119]
     with av.open(str(ts)) as container:  # what seeking alone gives on this file
         stream = container.streams.video[0]
-        index = backends._PacketIndex(container, stream)
+        index = backends.PacketIndex(container, stream)
         with pytest.raises(backends._SeekMissed):
-            backends._pyav_decode_wanted(container, stream, index, wanted, _Progress())
-    out = backends._pyav_read(str(ts), wanted, _Progress(), None, rotation=0, seek=True)
+            backends._pyav_decode_wanted(container, stream, index, wanted, Progress())
+    out = backends._pyav_read(str(ts), wanted, Progress(), None, rotation=0, seek=True)
     assert all(np.array_equal(out[i], reference[i]) for i in wanted)
 
 
@@ -273,7 +273,7 @@ def test_unreadable_file_says_permission_denied(tmp_path, rotated):
 
 
 def test_permission_error_on_open_is_named(tmp_path, monkeypatch, rotated):
-    """The same mapping at its seam (the open in _check_file), independent of who runs the tests."""
+    """The same mapping at its seam (the open in check_file), independent of who runs the tests."""
     def refuse(path, mode="r", *args, **kwargs):
         raise PermissionError(13, "Permission denied", path)
 
@@ -454,18 +454,15 @@ def busy_port():
         yield sock.getsockname()[1]
 
 
-def test_port_in_use_is_one_line_before_loading(busy_port):
-    done = _run(["app.py", "--demo", "--port", str(busy_port)], timeout=60)
-    _assert_one_line_error(done, f"127.0.0.1:{busy_port}", "--port")
-
-
 def test_port_taken_while_loading_is_one_line(busy_port, monkeypatch, capsys):
-    """Gradio's own failure to bind (the port was free when checked) gives the same one line."""
-    from mugstan_chat import ports
+    """Gradio's own failure to bind (the port was free when checked) gives the same one line.
+
+    (A port already busy at startup is a usage error before loading: tests/test_entrypoints.py.)"""
+    from mugstan_chat.entrypoints import network, serving_args
     from test_app import app_module
 
-    assert ports.port_in_use("127.0.0.1", busy_port)  # what the startup check sees
-    monkeypatch.setattr(ports, "port_in_use", lambda host, port: None)
+    assert network.port_in_use("127.0.0.1", busy_port)  # what the startup check sees
+    monkeypatch.setattr(serving_args, "port_in_use", lambda host, port: None)
     assert app_module.main(["--demo", "--port", str(busy_port), "--no-examples"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("app.py: error: cannot listen on") and "--port" in err[-1]

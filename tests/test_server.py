@@ -151,6 +151,7 @@ def test_streaming_data_url_equals_whole_answer(media, client, chat_model):
     video = media["allowed"] / "red_triangle_growing.mp4"
     question = "describe the scene"
     expected, stats = _reference(chat_model, video, question)
+    client.chat.completions.create(model="demo", messages=_messages(_file_url(video), question))  # cached now
     stream = client.chat.completions.create(model="demo", messages=_messages(_data_url(video), question),
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -159,7 +160,7 @@ def test_streaming_data_url_equals_whole_answer(media, client, chat_model):
     assert len([d for d in deltas if d]) > 1  # really streamed
     assert "".join(deltas) == expected
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finals) == 1 and finals[0].model_extra["mugstan"]["cached_features"] is True  # same bytes as before
+    assert len(finals) == 1 and finals[0].model_extra["mugstan"]["cached_features"] is True  # same bytes, other URL
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == stats.new_tokens
     assert chunks[-1].usage.prompt_tokens == stats.prompt_tokens
 

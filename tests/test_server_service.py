@@ -21,7 +21,10 @@ from mugstan_chat.feature_cache import FeatureCache, FeatureKey, features_nbytes
 from mugstan_chat.loader import load_chat_model
 from mugstan_chat.server.media import MediaFetcher, MediaPolicy
 from mugstan_chat.server.protocol import APIError, ChatCompletionRequest
-from mugstan_chat.server.service import ChatService, Gate, ServiceConfig, TextAssembler
+from mugstan_chat.server.jobs import Gate
+from mugstan_chat.server.planning import ServiceConfig
+from mugstan_chat.server.worker import ChatService, TextAssembler
+from mugstan_chat.video import VideoDecodeError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -84,7 +87,7 @@ def test_feature_cache_is_lru_bounded_in_bytes():
     assert cache.bytes == 800 and cache.evictions == 1
     assert cache.get(_key("a", frames=16)) is None  # every field of the key matters
     assert not cache.put(_key("huge"), _features(2000)) and len(cache) == 2  # larger than the budget: not kept
-    assert cache.stats() == {"entries": 2, "bytes": 800, "max_bytes": 1000, "hits": 3, "misses": 1, "evictions": 1}
+    assert cache.stats() == {"entries": 2, "bytes": 800, "max_bytes": 1000, "hits": 3, "misses": 1, "shared": 0, "evictions": 1}
     assert not FeatureCache(0).put(_key("a"), a)  # 0 disables it
 
 
@@ -108,6 +111,58 @@ def test_same_video_is_decoded_and_encoded_once(chat_model, monkeypatch):
     _run(service, _request(question="what happens?", mugstan={"start": 0.5, "end": 1.5}))
     assert len(reads) == 3 and tower.calls == calls + 3  # other features: encoded again
     assert service.health()["counters"]["video_encodes"] == 3
+
+
+def test_concurrent_requests_for_a_new_video_share_one_decode_and_encode(chat_model, monkeypatch):
+    reads = []
+    real_reader = chat_module.load_video_clips
+    started = threading.Barrier(4, timeout=30)
+
+    def slow_counting_reader(*args, **kwargs):
+        reads.append(args[0])
+        time.sleep(0.3)  # the others arrive while this one decodes
+        return real_reader(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "load_video_clips", slow_counting_reader)
+    service, tower = _service(chat_model), chat_model.tower
+    calls = tower.calls
+    outcomes = [None] * 4
+
+    def ask(i):
+        started.wait()  # all four requests at the same moment
+        outcomes[i] = _run(service, _request("blue_triangle_left.mp4"))[1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(reads) == 1 and tower.calls == calls + 1 and service.health()["counters"]["video_encodes"] == 1
+    assert sorted(o.info["cached_features"] for o in outcomes) == [False, True, True, True]
+    assert len({o.text for o in outcomes}) == 1  # greedy: the same answer from the same features
+    assert service.cache.stats()["shared"] + service.cache.stats()["hits"] == 3
+
+
+def test_a_failed_encode_is_each_requests_own_error(chat_model, monkeypatch):
+    """The first request's decode fails: the waiting request tries again itself (and fails the same way)."""
+    def broken_reader(*args, **kwargs):
+        time.sleep(0.2)
+        raise VideoDecodeError(f"{args[0]}: broken on purpose")
+
+    monkeypatch.setattr(chat_module, "load_video_clips", broken_reader)
+    service = _service(chat_model)
+    errors = [None, None]
+
+    def ask(i):
+        errors[i] = _run(service, _request("red_triangle_shrinking.mp4"))[1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(isinstance(e, APIError) and e.status == 400 and "broken on purpose" in e.message for e in errors)
+    assert len(service.cache) == 0
 
 
 def test_cache_eviction_means_decoding_again(chat_model, monkeypatch):
@@ -199,7 +254,7 @@ def test_plan_refusals(chat_model):
                                            {"role": "assistant", "content": "a1"},
                                            {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"}]))
     assert plan.system == "be brief" and plan.history == [("q1", "a1")] and plan.question == "q2\nq3"
-    assert plan.generation.max_new_tokens == 7 and plan.generation.temperature == 0.5 and plan.seed == 3
+    assert plan.generation.max_new_tokens == 7 and plan.generation.temperature == 0.5 and plan.generation.seed == 3
 
 
 def test_seed_makes_sampling_repeatable(chat_model):
@@ -207,6 +262,36 @@ def test_seed_makes_sampling_repeatable(chat_model):
     answers = [_run(service, _request(temperature=1.5, seed=seed, max_tokens=12))[1].text for seed in (7, 7, 8)]
     greedy = _run(service, _request(max_tokens=12))[1].text
     assert answers[0] == answers[1] and len({answers[0], answers[2], greedy}) > 1
+
+
+def test_concurrent_seeded_requests_equal_the_same_requests_alone(chat_model, monkeypatch):
+    """Each request samples from its own generator: running beside another seeded request changes nothing."""
+    service = _service(chat_model)
+    requests = [_request(temperature=1.0, seed=seed, max_tokens=16) for seed in (1, 2)]
+    _run(service, _request())  # the video's features are cached: both requests go straight to sampling
+    alone = [_run(service, r)[1].text for r in requests]
+    from mugstan_chat import turns
+
+    real_call = turns.SeededSampler.__call__
+    together = threading.Barrier(2, timeout=30)
+
+    def in_step(self, input_ids, scores):  # both requests draw their first token at the same moment
+        if getattr(self, "steps", 0) == 0:
+            together.wait()
+        self.steps = getattr(self, "steps", 0) + 1
+        return real_call(self, input_ids, scores)
+
+    monkeypatch.setattr(turns.SeededSampler, "__call__", in_step)
+    for _ in range(3):
+        together.reset()
+        texts = [None, None]
+        threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, _run(service, requests[i])[1].text))
+                   for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert texts == alone
 
 
 # ----------------------------------------------------------------------------- admission control
@@ -284,7 +369,7 @@ def test_attach_features_checks_clips_and_stop_event_ends_generation(chat_model)
     (["--queue-size", "-1"], "--queue-size"),
     (["--max-body-mb", "0"], "--max-body-mb"),
     (["--temperature", "-1"], "--temperature"),
-    (["--frames", "65"], "--max-frames"),
+    (["--frames", "9", "--max-frames", "8"], "--max-frames"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(argv, message, monkeypatch, capsys):
     def refuse(*args, **kwargs):
@@ -295,18 +380,6 @@ def test_bad_arguments_fail_before_the_model_loads(argv, message, monkeypatch, c
     with pytest.raises(SystemExit) as caught:
         cli_main(["serve", "--demo", *argv])
     assert caught.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_busy_port_fails_before_the_model_loads(monkeypatch, capsys):
-    import socket
-
-    monkeypatch.setattr(loader_module, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        with pytest.raises(SystemExit) as caught:
-            cli_main(["serve", "--demo", "--port", str(taken.getsockname()[1])])
-    assert caught.value.code == 2 and "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_data_url_of_an_image_is_refused_as_a_video(chat_model):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mugstan_chat import demo as demo_module
 from mugstan_chat.chat import ChatSession
@@ -17,9 +18,10 @@ from mugstan_chat.evaluation.readers import Question, read_questions, resolve_vi
 from mugstan_chat.evaluation.runner import (
     PREDICTIONS, EvalRun, EvalSettings, OutputError, prepare_output, read_predictions)
 from mugstan_chat.evaluation.scoring import (
-    _cached_features, build_question_text, continuation_ids, parse_choice, score_likelihood)
+    build_question_text, parse_choice, score_likelihood)
 from mugstan_chat.evaluation.summary import bootstrap_interval, markdown_tables, summarize
 from mugstan_chat.evaluation.synthetic import make_synthetic_mc, question_for_caption
+from mugstan_chat.likelihood import continuation_ids
 from mugstan_chat.loader import load_chat_model
 from mugstan_chat.synthetic import make_synthetic_videos
 
@@ -123,7 +125,8 @@ def test_cached_continuation_scores_equal_a_full_forward(chat_model, synthetic_s
     with torch.no_grad():
         for cont in conts:
             ids = torch.tensor([context + cont])
-            logits = chat_model.model(input_ids=ids, mm_encoder_outputs=_cached_features(session)).logits[0]
+            visual = {"image": BaseModelOutputWithPooling(pooler_output=session.features)}
+            logits = chat_model.model(input_ids=ids, mm_encoder_outputs=visual).logits[0]
             logp = torch.log_softmax(logits.float(), dim=-1)
             expected.append(float(sum(logp[len(context) - 1 + i, t] for i, t in enumerate(cont))) / len(cont))
     assert score.option_scores == pytest.approx(expected, abs=1e-4)

@@ -16,19 +16,22 @@ import argparse
 import json
 import sys
 
+from ..entrypoints import ModelArgs
+from ..entrypoints.values import positive_int
 from .modes import MODES
 from .prompt import ANSWER_FORMATS, SCORINGS
 
 EVAL_MAX_NEW_TOKENS = 16  # generate scoring: room for "B" or "(B) the option text"
 
 
-def add_eval_command(commands, shared: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_eval_command(commands) -> argparse.ArgumentParser:
     """Adds the ``eval`` subcommand (with the shared model/video options) to ``commands``."""
     parser = commands.add_parser(
-        "eval", parents=[shared], help="multiple-choice video QA accuracy, stan / mean / concat side by side",
+        "eval", help="multiple-choice video QA accuracy, stan / mean / concat side by side",
         description="Multiple-choice video QA (MVBench, Video-MME, NExT-QA, EgoSchema, Perception Test, plain "
                     "JSON) with the temporal modes compared on the same questions and frames. --temporal is "
                     "ignored: --modes says what runs.")
+    ModelArgs.add_cli_args(parser)
     parser.add_argument("questions", nargs="+", metavar="QUESTIONS",
                         help="question files (.json, .jsonl, .csv) or folders of them; layout detected from the fields")
     parser.add_argument("--video-root", required=True, metavar="DIR", help="folder the videos are found under")
@@ -43,28 +46,22 @@ def add_eval_command(commands, shared: argparse.ArgumentParser) -> argparse.Argu
                              "length-normalised (use it with the demo model, whose vocabulary has no letters)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: predictions.jsonl, summary.json")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished questions")
-    parser.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N questions")
-    parser.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N questions")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_eval)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run_eval(args) -> int:
     """Runs ``mugstan-chat eval`` from parsed arguments; returns the exit status."""
-    from ..cli import load_model_from_options
     from .readers import read_questions, resolve_videos
     from .runner import EvalRun, EvalSettings, prepare_output
     from .summary import markdown_tables
 
     # ---- everything the user gave, checked before the model loads
+    model_args = ModelArgs.from_cli_args(args)
     if "stan" in args.modes and args.stan is None and not args.demo:
         raise ValueError("mode 'stan' needs a STAN branch (--stan PATH); without one pass --modes mean concat")
     if args.temperature != 0 or args.top_p != 1.0 or args.repetition_penalty != 1.0:
@@ -83,7 +80,7 @@ def run_eval(args) -> int:
           f"scoring: {settings.scoring} ({settings.answer_format}); {len(done)} results already in {args.out}",
           file=sys.stderr)
 
-    chat_model = load_model_from_options(args, temporal="stan" if "stan" in settings.modes else "mean")
+    chat_model = model_args.load(temporal="stan" if "stan" in settings.modes else "mean")
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     run = EvalRun(chat_model, questions, videos, settings, args.out, done=done, progress=not args.no_progress)

@@ -13,19 +13,16 @@ the visual tokens.
 * ``generate``: greedy decoding (at most ``max_new_tokens``); the choice is parsed from the text
   by :func:`parse_choice`.
 
-Continuation tokens are those of ``tokenise(prompt + continuation)`` past ``tokenise(prompt)``
-(the lm-evaluation-harness rule), so a tokenizer merging the space into the letter is handled.
-The prompt is run once per question (its KV cache is reused for multi-token options).
+The likelihoods come from the chat engine (:meth:`mugstan_chat.chat.ChatSession.loglikelihood`:
+the prompt once, continuation tokens by the lm-evaluation-harness rule); scoring never calls
+the model itself.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from dataclasses import dataclass
-
-import torch
 
 from .prompt import (ANSWER_FORMATS, INSTRUCTIONS, OPTION_LINE, PROMPT_TEMPLATE, SCORINGS,  # noqa: F401
                      build_question_text)
@@ -50,24 +47,7 @@ class Score:
     score_ms: float
 
 
-# ------------------------------------------------------------------------------------------ tokens
-def continuation_ids(tokenizer, prompt: str, texts: list[str]) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, continuation ids per text), tokenising prompt + text against the prompt alone."""
-    add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
-    context = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-    result = []
-    for text in texts:
-        whole = tokenizer(prompt + text, add_special_tokens=add_special)["input_ids"]
-        if len(whole) > len(context) and whole[: len(context)] == context:
-            result.append(whole[len(context):])
-        else:  # the tokenizer merged across the boundary: tokenise the continuation alone
-            alone = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not alone:
-                raise ValueError(f"option continuation {text!r} has no tokens")
-            result.append(alone)
-    return context, result
-
-
+# ------------------------------------------------------------------------------------------ checks
 def check_distinct(question: Question, answer_format: str, conts: list[list[int]], unk_id: int | None) -> None:
     """Options the model cannot tell apart would score identically: refuse instead of a silent tie."""
     if len({tuple(c) for c in conts}) != len(conts) or (unk_id is not None and any(c == [unk_id] for c in conts)):
@@ -78,43 +58,20 @@ def check_distinct(question: Question, answer_format: str, conts: list[list[int]
 
 
 # ------------------------------------------------------------------------------------------ scorers
-def _cached_features(session) -> dict:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"image": BaseModelOutputWithPooling(pooler_output=session.features)}
-
-
-@torch.inference_mode()
 def score_likelihood(session, question: Question, answer_format: str = "letter") -> Score:
     """Log-likelihood of each option's continuation after the prompt (see the module docstring)."""
     started = time.perf_counter()
-    chat_model = session.chat_model
-    tokenizer = chat_model.processor.tokenizer
-    prompt = session.prompt_text(build_question_text(question, answer_format))
-    context, conts = continuation_ids(tokenizer, prompt, continuations(question, answer_format))
-    check_distinct(question, answer_format, conts, tokenizer.unk_token_id)
-    longest = max(len(c) for c in conts)
-    if len(context) + longest > chat_model.context_length:
-        raise ValueError(f"question {question.id!r}: prompt of {len(context)} tokens + answer does not fit the "
-                         f"model's context of {chat_model.context_length} tokens")
-    device = chat_model.device
-    ids = torch.tensor([context], device=device)  # (1, P)
-    out = chat_model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                           mm_encoder_outputs=_cached_features(session))
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
-    scores, lengths = [], []
-    for cont in conts:
-        total = float(first[cont[0]])
-        if len(cont) > 1:  # the rest of the option, on a copy of the prompt's cache
-            rest = torch.tensor([cont[:-1]], device=device)  # (1, K-1): predicts cont[1:]
-            step = chat_model.model(input_ids=rest, cache=copy.deepcopy(out.cache), use_cache=True)
-            logp = torch.log_softmax(step.logits[0].float(), dim=-1)  # (K-1, V)
-            total += float(logp.gather(1, torch.tensor(cont[1:], device=device)[:, None]).sum())
-        scores.append(total / len(cont) if answer_format == "text" else total)
-        lengths.append(len(cont))
+    try:
+        results = session.loglikelihood(build_question_text(question, answer_format),
+                                        continuations(question, answer_format))
+    except ValueError as error:
+        raise ValueError(f"question {question.id!r}: {error}") from None
+    check_distinct(question, answer_format, [r.ids for r in results],
+                   session.chat_model.processor.tokenizer.unk_token_id)
+    scores = [r.mean_logprob if answer_format == "text" else r.logprob for r in results]
     chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first option
-    return Score(chosen=chosen, option_scores=scores, option_tokens=lengths, answer_text=None,
-                 prompt_tokens=len(context), score_ms=(time.perf_counter() - started) * 1000)
+    return Score(chosen=chosen, option_scores=scores, option_tokens=[len(r.ids) for r in results], answer_text=None,
+                 prompt_tokens=results[0].prompt_tokens, score_ms=(time.perf_counter() - started) * 1000)
 
 
 def score_generate(session, question: Question, answer_format: str = "letter") -> Score:

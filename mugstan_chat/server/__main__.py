@@ -1,5 +1,5 @@
 """``python -m mugstan_chat.server``: the same as ``mugstan-chat serve``."""
 
-from .app import main
+from .cli import main
 
 raise SystemExit(main())

@@ -1,28 +1,16 @@
-"""``mugstan-chat serve``: thin FastAPI routes over :class:`.service.ChatService`, and the command line.
-
-Usage::
-
-    mugstan-chat serve --demo                                      # http://127.0.0.1:8000/v1
-    mugstan-chat serve --model llava-hf/llava-1.5-7b-hf --stan PATH --allowed-local-media-path /data/videos
-    mugstan-chat serve --demo --host 0.0.0.0 --api-key "$KEY"      # other machines: a key is required
-    python -m mugstan_chat.server --demo                           # the same
+"""The FastAPI routes of ``mugstan-chat serve``, thin over :class:`.worker.ChatService`.
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``. Every
-error is OpenAI's JSON error shape, rendered here and nowhere else. Arguments are
-checked before the model loads. Details: docs/serve.md.
+error is OpenAI's JSON error shape, rendered here and nowhere else. The command line
+is :mod:`.cli`. Details: docs/serve.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
-import os
-import socket
-import sys
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,9 +22,6 @@ from .protocol import (APIError, ChatCompletion, ChatCompletionChunk, ChatComple
                        now)
 
 logger = logging.getLogger(__name__)
-
-PROG = "mugstan-chat serve"
-API_KEY_ENV = "MUGSTAN_API_KEY"
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -225,143 +210,3 @@ async def _sse(job, plan, rid: str, created: int, model: str):
     finally:
         if not job.finished.is_set():
             job.cancel()
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's model/video/generation options (same names), plus the server's."""
-    from ..cli import model_options
-
-    parser = argparse.ArgumentParser(prog=PROG, parents=[model_options()],
-                                     description="OpenAI-compatible video chat API (POST /v1/chat/completions).")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s); any other address needs --api-key")
-    server.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    server.add_argument("--api-key", default=None,
-                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set)")
-    server.add_argument("--served-model-name", default=None,
-                        help="model id in /v1/models and responses (default: the --model value, 'demo' with --demo)")
-    server.add_argument("--concurrency", type=int, default=1,
-                        help="requests answered at once; 1 per GPU (default: %(default)s)")
-    server.add_argument("--queue-size", type=int, default=16,
-                        help="requests waiting beyond those; more get 429 (default: %(default)s)")
-    server.add_argument("--max-body-mb", type=float, default=64.0,
-                        help="largest request body; larger gets 413 (default: %(default)s)")
-    media = parser.add_argument_group("media")
-    media.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
-                       help="allow file:// URLs inside DIR (repeatable; default: none, file:// refused)")
-    media.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
-                       help="hosts whose http(s) URLs may be downloaded (default: none)")
-    media.add_argument("--max-media-mb", type=float, default=100.0,
-                       help="largest video or image, from any source (default: %(default)s)")
-    media.add_argument("--media-timeout", type=float, default=30.0,
-                       help="seconds for an http(s) download (default: %(default)s)")
-    media.add_argument("--max-video-seconds", type=float, default=3 * 3600.0,
-                       help="longest accepted video (default: %(default)s)")
-    media.add_argument("--max-frames", type=int, default=64,
-                       help="largest num_frames a request may ask for (default: %(default)s)")
-    media.add_argument("--max-clips", type=int, default=16, help="largest mugstan.clips (default: %(default)s)")
-    media.add_argument("--feature-cache-mb", type=float, default=1024.0,
-                       help="memory for cached video features, LRU; 0 disables (default: %(default)s)")
-    return parser
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_args(parser: argparse.ArgumentParser, args) -> None:
-    """Every argument problem is found here, before the model loads."""
-    if not 1 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is not a port number (1-65535)")
-    for name in ("concurrency", "max_frames", "max_clips"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.queue_size < 0:
-        parser.error("--queue-size must be 0 or more")
-    for name in ("max_body_mb", "max_media_mb", "media_timeout", "max_video_seconds"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.feature_cache_mb < 0:
-        parser.error("--feature-cache-mb must be 0 or more")
-    if args.frames > args.max_frames or args.clips > args.max_clips:
-        parser.error("--frames/--clips exceed --max-frames/--max-clips")
-    from ..chat import GenerationSettings
-
-    try:
-        GenerationSettings(max_new_tokens=args.max_new_tokens or 1, temperature=args.temperature, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty).generate_kwargs()
-    except ValueError as error:
-        parser.error(str(error))
-    if args.api_key is not None and not args.api_key.strip():
-        parser.error("--api-key must not be empty")
-    if not is_loopback(args.host) and not args.api_key:
-        parser.error(f"--host {args.host} exposes the server to other machines: pass --api-key KEY "
-                     f"(or set ${API_KEY_ENV})")
-    try:  # a busy port is found now, not after minutes of loading weights
-        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((args.host, args.port))
-    except OSError as error:
-        parser.error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Checks the arguments, loads the model and serves until interrupted; returns the exit status."""
-    from ..cli import DEMO_MAX_NEW_TOKENS, _configure_logging
-    from ..video import VideoLimits
-    from .media import MediaFetcher, MediaPolicy
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    _check_args(parser, args)
-    try:
-        policy = MediaPolicy.create(args.allowed_local_media_path, args.allowed_media_domains,
-                                    int(args.max_media_mb * 2**20), args.media_timeout)
-    except ValueError as error:
-        parser.error(str(error))
-    _configure_logging(args.debug)
-    logger.setLevel(logging.INFO)
-
-    from ..checkpoint import CheckpointError
-    from ..feature_cache import FeatureCache
-    from ..cli import load_model_from_options
-    from ..loader import ModelLoadError
-    from .service import ChatService, Gate, ServiceConfig
-
-    try:
-        chat_model = load_model_from_options(args)
-    except (ModelLoadError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
-    config = ServiceConfig(
-        model_name=args.served_model_name or chat_model.settings.model, frames=args.frames, clips=args.clips,
-        max_new_tokens=args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if args.demo else 512),
-        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_frames=args.max_frames, max_clips=args.max_clips,
-        limits=VideoLimits(max_seconds=args.max_video_seconds))
-    service = ChatService(chat_model, config, MediaFetcher(policy), FeatureCache(int(args.feature_cache_mb * 2**20)))
-    app = create_app(service, Gate(args.concurrency, args.queue_size), api_key=args.api_key,
-                     max_body_bytes=int(args.max_body_mb * 2**20))
-    import uvicorn
-
-    print(f"{PROG}: model {config.model_name!r} on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.debug else "warning",
-                timeout_graceful_shutdown=5)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

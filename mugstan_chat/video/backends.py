@@ -1,7 +1,7 @@
 """The two decoders: decord (fast sparse access) and PyAV (the fallback), reading frames by index.
 
 Each read function takes the sorted unique indices wanted and a
-:class:`~.guard._Progress` heartbeat, and returns {index: (H, W, 3) uint8 RGB}.
+:class:`~.guard.Progress` heartbeat, and returns {index: (H, W, 3) uint8 RGB}.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .guard import _Progress
+from .guard import Progress
 
 logger = logging.getLogger(__name__)
 
 _DECORD_CHUNK = 16  # frames per decord get_batch call (watchdog heartbeat)
 
 
-def _load_decord():
+def load_decord():
     """Import decord lazily; None when it is not installed (e.g. macOS arm64)."""
     try:
         import decord  # noqa: PLC0415
@@ -38,10 +38,10 @@ def _load_decord():
 
 def decord_available() -> bool:
     """Whether the decord backend can be used in this environment."""
-    return _load_decord() is not None
+    return load_decord() is not None
 
 
-def _to_numpy(batch: Any) -> np.ndarray:
+def to_numpy(batch: Any) -> np.ndarray:
     """decord returns its NDArray, or a torch tensor if a global bridge was set."""
     if hasattr(batch, "asnumpy"):
         return batch.asnumpy()
@@ -50,9 +50,9 @@ def _to_numpy(batch: Any) -> np.ndarray:
     return np.asarray(batch)
 
 
-def _decord_read(path: str, wanted: list[int], progress: _Progress) -> dict[int, np.ndarray]:
+def _decord_read(path: str, wanted: list[int], progress: Progress) -> dict[int, np.ndarray]:
     """Decode the sorted unique indices ``wanted`` with decord -> {index: (H, W, 3) uint8}."""
-    decord = _load_decord()
+    decord = load_decord()
     if decord is None:
         raise RuntimeError("decord is not installed")
     reader = decord.VideoReader(path, ctx=decord.cpu(0))
@@ -63,22 +63,22 @@ def _decord_read(path: str, wanted: list[int], progress: _Progress) -> dict[int,
     out: dict[int, np.ndarray] = {}
     for start in range(0, len(wanted), _DECORD_CHUNK):
         chunk = wanted[start : start + _DECORD_CHUNK]
-        frames = _to_numpy(reader.get_batch(chunk))
+        frames = to_numpy(reader.get_batch(chunk))
         out.update(zip(chunk, frames))
         progress.tick()
     return out
 
 
-def _open_av(path: str):
+def open_av(path: str):
     import av  # noqa: PLC0415 - lazy: no work at import time
 
     return av.open(path, mode="r")
 
 
-class _PacketIndex:
+class PacketIndex:
     """Presentation-order timestamps and keyframe positions of a video stream (demux only)."""
 
-    def __init__(self, container, stream, progress: _Progress | None = None) -> None:
+    def __init__(self, container, stream, progress: Progress | None = None) -> None:
         entries = []
         for n, packet in enumerate(container.demux(stream)):
             ts = packet.pts if packet.pts is not None else packet.dts
@@ -107,7 +107,7 @@ class _PacketIndex:
 
 
 def _pyav_read(
-    path: str, wanted: list[int], progress: _Progress, claimed: int | None, rotation: int = 0, seek: bool = True
+    path: str, wanted: list[int], progress: Progress, claimed: int | None, rotation: int = 0, seek: bool = True
 ) -> dict[int, np.ndarray]:
     """Decode ``wanted`` (sorted unique) with PyAV, turned upright by ``rotation``.
 
@@ -116,12 +116,12 @@ def _pyav_read(
     it aimed at (MPEG-TS seeks by byte position and timestamps, not by frame), decode
     sequentially from the first packet instead; ``seek=False`` goes there directly.
     """
-    with _open_av(path) as container:
+    with open_av(path) as container:
         if not container.streams.video:
             raise RuntimeError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        index = _PacketIndex(container, stream, progress)
+        index = PacketIndex(container, stream, progress)
         progress.tick()
         available = len(index)
         if wanted and wanted[-1] >= available:
@@ -136,7 +136,7 @@ def _pyav_read(
             except _SeekMissed as exc:
                 logger.debug("pyav seeking missed on %s (%s); decoding sequentially", path, exc)
     if out is None:
-        with _open_av(path) as container:  # a fresh demuxer: no seek, from the first packet
+        with open_av(path) as container:  # a fresh demuxer: no seek, from the first packet
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             out = _pyav_decode_sequential(container, stream, index, wanted, progress)
@@ -147,7 +147,7 @@ class _SeekMissed(RuntimeError):
     """A seek landed after the frame it aimed at, or decoded nothing."""
 
 
-def _pyav_decode_wanted(container, stream, index: _PacketIndex, wanted: list[int], progress: _Progress):
+def _pyav_decode_wanted(container, stream, index: PacketIndex, wanted: list[int], progress: Progress):
     out: dict[int, np.ndarray] = {}
     decoder: Iterator | None = None
     pos, seeks, decoded = -1, 0, [0]  # pos: index of the last decoded frame
@@ -163,7 +163,7 @@ def _pyav_decode_wanted(container, stream, index: _PacketIndex, wanted: list[int
     return out
 
 
-def _pyav_decode_sequential(container, stream, index: _PacketIndex, wanted: list[int], progress: _Progress):
+def _pyav_decode_sequential(container, stream, index: PacketIndex, wanted: list[int], progress: Progress):
     out: dict[int, np.ndarray] = {}
     decoder, pos, decoded = container.decode(stream), -1, [0]
     for target in wanted:
@@ -179,7 +179,7 @@ def _pyav_decode_sequential(container, stream, index: _PacketIndex, wanted: list
 
 
 def _decode_until(
-    decoder: Iterator, index: _PacketIndex, target: int, out: dict, progress: _Progress, decoded: list[int]
+    decoder: Iterator, index: PacketIndex, target: int, out: dict, progress: Progress, decoded: list[int]
 ) -> int:
     """Advance ``decoder`` until frame ``target`` is stored in ``out``; return the last index seen."""
     pos = -1
@@ -202,7 +202,7 @@ def _decode_until(
 _ROTATION_PACKETS = 256  # packets to demux while looking for the first frame (its display matrix)
 
 
-def read_rotation(container, stream, progress: _Progress | None = None) -> int:
+def read_rotation(container, stream, progress: Progress | None = None) -> int:
     """Counter-clockwise display rotation of ``stream`` in degrees (0, 90, 180 or 270).
 
     Why the first frame: FFmpeg attaches the stream's display matrix (phones write

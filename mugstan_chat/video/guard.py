@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 
-class _Progress:
+class Progress:
     """Heartbeat the worker calls after each unit of work (frame/chunk)."""
 
     def __init__(self) -> None:
@@ -21,7 +21,7 @@ class _ReadTimeout(Exception):
     """A backend made no progress for ``timeout_s``."""
 
 
-def _run_guarded(fn: Callable[[_Progress], Any], timeout_s: float, what: str) -> Any:
+def run_guarded(fn: Callable[[Progress], Any], timeout_s: float, what: str) -> Any:
     """Run ``fn(progress)`` in a daemon thread; abandon it after ``timeout_s`` without a tick.
 
     Why a thread: decord can spin forever inside C code (with the GIL
@@ -29,7 +29,7 @@ def _run_guarded(fn: Callable[[_Progress], Any], timeout_s: float, what: str) ->
     thread can be abandoned while the caller keeps working; it is reaped at
     process exit. (It may keep one core busy until then.)
     """
-    progress = _Progress()
+    progress = Progress()
     box: dict[str, Any] = {}
     done = threading.Event()
 

@@ -56,7 +56,7 @@ class VideoInfo:
         return (self.height, self.width) if self.rotation % 180 == 90 else (self.width, self.height)
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
     """One message per way a path can fail before any decoder sees it.
 
     Why stat and open here: ``os.path.exists`` is False for a symlink loop and for a
@@ -88,13 +88,13 @@ def _check_file(path: str) -> None:
 
 
 
-def _describe(exc: BaseException, limit: int = 300) -> str:
+def describe_error(exc: BaseException, limit: int = 300) -> str:
     """One-line cause for error messages (decord messages are long and multi-line)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_limits(path: str, info: VideoInfo, limits: VideoLimits) -> None:
+def check_limits(path: str, info: VideoInfo, limits: VideoLimits) -> None:
     """The size limit bounds the decoded (stored) frame, so a portrait video is checked before rotation."""
     width, height = info.coded_size
     if width <= 0 or height <= 0 or info.num_frames <= 0:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .backends import _load_decord, _open_av, _PacketIndex, _to_numpy, read_rotation
-from .guard import _Progress, _run_guarded
-from .limits import VideoDecodeError, VideoInfo, VideoLimits, _check_file, _check_limits, _describe
+from .backends import load_decord, open_av, PacketIndex, to_numpy, read_rotation
+from .guard import Progress, run_guarded
+from .limits import VideoDecodeError, VideoInfo, VideoLimits, check_file, check_limits, describe_error
 
 
 def _stream_info(container, stream) -> VideoInfo:
@@ -19,7 +19,7 @@ def _stream_info(container, stream) -> VideoInfo:
         duration = container.duration / 1_000_000
     frames = int(stream.frames or 0)
     if frames <= 0:
-        frames = len(_PacketIndex(container, stream))
+        frames = len(PacketIndex(container, stream))
     if fps <= 0:
         fps = frames / duration if duration > 0 else 25.0
     if duration <= 0:
@@ -29,16 +29,16 @@ def _stream_info(container, stream) -> VideoInfo:
                      container=str(container.format.name or ""))
 
 
-def _probe_pyav(path: str, progress: _Progress, limits: VideoLimits) -> VideoInfo:
+def _probe_pyav(path: str, progress: Progress, limits: VideoLimits) -> VideoInfo:
     """Header facts, checked against the limits, then the rotation (one decoded frame) and the displayed size."""
-    with _open_av(path) as container:
+    with open_av(path) as container:
         progress.tick()
         if not container.streams.video:
             raise VideoDecodeError(f"{path}: no video stream (streams: {[s.type for s in container.streams]})")
         info = _stream_info(container, container.streams.video[0])
-    _check_limits(path, info, limits)  # before decoding anything
+    check_limits(path, info, limits)  # before decoding anything
     try:
-        with _open_av(path) as container:  # a fresh demuxer: counting frames above read to the end
+        with open_av(path) as container:  # a fresh demuxer: counting frames above read to the end
             rotation = read_rotation(container, container.streams.video[0], progress)
     except Exception:  # noqa: BLE001 - an undecodable first frame is reported by the read, with its cause
         rotation = 0
@@ -47,14 +47,14 @@ def _probe_pyav(path: str, progress: _Progress, limits: VideoLimits) -> VideoInf
     return dataclasses.replace(info, rotation=rotation)
 
 
-def _probe_decord(path: str, progress: _Progress) -> VideoInfo:
-    decord = _load_decord()
+def _probe_decord(path: str, progress: Progress) -> VideoInfo:
+    decord = load_decord()
     if decord is None:
         raise RuntimeError("decord is not installed")
     reader = decord.VideoReader(path, ctx=decord.cpu(0))
     progress.tick()
     frames, fps = len(reader), float(reader.get_avg_fps() or 0.0) or 25.0
-    height, width = _to_numpy(reader.get_batch([0])).shape[1:3]
+    height, width = to_numpy(reader.get_batch([0])).shape[1:3]
     return VideoInfo(frames, fps, frames / fps, int(width), int(height))
 
 
@@ -69,18 +69,18 @@ def probe_video(path: str | os.PathLike, limits: VideoLimits | None = None) -> V
         VideoDecodeError: missing/empty/not-a-video file, no video stream, over limits.
     """
     path, limits = os.fspath(path), limits or VideoLimits()
-    _check_file(path)
+    check_file(path)
     try:
-        info = _run_guarded(lambda p: _probe_pyav(path, p, limits), limits.timeout_s, "pyav-probe")
+        info = run_guarded(lambda p: _probe_pyav(path, p, limits), limits.timeout_s, "pyav-probe")
     except VideoDecodeError:
         raise
     except Exception as av_exc:  # noqa: BLE001
         try:
-            info = _run_guarded(lambda p: _probe_decord(path, p), limits.timeout_s, "decord-probe")
+            info = run_guarded(lambda p: _probe_decord(path, p), limits.timeout_s, "decord-probe")
         except Exception as dec_exc:  # noqa: BLE001
             raise VideoDecodeError(
                 f"{path}: not a video, or a truncated/corrupted container "
-                f"(pyav: {_describe(av_exc)}; decord: {_describe(dec_exc)})"
+                f"(pyav: {describe_error(av_exc)}; decord: {describe_error(dec_exc)})"
             ) from av_exc
-    _check_limits(path, info, limits)
+    check_limits(path, info, limits)
     return info

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from . import backends
-from .backends import _load_decord, _open_av, _to_numpy
-from .guard import _Progress, _run_guarded
-from .limits import BACKENDS, VideoDecodeError, VideoInfo, VideoLimits, _describe
+from .backends import load_decord, open_av, to_numpy
+from .guard import Progress, run_guarded
+from .limits import BACKENDS, VideoDecodeError, VideoInfo, VideoLimits, describe_error
 from .probing import probe_video
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _read_with_backend(backend: str, path: str, wanted: list[int], limits: Video
     else:
         seek = info.container not in SEQUENTIAL_CONTAINERS
         fn = lambda p: backends._pyav_read(path, wanted, p, info.num_frames, info.rotation, seek)  # noqa: E731
-    return _run_guarded(fn, limits.timeout_s, backend)
+    return run_guarded(fn, limits.timeout_s, backend)
 
 
 def read_frames(
@@ -102,7 +102,7 @@ def _decode_with_fallback(path: str, wanted: list[int], backend: str, limits: Vi
         try:
             decoded = _read_with_backend(name, path, wanted, limits, info)
         except Exception as exc:  # noqa: BLE001 - collected and reported below
-            causes.append(f"{name}: {_describe(exc)}")
+            causes.append(f"{name}: {describe_error(exc)}")
             logger.debug("backend %s failed on %s: %s", name, path, exc)
             continue
         logger.debug("read %d frames of %s with %s", len(wanted), path, name)
@@ -140,16 +140,16 @@ def iter_frame_batches(
     except VideoDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise VideoDecodeError(f"{path}: sequential decode with {backend} failed ({_describe(exc)})") from exc
+        raise VideoDecodeError(f"{path}: sequential decode with {backend} failed ({describe_error(exc)})") from exc
 
 
 def _iter_pyav_batches(path: str, batch_size: int, limits: VideoLimits, rotation: int) -> Iterator[np.ndarray]:
-    with _open_av(path) as container:
+    with open_av(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         frames = container.decode(stream)
 
-        def next_batch(progress: _Progress) -> list[np.ndarray]:
+        def next_batch(progress: Progress) -> list[np.ndarray]:
             batch = []
             for frame in frames:
                 batch.append(backends.upright(frame.to_ndarray(format="rgb24"), rotation))
@@ -158,25 +158,25 @@ def _iter_pyav_batches(path: str, batch_size: int, limits: VideoLimits, rotation
                     break
             return batch
 
-        while batch := _run_guarded(next_batch, limits.timeout_s, "pyav-seq"):
+        while batch := run_guarded(next_batch, limits.timeout_s, "pyav-seq"):
             yield np.stack(batch)
 
 
 def _iter_decord_batches(path: str, batch_size: int, limits: VideoLimits, count: int) -> Iterator[np.ndarray]:
-    decord = _load_decord()
+    decord = load_decord()
     if decord is None:
         raise VideoDecodeError(f"{path}: decord is not installed")
-    reader = _run_guarded(lambda p: decord.VideoReader(path, ctx=decord.cpu(0)), limits.timeout_s, "decord-open")
+    reader = run_guarded(lambda p: decord.VideoReader(path, ctx=decord.cpu(0)), limits.timeout_s, "decord-open")
     total = min(count, len(reader))
 
-    def next_batch(progress: _Progress, size: int) -> np.ndarray:
+    def next_batch(progress: Progress, size: int) -> np.ndarray:
         # next() decodes forward; get_batch would re-seek to a keyframe per batch.
         frames = []
         for _ in range(size):
-            frames.append(_to_numpy(reader.next()))
+            frames.append(to_numpy(reader.next()))
             progress.tick()
         return np.stack(frames)
 
     for start in range(0, total, batch_size):
         size = min(batch_size, total - start)
-        yield _run_guarded(lambda p: next_batch(p, size), limits.timeout_s, "decord-seq")
+        yield run_guarded(lambda p: next_batch(p, size), limits.timeout_s, "decord-seq")

@@ -1,0 +1,5 @@
+"""``python -m mugstan_chat``: the same as the ``mugstan-chat`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""``ModelArgs``: the model, video and generation settings every front end takes, checked once.
+
+The anchor is vLLM's ``EngineArgs``: one dataclass that adds its flags to any parser
+(:meth:`ModelArgs.add_cli_args`), is built from the parsed namespace
+(:meth:`ModelArgs.from_cli_args`), validates itself in one place (:meth:`ModelArgs.validate`,
+which the argparse types also apply flag by flag) and loads the model (:meth:`ModelArgs.load`).
+``mugstan-chat ask|chat|eval|serve`` and ``app.py`` all take these flags from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from ..options import CLIPS, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, TEMPERATURE, TOP_P, Range
+
+DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
+DEFAULT_MAX_NEW_TOKENS = 512
+TEMPORAL_CHOICES = ("stan", "mean")
+DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def span(allowed: Range) -> str:
+    """``low..high`` of a range, for help texts."""
+    return f"{allowed.low:g}..{allowed.high:g}"
+
+
+@dataclass
+class ModelArgs:
+    """Which model to load and how it answers by default.
+
+    Field names are the flags' (``--load-4bit`` -> ``load_4bit``).
+    """
+
+    model: str = DEFAULT_MODEL  # LLaVA hub id or local directory
+    stan: str | None = None  # STAN branch directory or hub id; None: 'stan' falls back to 'mean'
+    temporal: str = "stan"  # the tower's default mode: 'stan' (fused branch) or 'mean' (training-free baseline)
+    demo: bool = False  # the tiny offline model with random weights
+    allow_resolution_mismatch: bool = False  # accept a branch trained at another image size
+    device: str = "auto"
+    dtype: str = "auto"
+    load_4bit: bool = False  # bitsandbytes, language model only
+    load_8bit: bool = False
+    frames: int = 8  # T: frames per clip
+    clips: int = 1  # C: clips per video, one <image> each
+    max_new_tokens: int | None = None  # None: 512, or 48 with the demo model
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1: off
+    debug: bool = False  # tracebacks and library logs
+
+    # ------------------------------------------------------------------ command line
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds the model, video and generation flags (groups "model", "video", "generation") to ``parser``."""
+        model = parser.add_argument_group("model")
+        model.add_argument("--model", default=DEFAULT_MODEL,
+                           help="LLaVA hub id or local directory (default: %(default)s)")
+        model.add_argument("--stan", default=None, metavar="PATH",
+                           help="STAN branch directory or hub id; without it 'stan' mode falls back to 'mean'")
+        model.add_argument("--temporal", choices=TEMPORAL_CHOICES, default="stan",
+                           help="stan: fused temporal branch; mean: temporal mean of plain CLIP features")
+        model.add_argument("--demo", action="store_true",
+                           help="tiny offline model with random weights (answers are meaningless)")
+        model.add_argument("--allow-resolution-mismatch", action="store_true",
+                           help="accept a branch trained at another image size (e.g. 224 px on the 336 px tower)")
+        model.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+        model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16/fp16 on GPU, fp32 on CPU")
+        quant = model.add_mutually_exclusive_group()
+        quant.add_argument("--load-4bit", action="store_true", help="4-bit language model (bitsandbytes, CUDA)")
+        quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes, CUDA)")
+        video = parser.add_argument_group("video")
+        video.add_argument("--frames", type=FRAMES.parse, default=8,
+                           help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
+        video.add_argument("--clips", type=CLIPS.parse, default=1,
+                           help=f"clips per video, C, {span(CLIPS)}; each fills one <image> (default: %(default)s)")
+        gen = parser.add_argument_group("generation")
+        gen.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.parse, default=None,
+                         help=f"answer length limit, {span(MAX_NEW_TOKENS)} "
+                              f"(default: {DEFAULT_MAX_NEW_TOKENS}; {DEMO_MAX_NEW_TOKENS} with --demo)")
+        gen.add_argument("--temperature", type=TEMPERATURE.parse, default=0.0,
+                         help=f"{span(TEMPERATURE)}; 0 = greedy (default)")
+        gen.add_argument("--top-p", type=TOP_P.parse, default=1.0, help=f"{span(TOP_P)} (default: %(default)s)")
+        gen.add_argument("--repetition-penalty", type=REPETITION_PENALTY.parse, default=1.0,
+                         help=f"{span(REPETITION_PENALTY)}; 1 = off (default)")
+        parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ModelArgs:
+        """The fields of ``args`` that :meth:`add_cli_args` added, validated."""
+        built = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        built.validate()
+        return built
+
+    # ------------------------------------------------------------------ checks and derived values
+
+    def validate(self) -> ModelArgs:
+        """Checks every field (the argparse types check the same ranges flag by flag); ValueError naming the flag."""
+        for name, allowed in (("frames", FRAMES), ("clips", CLIPS), ("temperature", TEMPERATURE), ("top_p", TOP_P),
+                              ("repetition_penalty", REPETITION_PENALTY)):
+            self._check(name, allowed, getattr(self, name))
+        if self.max_new_tokens is not None:
+            self._check("max_new_tokens", MAX_NEW_TOKENS, self.max_new_tokens)
+        for name, choices in (("temporal", TEMPORAL_CHOICES), ("device", DEVICE_CHOICES), ("dtype", DTYPE_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.load_4bit and self.load_8bit:
+            raise ValueError("choose one of --load-4bit and --load-8bit")
+        return self
+
+    @staticmethod
+    def _check(name: str, allowed: Range, value) -> None:
+        try:
+            allowed.check(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--{name.replace('_', '-')}: {error}") from None
+
+    @property
+    def answer_limit(self) -> int:
+        """``max_new_tokens``, or the default (shorter for the demo model, whose answers are noise)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return DEMO_MAX_NEW_TOKENS if self.demo else DEFAULT_MAX_NEW_TOKENS
+
+    def generation(self, **overrides):
+        """The :class:`mugstan_chat.turns.GenerationSettings` these flags describe, checked."""
+        from ..turns import GenerationSettings
+
+        settings = GenerationSettings(**{
+            "max_new_tokens": self.answer_limit, "temperature": self.temperature, "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty, **overrides})
+        settings.validate()
+        return settings
+
+    def load(self, **overrides):
+        """The :class:`mugstan_chat.loader.ChatModel` these flags describe; ``overrides`` replace single settings.
+
+        The one loader call of every front end (the CLI, the web app, the server and eval).
+        """
+        from ..loader import load_chat_model
+
+        settings = dict(
+            model=self.model, stan=self.stan, temporal=self.temporal, device=self.device, dtype=self.dtype,
+            load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames, clips=self.clips,
+            demo=self.demo, allow_resolution_mismatch=self.allow_resolution_mismatch)
+        return load_chat_model(**{**settings, **overrides})
