@@ -26,7 +26,7 @@ flipped) are scored against the clip's caption and its partner's:
   model blind to frame order gets exactly 0.5;
 * R@1 over the gallery of clips and reversals (ties count against).
 
-Data: by default all motion families of :mod:`mugstan_chat.motions`, generated under
+Data: by default all motion families of :mod:`mugstan_chat.synthetic.families`, generated under
 ``OUT/data``; or any folder of time-reversal pairs in the same layout
 (``--train-data DIR --test-data DIR``: ``DIR/annotations.csv`` with ``video``,
 ``caption``, ``pair``, optional ``appearance`` and ``family``). Each variant's model
@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` is no
 import torch  # noqa: E402
 
 from mugstan_chat.model import MugStan  # noqa: E402
-from mugstan_chat.motions import FAMILIES, make_time_reversal_dataset  # noqa: E402
+from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset  # noqa: E402
 
 from training.data import ClipSettings, EvalDataset, VideoRecord  # noqa: E402
 from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,  # noqa: E402

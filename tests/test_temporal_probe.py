@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mugstan_chat.model import MugStan
-from mugstan_chat.motions import make_time_reversal_dataset
+from mugstan_chat.synthetic.families import make_time_reversal_dataset
 from training.params import model_config
 
 _spec = importlib.util.spec_from_file_location(

@@ -1,9 +1,8 @@
-"""Tests for mugstan_chat.video (reading, sampling, preprocessing, errors) and the
-synthetic time-order video generator. CPU only, no network, a few seconds."""
+"""Tests for mugstan_chat.video (reading, sampling, preprocessing, errors), on its own clips and
+on synthetic time-order videos. CPU only, no network, a few seconds."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import subprocess
 import sys
@@ -403,43 +402,3 @@ def test_load_video_clips_train_reproducible(good_video):
     a = V.load_video_clips(good_video, 4, 2, size=32, mode="train", generator=torch.Generator().manual_seed(0))
     b = V.load_video_clips(good_video, 4, 2, size=32, mode="train", generator=torch.Generator().manual_seed(0))
     assert a.indices == b.indices and torch.equal(a.clips, b.clips)
-
-
-# --------------------------------------------------------------------------- #
-# Synthetic generator
-# --------------------------------------------------------------------------- #
-OPPOSITES = {("moving right", "moving left"), ("moving down", "moving up"),
-             ("growing", "shrinking"), ("appearing", "disappearing")}
-
-
-def test_synthetic_files_and_csv(synth):
-    out, videos = synth
-    assert len(videos) == 8 and all(p.exists() and p.stat().st_size > 0 for p, _ in videos)
-    with open(out / "annotations.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["video", "caption", "pair"]
-    assert [(out / r["video"], r["caption"]) for r in rows] == videos
-    info = V.probe_video(videos[0][0])
-    assert (info.width, info.height, info.num_frames) == (64, 64, 24)
-
-
-def test_synthetic_pairs_are_reversed_with_opposite_captions(synth):
-    out, videos = synth
-    for (path_a, cap_a), (path_b, cap_b) in zip(videos[0::2], videos[1::2]):
-        a = V.read_frames(path_a, range(24)).astype(np.int16)
-        b = V.read_frames(path_b, range(24)).astype(np.int16)
-        assert np.abs(a - b[::-1]).mean() < 1.0  # same frames, reversed
-        assert np.abs(a - b).mean() > 2 * np.abs(a - b[::-1]).mean()  # and order matters
-        words_a, words_b = cap_a.split(), cap_b.split()
-        assert words_a[:3] == words_b[:3]  # same "a <colour> <shape>"
-        verbs = (" ".join(words_a[3:]), " ".join(words_b[3:]))
-        assert verbs in OPPOSITES or verbs[::-1] in OPPOSITES
-
-
-def test_synthetic_deterministic_and_even(tmp_path, synth):
-    _, videos = synth
-    again = make_synthetic_videos(tmp_path, num=8, seed=3)
-    assert [c for _, c in again] == [c for _, c in videos]
-    assert all(p.read_bytes() == q.read_bytes() for (p, _), (q, _) in zip(again, videos))
-    with pytest.raises(ValueError):
-        make_synthetic_videos(tmp_path / "odd", num=3, seed=0)

@@ -20,10 +20,9 @@ from mugstan_chat.evaluation.runner import (
 from mugstan_chat.evaluation.scoring import (
     build_question_text, parse_choice, score_likelihood)
 from mugstan_chat.evaluation.summary import bootstrap_interval, markdown_tables, summarize
-from mugstan_chat.evaluation.synthetic import make_synthetic_mc, question_for_caption
 from mugstan_chat.likelihood import continuation_ids
 from mugstan_chat.loader import load_chat_model
-from mugstan_chat.synthetic import make_synthetic_videos
+from mugstan_chat.synthetic import make_synthetic_mc, make_synthetic_videos, question_for_caption
 
 FRAMES = 2
 

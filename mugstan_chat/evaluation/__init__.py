@@ -8,6 +8,8 @@
   frame concatenation), shared with ``scripts/benchmark_chat.py``;
 * :mod:`.scoring`: the prompt template and the likelihood / generate scorers;
 * :mod:`.runner`: the loop (features once per video and mode), the per-question JSONL, resume;
-* :mod:`.summary`: accuracy with bootstrap intervals, the markdown tables;
-* :mod:`.synthetic`: a small direction/order question set on the synthetic videos.
+* :mod:`.summary`: accuracy with bootstrap intervals, the markdown tables.
+
+A small direction/order question set on synthetic videos, for running all of it offline, is
+:mod:`mugstan_chat.synthetic.questions`.
 """

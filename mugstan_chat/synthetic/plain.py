@@ -1,32 +1,30 @@
-"""Synthetic time-order videos: moving shapes whose caption depends on frame order.
+"""The plain time-order set: one shape on a flat dark background, four motions, small and fast.
 
 Every pair shares the same frames; the second video plays them in reverse and
 carries the opposite caption ("a red circle moving left" / "... moving right").
 A model that ignores temporal order cannot tell a pair apart, which makes these
-clips a cheap probe of the temporal branch. Generation is deterministic given
-the seed (NumPy ``default_rng``; x264 runs single-threaded).
+clips a cheap probe of the temporal branch, and easy test and demo inputs (no
+noise, fixed paths; the first frame shows the shape except for ``fade``). The
+harder probe set, with random textures and eleven motions, is :mod:`.families`.
+Generation is deterministic given the seed (NumPy ``default_rng``; x264 runs
+single-threaded).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from mugstan_chat.video import write_video
+from .pairs import write_annotations, write_pair
+from .render import COLOURS as PALETTE
+from .render import SHAPES, Canvas, shape_mask
 
 logger = logging.getLogger(__name__)
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 70),
-    "blue": (50, 80, 230),
-    "yellow": (235, 215, 50),
-}
-SHAPES = ("circle", "square", "triangle")
+COLOURS = {name: PALETTE[name] for name in ("red", "green", "blue", "yellow")}
 BACKGROUND = (30, 30, 30)
 # motion -> (caption of the forward clip, caption of the reversed clip)
 MOTIONS = {
@@ -35,24 +33,11 @@ MOTIONS = {
     "scale": ("growing", "shrinking"),
     "fade": ("appearing", "disappearing"),
 }
-FPS = 12
+COLUMNS = ["video", "caption", "pair"]
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
-    """Boolean (size, size) mask of a shape centred at (cx, cy) with half-size r."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    # upward triangle: apex at (cx, cy - r), base at y = cy + r
-    t = (dy + r) / (2 * r)
-    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
-
-
-def _trajectory(motion: str, size: int, frames: int, rng: np.random.Generator):
-    """Per-frame (cx, cy, r, alpha) arrays for the forward clip."""
+def trajectory(motion: str, size: int, frames: int, rng: np.random.Generator):
+    """Per-frame (cx, cy, r, alpha) arrays of the forward clip: fixed paths, one random coordinate."""
     t = np.linspace(0.0, 1.0, frames)
     r0 = size * 0.14
     lo, hi = size * 0.22, size * 0.78
@@ -65,18 +50,17 @@ def _trajectory(motion: str, size: int, frames: int, rng: np.random.Generator):
     centre = np.full(frames, size / 2)
     if motion == "scale":
         return centre, centre, size * (0.06 + 0.24 * t), ones
-    return centre, centre, size * 0.22 * ones, t  # fade in
+    if motion == "fade":
+        return centre, centre, size * 0.22 * ones, t
+    raise ValueError(f"unknown motion {motion!r}; expected one of {tuple(MOTIONS)}")
 
 
 def render_clip(shape: str, colour: str, motion: str, size: int, frames: int, rng: np.random.Generator) -> np.ndarray:
     """Forward frames of one clip, uint8 (frames, size, size, 3)."""
-    bg = np.array(BACKGROUND, dtype=np.float32)
-    fg = np.array(COLOURS[colour], dtype=np.float32)
-    out = np.empty((frames, size, size, 3), dtype=np.uint8)
-    for i, (cx, cy, r, a) in enumerate(zip(*_trajectory(motion, size, frames, rng))):
-        mask = _shape_mask(shape, size, cx, cy, r)[..., None]
-        out[i] = np.where(mask, bg + a * (fg - bg), bg).round().astype(np.uint8)
-    return out
+    canvas = Canvas(np.broadcast_to(np.asarray(BACKGROUND, dtype=np.float64), (size, size, 3)), frames)
+    for i, (cx, cy, r, alpha) in enumerate(zip(*trajectory(motion, size, frames, rng))):
+        canvas.paint(i, shape_mask(shape, size, cx, cy, r), COLOURS[colour], alpha)
+    return canvas.finish()
 
 
 def make_synthetic_videos(
@@ -92,7 +76,9 @@ def make_synthetic_videos(
         frames: frames per video.
 
     Returns:
-        (path, caption) for every video, pair by pair (forward first).
+        (path, caption) for every video, pair by pair (forward first). Files are
+        ``pair0000_a.mp4``, ``pair0000_b.mp4``, ...; ``annotations.csv`` has the
+        columns ``video``, ``caption``, ``pair``.
     """
     if num <= 0 or num % 2:
         raise ValueError(f"num must be a positive even number, got {num}")
@@ -101,21 +87,15 @@ def make_synthetic_videos(
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
     motions = [list(MOTIONS)[i] for i in rng.permutation(len(MOTIONS))]  # every motion appears
-    rows, result = [], []
+    rows = []
     for pair in range(num // 2):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = colours[rng.integers(len(colours))]
         motion = motions[pair % len(motions)]
         clip = render_clip(shape, colour, motion, size, frames, rng)
-        for suffix, verb, seq in (("a", MOTIONS[motion][0], clip), ("b", MOTIONS[motion][1], clip[::-1])):
-            name = f"pair{pair:04d}_{suffix}.mp4"
-            caption = f"a {colour} {shape} {verb}"
-            write_video(out / name, seq, fps=FPS, options={"preset": "ultrafast", "crf": "12", "threads": "1"})
-            rows.append({"video": name, "caption": caption, "pair": pair})
-            result.append((out / name, caption))
-    with open(out / "annotations.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["video", "caption", "pair"])
-        writer.writeheader()
-        writer.writerows(rows)
+        forward, backward = (f"a {colour} {shape} {verb}" for verb in MOTIONS[motion])
+        rows += write_pair(out, f"pair{pair:04d}", clip, {"caption": forward, "pair": pair},
+                           {"caption": backward, "pair": pair})
+    write_annotations(out, rows, COLUMNS)
     logger.info("wrote %d synthetic videos to %s", num, out)
-    return result
+    return [(out / row["video"], row["caption"]) for row in rows]

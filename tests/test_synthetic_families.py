@@ -1,11 +1,12 @@
 """Time-reversal motion families: order-dependent captions, exact reversals, appearance that does not tell."""
 
 import csv
+import hashlib
 
 import numpy as np
 import pytest
 
-from mugstan_chat.motions import FAMILIES, make_time_reversal_dataset, render_pair
+from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset, render_pair
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,3 +53,14 @@ def test_dataset_layout_and_exact_reversals(tmp_path):
     assert [r["caption"] for r in csv.DictReader(open(again))] == [r["caption"] for r in rows]
     with pytest.raises(ValueError, match="unknown motion families"):
         make_time_reversal_dataset(tmp_path / "bad", 1, seed=0, families=("teleport",))
+
+
+def test_rendered_pixels_are_pinned():
+    """The probe's results (docs/temporal_probe.md) were measured on these frames: a change must be deliberate."""
+    rng = np.random.default_rng(0)
+    digests = {f: hashlib.sha256(render_pair(f, rng, 32, 6)[0].tobytes()).hexdigest()[:16] for f in FAMILIES}
+    assert digests == {
+        "horizontal": "9207f3f13a6b059d", "vertical": "72a72d6a0190c3bc", "scale": "543e38f94afdd684",
+        "fade": "15c700b771475f85", "rotation": "405ed915524139c7", "converge": "65ef3a7438024139",
+        "occlusion": "dc71e32b3c0179e3", "count": "2a665468c28a05e5", "speed": "c8330895b133749d",
+        "colour": "848d23bc3e587265", "pan": "1257233412dc05aa"}

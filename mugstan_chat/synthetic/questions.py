@@ -1,6 +1,6 @@
-"""A small multiple-choice set on the synthetic time-order videos, so the whole eval path runs in CI.
+"""A small multiple-choice set on the plain synthetic videos, so the whole eval path runs in CI.
 
-Each video of :func:`mugstan_chat.synthetic.make_synthetic_videos` (forward/reverse pairs of a
+Each video of :func:`.plain.make_synthetic_videos` (forward/reverse pairs of a
 moving shape) gets one TempCompass-style question whose answer depends only on frame order::
 
     In which direction does the red circle move?   A. left   B. right
@@ -9,22 +9,22 @@ moving shape) gets one TempCompass-style question whose answer depends only on f
 
 Both videos of a pair hold the same frames in opposite orders, so a model that ignores order is
 at chance (50%). The option order is shuffled by the seed. Written in the plain layout
-(``questions.jsonl`` beside the videos)::
+(``questions.jsonl`` beside the videos; fields ``id``, ``video``, ``question``, ``options``,
+``answer`` (a letter) and ``task`` (the motion))::
 
-    python -m mugstan_chat.evaluation.synthetic OUT_DIR --num 8 --seed 0
+    python -m mugstan_chat.synthetic questions OUT_DIR --num 8 --seed 0
     mugstan-chat eval OUT_DIR/questions.jsonl --video-root OUT_DIR --demo --answer-format text --out runs/eval/syn
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..synthetic import MOTIONS, make_synthetic_videos
+from .plain import MOTIONS, make_synthetic_videos
 
 # motion -> (question template, the two answers as the synthetic captions' verbs -> option words)
 QUESTIONS = {
@@ -63,22 +63,3 @@ def make_synthetic_mc(out_dir: str | os.PathLike, num: int = 8, seed: int = 0, s
     target.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return target
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Writes the synthetic question set; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="output folder (created)")
-    parser.add_argument("--num", type=int, default=8, help="videos (even: num/2 forward/reverse pairs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    parser.add_argument("--frames", type=int, default=24, help="frames per video")
-    args = parser.parse_args(argv)
-    if args.num <= 0 or args.num % 2:
-        parser.error("--num must be a positive even number")
-    target = make_synthetic_mc(args.out_dir, args.num, args.seed, args.size, args.frames)
-    print(f"wrote {args.num} videos and {target}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
