@@ -1,4 +1,4 @@
-"""Image-language backbones behind the one small interface STAN needs (DESIGN.md section 1).
+"""Image-language backbones behind the one small interface STAN needs (docs/design.md section 1).
 
 STAN reads the outputs of individual backbone layers, copies layers to initialise
 its intra-frame modules and runs their attention and MLP sub-blocks separately,
@@ -22,7 +22,7 @@ from torch import nn
 
 @dataclass
 class TextFeatures:
-    """Projected text-token embeddings for Mug (DESIGN.md section 2).
+    """Projected text-token embeddings for Mug (docs/design.md section 2).
 
     tokens: (B, K, P) every token projected into the joint space.
     mask: (B, K) bool, True for real tokens (up to and including end-of-text).

@@ -1,4 +1,4 @@
-"""The video tower: LLaVA's own frozen CLIP tower plus a STAN branch, swapped into LLaVA (DESIGN.md section 4).
+"""The video tower: LLaVA's own frozen CLIP tower plus a STAN branch, swapped into LLaVA (docs/design.md section 4).
 
 transformers' ``LlavaModel.get_image_features`` calls ``vision_tower(pixel_values,
 return_dict=True, ...)``, takes ``hidden_states[vision_feature_layer]``, drops

@@ -2,7 +2,7 @@
 
 ``load_chat_model`` loads a transformers LLaVA (or builds the offline demo model),
 optionally quantises its language model to 4/8 bit, loads a STAN branch onto
-LLaVA's own CLIP tower and installs the video tower (DESIGN.md section 4).
+LLaVA's own CLIP tower and installs the video tower (docs/design.md section 4).
 
 Example::
 

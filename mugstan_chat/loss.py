@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE over the Mug score matrix, with features gathered across ranks (DESIGN.md section 3).
+"""Symmetric InfoNCE over the Mug score matrix, with features gathered across ranks (docs/design.md section 3).
 
 Every rank gathers the whole global batch with an autograd-aware all-gather and
 computes the same global loss; the gradient that reaches each rank's own features
@@ -53,7 +53,7 @@ def symmetric_infonce(scores: torch.Tensor, logit_scale: float = 100.0) -> torch
     """Text-to-video plus video-to-text cross-entropy over a square (B, B) score matrix.
 
     Each direction is averaged over the batch and the two are added (not averaged), as in
-    DESIGN.md section 3 and the authors' released loss; a chance-level loss is 2 ln B.
+    docs/design.md section 3 and the authors' released loss; a chance-level loss is 2 ln B.
     """
     logits = logit_scale * scores
     targets = torch.arange(scores.shape[0], device=scores.device)

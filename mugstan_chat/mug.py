@@ -1,4 +1,4 @@
-"""Mug: parameter-free mutual-guided cross-modal alignment (DESIGN.md section 2).
+"""Mug: parameter-free mutual-guided cross-modal alignment (docs/design.md section 2).
 
 For a (text, video) pair with L2-normalised text tokens c_j and frames v_i, let
 S[j, i] = c_j . v_i. Then
@@ -80,7 +80,7 @@ def mean_frames(frames: torch.Tensor, frame_mask: torch.Tensor | None = None) ->
     """The plain-CLIP video embedding, (B, T, P) -> (B, P): the mean of the raw (unnormalised) frames.
 
     The released code averages the projected frame embeddings before any normalisation
-    (DESIGN.md section 2); normalise the result to compare it by cosine.
+    (docs/design.md section 2); normalise the result to compare it by cosine.
     """
     if frame_mask is None:
         return frames.mean(dim=1)

@@ -1,4 +1,4 @@
-"""Reading the authors' released Mug-STAN checkpoints (DESIGN.md section 4b).
+"""Reading the authors' released Mug-STAN checkpoints (docs/design.md section 4b).
 
 The authors' mmaction2 model (farewellthree/STAN, ``clip_stan_hf.py``) keeps the
 vision embeddings directly on the backbone and builds its cross-frame layers from

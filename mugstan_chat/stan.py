@@ -1,4 +1,4 @@
-"""STAN: the Spatial-Temporal Auxiliary Network, a branch beside a CLIP ViT (DESIGN.md section 1).
+"""STAN: the Spatial-Temporal Auxiliary Network, a branch beside a CLIP ViT (docs/design.md section 1).
 
 This module is the only place temporal math lives: building STAN's input from
 backbone layer outputs, the cross-frame (temporal) and intra-frame (spatial)
@@ -106,7 +106,7 @@ class IntraFrameModule(nn.Module):
     averaged back into one, then the layer's MLP sub-block runs over all tokens.
     Drop-path (training only) sits on the attention residual alone, one draw per
     clip and frame shared by the frame's [CLS] and patches, as in the released
-    implementation (DESIGN.md section 1); the MLP residual has none.
+    implementation (docs/design.md section 1); the MLP residual has none.
     """
 
     def __init__(self, layer: nn.Module, attention_branch, mlp_branch, drop_path: float):

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             head = heads.Mug_head(mode=mode).eval()
             tensors[f"scores_{mode}"] = head(tokens, tensors["frames_T5"], mask).contiguous()  # (B_text, B_video)
             # their head lets (normalised) pad embeddings into mug_frame_token's token softmax; with pad
-            # embeddings zeroed it excludes them, the formula DESIGN.md section 2 follows
+            # embeddings zeroed it excludes them, the formula docs/design.md section 2 follows
             zeroed = tokens * mask[..., None]
             tensors[f"scores_{mode}_zero_pads"] = head(zeroed, tensors["frames_T5"], mask).contiguous()
 

@@ -1,4 +1,4 @@
-"""Slow, loop-based implementations of DESIGN.md sections 1-2, written from the text.
+"""Slow, loop-based implementations of docs/design.md sections 1-2, written from the text.
 
 They share no code with the fast implementation beyond reading its weights and
 the backbone's own layers: every sequence is built token by token, temporal
@@ -107,7 +107,7 @@ def _soft(logits: torch.Tensor, topk: int | None) -> torch.Tensor:
 
 
 def mug_score_reference(tokens, mask, pooled, frames, mode="frame-token", tau=100.0, topk=None):
-    """Score of one (text, video) pair following DESIGN.md section 2 literally.
+    """Score of one (text, video) pair following docs/design.md section 2 literally.
 
     tokens (K, P), mask (K,) bool, pooled (P,), frames (T, P).
     """

@@ -85,7 +85,7 @@ def test_text_token_projections_match_the_authors(converted, outputs):
 def test_mug_scores_match_the_authors_head(converted, outputs, authors_mode):
     ids, mask = _text(outputs)
     config = MugConfig(mode=MODES[authors_mode])
-    # padding excluded, the formula of DESIGN.md section 2: their head computes it when pad embeddings are zero
+    # padding excluded, the formula of docs/design.md section 2: their head computes it when pad embeddings are zero
     theirs = outputs[f"scores_{authors_mode}_zero_pads"]
     # Mug alone, on their own features (padded captions: 16, 9 and 4 tokens)
     alone = score_matrix(outputs["text_tokens"], mask, outputs["text_pooled"], outputs["frames_T5"], config=config)
@@ -103,7 +103,7 @@ def test_mug_scores_match_the_authors_head(converted, outputs, authors_mode):
 
 
 def test_the_one_deliberate_deviation_is_padding_in_the_paper_form(outputs):
-    # DESIGN.md section 2: the released mug_frame_token lets normalised pad embeddings into its token softmax
+    # docs/design.md section 2: the released mug_frame_token lets normalised pad embeddings into its token softmax
     raw, zeroed = outputs["scores_mug_frame_token"], outputs["scores_mug_frame_token_zero_pads"]
     torch.testing.assert_close(raw[0], zeroed[0], **TOL)  # no padding in caption 0
     assert (raw[2] - zeroed[2]).abs().max() > 1e-3  # 12 pads of 16 tokens in caption 2

@@ -1,4 +1,4 @@
-"""Mug (DESIGN.md section 2) against the literal reference, plus masks and chunking."""
+"""Mug (docs/design.md section 2) against the literal reference, plus masks and chunking."""
 
 import pytest
 import torch

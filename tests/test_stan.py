@@ -1,4 +1,4 @@
-"""STAN (DESIGN.md section 1) against the slow reference, plus its structural guarantees."""
+"""STAN (docs/design.md section 1) against the slow reference, plus its structural guarantees."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The three ways to give LLaVA-1.5 a video, compared on the same frames (DESIGN.md section 4).
+"""The three ways to give LLaVA-1.5 a video, compared on the same frames (docs/design.md section 4).
 
 * ``stan``: our video tower, one clip of T frames -> one image's worth of tokens, STAN fused;
 * ``mean``: the same tower with the branch off: temporal mean of CLIP features, same tokens
