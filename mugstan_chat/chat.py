@@ -61,6 +61,9 @@ class ChatSession:
         frames_as_images: give LLaVA every decoded frame as its own image (C x T ``<image>``
             entries, plain CLIP per frame: the frame-concatenation baseline) instead of one
             image's worth per clip; the frames are the same C x T the clips would use.
+        text_only: a conversation without a video (a chat front end's title request, a question
+            asked before the video is attached): no ``<image>`` in the prompt, the language model
+            alone answers; ``video_path`` only names the session in logs.
         reuse_cache: keep the conversation's KV cache and prefill only new tokens (same answers;
             False recomputes the whole prompt every turn, for tests and benchmarks).
         cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
@@ -76,15 +79,18 @@ class ChatSession:
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
-                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None):
+                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
+        self.text_only = text_only
         self.frames = frames or chat_model.settings.frames
-        self.clips = clips or chat_model.settings.clips
+        self.clips = 1 if text_only else clips or chat_model.settings.clips
         if self.frames < 1 or self.clips < 1:
             raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
         self.frames_as_images = frames_as_images
         self.images = self.clips * self.frames if frames_as_images else self.clips  # <image> entries
+        if text_only:
+            self.clips = self.images = 0
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -100,6 +106,8 @@ class ChatSession:
         self.reuse_cache = reuse_cache
         self.cache_budget = cache_budget if cache_budget is not None else budget_for(chat_model.model)
         self.kv = ConversationCache(chat_model.model.config, self.cache_budget)  # the conversation's keys/values
+        if text_only:  # nothing to decode or encode: the session is prepared with no clips
+            self._video = VideoFeatures([], [], None, 0.0, 0.0, reported=True)
         if prepare:
             self.prepare()
 
@@ -248,7 +256,7 @@ class ChatSession:
     @property
     def tokens_per_image(self) -> int:
         """Placeholder tokens one ``<image>`` expands to; known from the configs before any encoding."""
-        if self._video is not None:
+        if self._video is not None and self._video.features:
             return self._video.features[0].shape[0]
         config = self.chat_model.model.config
         drop_cls = config.vision_feature_select_strategy == "default"  # LLaVA drops [CLS] under "default"
@@ -290,6 +298,8 @@ class ChatSession:
         tokens = self._prompt_tokens(question, self.clips)
         if tokens < context:
             return tokens
+        if self.text_only:
+            raise ConversationTooLong(f"the conversation is {tokens} tokens and the model's context is {context}")
         one = self._prompt_tokens(question, 1)
         per_clip = max(1, self._prompt_tokens(question, 2) - one)
         largest = 0 if one >= context else 1 + (context - 1 - one) // per_clip

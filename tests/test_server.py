@@ -216,6 +216,21 @@ def test_image_url_is_answered(client):
     assert again.model_extra["mugstan"]["cached_features"] and again.model_extra["mugstan"]["timings_ms"]["encode"] == 0
 
 
+def test_text_only_requests_are_answered_by_the_language_model(client, chat_model):
+    """A chat front end's title request, or a question before the video is attached: no media, no 400."""
+    reference = ChatSession(chat_model, "text", text_only=True, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    first = reference.ask("what is a video ?")
+    second = reference.ask("and a frame ?")
+    messages = [{"role": "user", "content": "what is a video ?"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": [{"type": "text", "text": "and a frame ?"}]}]
+    response = client.chat.completions.create(model="demo", messages=messages, max_tokens=MAX_TOKENS)
+    info = response.model_extra["mugstan"]
+    assert response.choices[0].message.content == second and response.usage.prompt_tokens == reference.last_stats.prompt_tokens
+    assert info["temporal"] == "text" and info["visual_tokens"] == 0 and info["cached_features"] is False
+    stream = client.chat.completions.create(model="demo", messages=messages[:1], max_tokens=MAX_TOKENS, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == first
+
+
 def _bad(client, messages, **kwargs) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=kwargs.pop("model", "demo"), messages=messages, **kwargs)
@@ -237,7 +252,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, med
         (_bad(client, _messages(_file_url(allowed / "notes.mp4"), "what?")), 400, None, "invalid_video"),
         (_bad(client, _messages("http://example.com/a.mp4", "what?")), 400, None, "media_domain_not_allowed"),
         (_bad(client, _messages("data:video/mp4;base64,@@@", "what?")), 400, None, "invalid_media_url"),
-        (_bad(client, [{"role": "user", "content": "no video here"}]), 400, "messages", None),
+        (_bad(client, [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}}] * 2}]),
+         400, "messages", None),
         (_bad(client, _messages(video, "what?"), model="gpt-4o"), 404, "model", "model_not_found"),
         (_bad(client, _messages(video, "what?"), extra_body={"mugstan": {"temporal": "bogus"}}), 400, None, None),
         (_bad(client, _messages(video, "what?"), extra_body={"mugstan": {"clipz": 2}}), 400, None, None),

@@ -2,7 +2,9 @@
 
 The conversation is stateless, as in OpenAI's API: every request carries the whole
 message list; earlier turns become the session's history, the last user message is
-the question.
+the question. A request carries one video or one image in its first user message, or
+none: OpenAI chat front ends send text-only requests (a conversation's title, a question
+before the video is attached), and the language model alone answers them.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ class MediaRef:
 class Plan:
     """Everything needed to answer one request, checked."""
 
-    media: MediaRef
+    media: MediaRef | None  # None: a text-only request
     system: str | None
     history: list[tuple[str, str]]
     question: str
     frames: int
     clips: int
-    temporal: str  # "stan", "mean" or "image"
+    temporal: str  # "stan", "mean", "image" or "text" (no media)
     start: float | None
     end: float | None
     generation: GenerationSettings  # carries the request's seed
@@ -102,8 +104,8 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
             turns[-1] = (message.role, turns[-1][1] + "\n" + text)
         else:
             turns.append((message.role, text))
-    if len(media) != 1:
-        raise bad_request("this server answers about one video or one image: put exactly one video_url or "
+    if len(media) > 1:
+        raise bad_request("this server answers about one video or one image: put at most one video_url or "
                           f"image_url part in the first user message (found {len(media)})", "messages")
     if turns[0][0] != "user" or turns[-1][0] != "user":
         raise bad_request("the conversation must start and end with a user message", "messages")
@@ -111,7 +113,7 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
         raise bad_request("the last user message has no text (the question)",
                           f"messages[{len(request.messages) - 1}]")
     history = [(turns[k][1].strip(), turns[k + 1][1].strip()) for k in range(0, len(turns) - 1, 2)]
-    ref = media[0]
+    ref = media[0] if media else None
     options = request.mugstan
     video_io = request.media_io_kwargs.video if request.media_io_kwargs else None
     frames = (video_io.num_frames if video_io and video_io.num_frames else None) or config.frames
@@ -127,7 +129,9 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           f"{', '.join(tower.available_modes)})", "mugstan.temporal")
     start = options.start if options else None
     end = options.end if options else None
-    if ref.kind == "image":
+    if ref is None:  # the video settings (and mugstan's, for clients that always send them) do not apply
+        frames, clips, temporal, start, end = 0, 0, "text", None, None
+    elif ref.kind == "image":
         if clips != 1 or start is not None or end is not None:
             raise bad_request("mugstan.clips, start and end apply to videos, not to an image", "mugstan")
         frames, clips, temporal = 1, 1, "image"

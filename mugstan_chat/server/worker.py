@@ -151,11 +151,14 @@ class ChatService:
         started = time.perf_counter()
         media = None
         try:
-            media = self.fetcher.fetch(plan.media.url, plan.media.kind, plan.media.param)
-            session, cached = self._session(plan, media)
+            if plan.media is None:
+                session, cached = self._text_session(plan), False
+            else:
+                media = self.fetcher.fetch(plan.media.url, plan.media.kind, plan.media.param)
+                session, cached = self._session(plan, media)
             prompt_tokens = self._check_context(session, plan.question)
             job.emit("ready", {"prompt_tokens": prompt_tokens})
-            outcome = self._generate(plan, job, session, cached, media.fetch_ms, started)
+            outcome = self._generate(plan, job, session, cached, 0.0 if media is None else media.fetch_ms, started)
         except APIError as error:
             self.count("failed")
             return "error", error
@@ -169,6 +172,13 @@ class ChatService:
         self.count("cancelled" if job.cancelled else "completed")
         self.count("completion_tokens", outcome.completion_tokens)
         return "done", outcome
+
+    def _text_session(self, plan: Plan) -> ChatSession:
+        """A session without media: the language model alone answers (no fetch, no tower)."""
+        session = ChatSession(self.chat_model, "text-only request", generation=plan.generation, system=plan.system,
+                              text_only=True, prepare=False)
+        session.history = list(plan.history)
+        return session
 
     def _session(self, plan: Plan, media) -> tuple[ChatSession, bool]:
         """A session for this request; its features come from the shared cache, or are made now.
