@@ -89,20 +89,47 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def native_cpu_bf16() -> str | None:
+    """The instruction set with which this CPU computes bf16 natively ("AMX", "avx512_bf16"), or None.
+
+    Why it matters: on such CPUs oneDNN runs bf16 matmuls at about twice fp32's rate (LLaVA's
+    CLIP-L/14-336 on 4 frames: 8.6 s fp32, 3.4 s bf16 on an EPYC with avx512_bf16); elsewhere
+    bf16 is emulated and slower than fp32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        check = getattr(cpu, probe, None)
+        try:
+            if check is not None and check():
+                return name
+        except RuntimeError:  # a torch build without the probe's backend
+            continue
+    return None
+
+
 def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
-    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, fp32 on CPU."""
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS; on CPU bf16 where the CPU
+    computes it natively (:func:`native_cpu_bf16`), else fp32."""
     if dtype == "auto":
         if device == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp16" if device == "mps" else "fp32"
+        if device == "mps":
+            return "fp16"
+        return "bf16" if native_cpu_bf16() else "fp32"
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
     return dtype
 
 
+def quant_compute_dtype(dtype: str, device: str) -> torch.dtype:
+    """The dtype quantised layers compute in (and the skipped tower and projector keep): the model's,
+    except fp32 on a GPU, where bitsandbytes' kernels want 16 bit."""
+    return torch.float16 if dtype == "fp32" and device != "cpu" else DTYPES[dtype]
+
+
 def build_quantization_config(load_4bit: bool = False, load_8bit: bool = False,
                               compute_dtype: torch.dtype = torch.float16):
-    """A ``BitsAndBytesConfig`` quantising the language model only, or None.
+    """A ``BitsAndBytesConfig`` quantising the language model only, or None (bitsandbytes >= 0.49 runs on CPU too).
 
     The CLIP tower, the STAN branch (installed later), the projector and the LM head
     stay in 16 bit: they are small, and quantising the tower would change the
@@ -137,7 +164,8 @@ def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None =
         device: "auto", "cuda", "cpu" or "mps".
         dtype: "auto", "bf16", "fp16" or "fp32" (tower, branch and projector always use it;
             the language model too unless quantised).
-        load_4bit, load_8bit: quantise the language model with bitsandbytes (CUDA only).
+        load_4bit, load_8bit: quantise the language model with bitsandbytes (CUDA or CPU; the demo
+            model too, through the same ``from_pretrained`` path as real checkpoints).
         frames, clips: defaults for chat sessions (T frames per clip, C clips per video).
         demo: build the tiny offline demo model instead (answers are meaningless).
         allow_resolution_mismatch: accept a branch trained at another image size.
@@ -152,18 +180,26 @@ def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None =
     if frames < 1 or clips < 1:
         raise ModelLoadError(f"frames and clips must be positive (got frames={frames}, clips={clips})")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     notices: list[str] = []
-    quant = build_quantization_config(load_4bit, load_8bit, DTYPES[dtype] if dtype != "fp32" else torch.float16)
+    if demo and dtype == "auto" and device == "cpu":
+        dtype = "fp32"  # the demo is a correctness fixture of toy width: bf16 would only round its flat logits
+    elif dtype == "auto" and device == "cpu":
+        dtype = resolve_dtype(dtype, device)
+        native = native_cpu_bf16()
+        notices.append(f"--dtype auto chose bf16: this CPU computes bf16 natively ({native})" if native else
+                       "--dtype auto chose fp32: this CPU would emulate bf16")
+        logger.warning(notices[-1])
+    dtype = resolve_dtype(dtype, device)
+    quant = build_quantization_config(load_4bit, load_8bit, quant_compute_dtype(dtype, device))
     if demo:
         from .backbone import HFCLIPVision
         from .demo import DEMO_NOTICE, build_demo_branch, build_demo_llava
 
-        if quant is not None:
-            notices.append("4/8-bit loading is ignored for the demo model")
-            quant = None
         llava, processor = build_demo_llava(seed)
-        llava = llava.to(device=device, dtype=DTYPES[dtype])
+        if quant is not None:
+            llava = _quantised_copy(llava, device, dtype, quant)
+        else:
+            llava = llava.to(device=device, dtype=DTYPES[dtype])
         notices.insert(0, DEMO_NOTICE)
         name = "demo"
     else:
@@ -192,12 +228,39 @@ def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None =
     return ChatModel(model=llava, processor=processor, tower=tower, settings=settings, notices=notices)
 
 
+def _quantised_copy(llava, device: str, dtype: str, quant):
+    """A model built in memory (the demo), quantised through ``from_pretrained`` like any checkpoint.
+
+    Why a round trip through a temporary directory: transformers quantises while it loads
+    weights, and that path is the one real checkpoints take, so the demo tests it.
+    """
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    with tempfile.TemporaryDirectory(prefix="mugstan-quant-") as folder:
+        llava.save_pretrained(folder)
+        quantised = LlavaForConditionalGeneration.from_pretrained(
+            folder, dtype=DTYPES[dtype], quantization_config=quant, device_map=_device_map(device))
+    _keep_unquantised_parts(quantised, dtype, device)
+    quantised.generation_config = llava.generation_config
+    return quantised
+
+
+def _device_map(device: str) -> dict:
+    return {"": 0 if device == "cuda" else device}
+
+
+def _keep_unquantised_parts(llava, dtype: str, device: str) -> None:
+    """The tower and projector stay in the compute dtype (bitsandbytes may load skipped modules otherwise)."""
+    for part in (llava.model.vision_tower, llava.model.multi_modal_projector):
+        part.to(quant_compute_dtype(dtype, device))
+
+
 def _load_pretrained(name: str, device: str, dtype: str, quant):
     """transformers LLaVA + its processor; every failure becomes one ModelLoadError line."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if quant is not None and device != "cuda":
-        raise ModelLoadError("4-bit/8-bit loading needs a CUDA GPU (bitsandbytes); use --device cuda or drop it")
     from .hub import HubUnavailable, resolve_hub_access
 
     try:  # seconds, not minutes of retries, when the hub is off and the model is not cached
@@ -206,7 +269,7 @@ def _load_pretrained(name: str, device: str, dtype: str, quant):
         raise ModelLoadError(f"cannot load model {name}: {error}") from None
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_only}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": 0})
+        kwargs.update(quantization_config=quant, device_map=_device_map(device))
     elif device == "cuda":
         kwargs["device_map"] = {"": 0}
     try:
@@ -221,7 +284,5 @@ def _load_pretrained(name: str, device: str, dtype: str, quant):
     if "device_map" not in kwargs:
         llava = llava.to(device)
     if quant is not None:
-        # bitsandbytes loads skipped modules in the requested dtype already; keep them 16-bit explicitly
-        for part in (llava.model.vision_tower, llava.model.multi_modal_projector):
-            part.to(DTYPES[dtype] if dtype != "fp32" else torch.float16)
+        _keep_unquantised_parts(llava, dtype, device)
     return llava, processor

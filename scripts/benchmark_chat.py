@@ -24,7 +24,7 @@ Warm-up first, then medians of ``--runs``; all modes in one process on the same 
 
 ``--size 7b`` builds LLaVA-1.5-7B's shapes (Llama-2-7B, CLIP-L/14-336, 2-layer MLP projector)
 plus a random STAN branch straight on the GPU in bf16, with random weights: no download. ``--size small``
-keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide), fp32 on a CPU.
+keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide); on a CPU in bf16 where it computes bf16 natively, else fp32.
 The follow-up table (:mod:`chat_followups`) times turns 2, 5 and 10 of one conversation with
 conversation KV reuse on and off.
 Timing definitions (also in the JSON under ``definitions``) are in :data:`DEFINITIONS`.
@@ -151,7 +151,9 @@ def load_model(args) -> ChatModel:
     if args.size == "7b":
         return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else "bf16", args.context)
     if args.size == "small":
-        default = "bf16" if args.device.startswith("cuda") else "fp32"
+        from mugstan_chat.loader import resolve_dtype  # auto: bf16 on GPUs and on CPUs with native bf16
+
+        default = resolve_dtype("auto", args.device.split(":")[0])
         return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else default, args.context,
                                     size="small")
     if args.demo or args.model is None:

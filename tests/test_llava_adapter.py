@@ -175,7 +175,7 @@ def test_quantisation_config_keeps_tower_and_projector_16_bit():
         assert should_convert_module("model.language_model.layers.0.mlp.up_proj", skip)
     with pytest.raises(ModelLoadError, match="one of"):
         build_quantization_config(load_4bit=True, load_8bit=True)
-    with pytest.raises(ModelLoadError, match="CUDA"):
+    with pytest.raises(ModelLoadError, match="some/llava"):  # CPU is allowed now (bitsandbytes >= 0.49); offline
         load_chat_model("some/llava", load_4bit=True, device="cpu")
 
 

@@ -68,10 +68,11 @@ class ModelArgs:
         model.add_argument("--allow-resolution-mismatch", action="store_true",
                            help="accept a branch trained at another image size (e.g. 224 px on the 336 px tower)")
         model.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-        model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16/fp16 on GPU, fp32 on CPU")
+        model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16/fp16 on GPU; on CPU bf16 where it computes bf16 natively "
+                                "(avx512_bf16, AMX), else fp32 (the demo model: fp32)")
         quant = model.add_mutually_exclusive_group()
-        quant.add_argument("--load-4bit", action="store_true", help="4-bit language model (bitsandbytes, CUDA)")
-        quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes, CUDA)")
+        quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 language model (bitsandbytes; CUDA or CPU)")
+        quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes; CUDA or CPU)")
         video = parser.add_argument_group("video")
         video.add_argument("--frames", type=FRAMES.parse, default=8,
                            help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
