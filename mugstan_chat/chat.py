@@ -312,7 +312,8 @@ class ChatSession:
             f"{self.clips} clip(s) x {unit} visual tokens make a prompt of {tokens} tokens and the model's "
             f"context is {context}: {advice} (nothing was decoded)")
 
-    def _start_turn(self, question: str):
+    def _begin_turn(self, question: str):
+        """(question, started, tokenised prompt, stats) of a new turn, after the checks both routes share."""
         if not question or not question.strip():
             raise ValueError("empty question")
         started = time.perf_counter()
@@ -336,6 +337,11 @@ class ChatSession:
             clipped=max_new < self.generation.max_new_tokens, cached_features=not first_use)
         if stats.clipped:
             logger.info("max_new_tokens clipped to %d: the context has %d tokens left", max_new, room)
+        return question.strip(), started, inputs, stats
+
+    def _start_turn(self, question: str):
+        question, started, inputs, stats = self._begin_turn(question)
+        max_new = stats.max_new_tokens
         device = self.chat_model.device
         kwargs = {k: v.to(device) for k, v in inputs.items()}
         kwargs.update(self.generation.generate_kwargs())
@@ -346,11 +352,11 @@ class ChatSession:
             kwargs["cache"], reused = self.kv.take(ids)
         if (ids[reused:] == self.chat_model.model.config.image_token_id).any():
             kwargs["mm_encoder_outputs"] = self._cached_outputs()  # placeholders left to fill
-        stats.prefill_tokens, stats.reused_tokens = prompt_tokens - reused, reused
+        stats.prefill_tokens, stats.reused_tokens = stats.prompt_tokens - reused, reused
         tokenizer = self.chat_model.processor.tokenizer
         if tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id
-        return question.strip(), started, stats, kwargs
+        return question, started, stats, kwargs
 
     def _record(self, question: str, answer: str, stats: TurnStats, sequence: torch.Tensor | None = None,
                 cache=None) -> None:
@@ -379,6 +385,8 @@ class ChatSession:
 
     def ask(self, question: str) -> str:
         """Answers ``question`` (no streaming) and records it in the conversation."""
+        if self.chat_model.llm is not None:
+            return "".join(self.ask_stream(question)).strip()
         with self._busy():
             question, started, stats, kwargs = self._start_turn(question)
             with torch.inference_mode():
@@ -399,7 +407,11 @@ class ChatSession:
         ``stop`` (from any thread) ends generation after the current token, e.g. when a
         server's client goes away; the event is set when the answer ends.
         Raises ConversationTooLong (before yielding) if the conversation no longer fits.
+        With ``--llm-url`` the language model runs on that server (:meth:`_ask_remote`).
         """
+        if self.chat_model.llm is not None:
+            yield from self._ask_remote(question, stop)
+            return
         with self._busy():
             question, started, stats, kwargs = self._start_turn(question)
             streamer = TimedStreamer.create(self.chat_model.processor.tokenizer, started)
@@ -439,6 +451,45 @@ class ChatSession:
                     self._record(question, "".join(pieces).strip(), stats, sequence, kwargs.get("cache"))
             if errors:
                 raise errors[0]
+
+    def _ask_remote(self, question: str, stop: threading.Event | None) -> Iterator[str]:
+        """The answer from the remote language model (:mod:`mugstan_chat.remote_llm`) on this session's features.
+
+        The conversation is the one :meth:`messages` gives our own engine, each ``<image>`` sent as
+        its clip's projected features, with the same BOS rule as :meth:`_tokenize`; the answer limit
+        is clipped to the context as ours is. Raises remote_llm.RemoteLLMError when the server fails.
+        """
+        from .remote_llm import RemoteLLMError, RemoteTurn, openai_messages
+
+        with self._busy():
+            question, started, inputs, stats = self._begin_turn(question)
+            tokenizer = self.chat_model.processor.tokenizer
+            text = self._prompt_text(question, self.images)
+            add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+            messages = openai_messages(self.messages(question), list(self._video.features))
+            turn = RemoteTurn()
+            pieces: list[str] = []
+            failed = False
+            stream = self.chat_model.llm.stream(messages, self.generation, stats.max_new_tokens, add_special, turn,
+                                                stop)
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    yield piece
+            except RemoteLLMError:
+                failed = True
+                raise
+            finally:
+                stream.close()  # closes the HTTP stream now (vLLM aborts the request), not when collected
+                if stop is not None:
+                    stop.set()
+                stats.total_ms = (time.perf_counter() - started) * 1000
+                if turn.first_token_at is not None:
+                    stats.first_token_ms = (turn.first_token_at - started) * 1000
+                stats.new_tokens = turn.completion_tokens
+                stats.prefill_tokens = stats.prompt_tokens  # what vLLM's prefix cache spared is vLLM's to report
+                if not failed:  # a partial answer (the consumer stopped early) is kept, as on our engine
+                    self._record(question, "".join(pieces).strip(), stats)
 
     def loglikelihood(self, question: str, continuations: list[str]) -> list[ContinuationScore]:
         """Log-probability of each continuation right after the assistant prompt for ``question``.

@@ -6,6 +6,7 @@ Usage::
     mugstan-chat chat VIDEO --demo                                 # mugstan_chat.terminal
     mugstan-chat eval QUESTIONS --video-root DIR --out DIR         # mugstan_chat.evaluation.cli
     mugstan-chat serve --demo                                      # mugstan_chat.server.cli (docs/serve.md)
+    mugstan-chat export-llava DIR --demo                           # mugstan_chat.export (for vLLM)
     python -m mugstan_chat ...                                     # the same
 
 Every front end takes the shared flags from :mod:`mugstan_chat.entrypoints`; none imports
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import terminal
+from . import export, terminal
 from .entrypoints import configure_logging, run_reporting_errors
 from .evaluation import cli as evaluation_cli
 from .server import cli as server_cli
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     terminal.add_commands(commands)
     evaluation_cli.add_eval_command(commands)  # multiple-choice video QA: docs/evaluation.md
+    export.add_export_command(commands)  # a LLaVA directory for vLLM: docs/serve.md
     # listed for --help only: main() hands `serve` and its arguments to the server's own parser
     commands.add_parser("serve", add_help=False, help="OpenAI-compatible API server (mugstan-chat serve --help)")
     return parser

@@ -59,6 +59,7 @@ class ChatModel:
     tower: VideoTower
     settings: ChatSettings
     notices: list[str] = field(default_factory=list)
+    llm: object = None  # a remote_llm.RemoteLLM answering instead of ``model``'s language model (--llm-url)
 
     @property
     def notice(self) -> str:
@@ -203,7 +204,7 @@ def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None =
         notices.insert(0, DEMO_NOTICE)
         name = "demo"
     else:
-        llava, processor = _load_pretrained(model, device, dtype, quant)
+        llava, processor = load_pretrained_llava(model, device, dtype, quant)
         name = str(model)
     branch, branch_name = None, None
     if stan is not None:  # loaded in either mode, so sessions can still choose "stan"
@@ -257,8 +258,11 @@ def _keep_unquantised_parts(llava, dtype: str, device: str) -> None:
         part.to(quant_compute_dtype(dtype, device))
 
 
-def _load_pretrained(name: str, device: str, dtype: str, quant):
-    """transformers LLaVA + its processor; every failure becomes one ModelLoadError line."""
+def load_pretrained_llava(name: str, device: str, dtype: str, quant):
+    """transformers LLaVA + its processor (stock, no video tower); every failure becomes one ModelLoadError line.
+
+    ``dtype``: a key of :data:`DTYPES`, or "auto" for the checkpoint's own (``export-llava``).
+    """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from .hub import HubUnavailable, resolve_hub_access
@@ -267,7 +271,7 @@ def _load_pretrained(name: str, device: str, dtype: str, quant):
         local_only = resolve_hub_access(name)
     except HubUnavailable as error:
         raise ModelLoadError(f"cannot load model {name}: {error}") from None
-    kwargs = {"dtype": DTYPES[dtype], "local_files_only": local_only}
+    kwargs = {"dtype": DTYPES.get(dtype, "auto"), "local_files_only": local_only}  # "auto": as stored
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map=_device_map(device))
     elif device == "cuda":

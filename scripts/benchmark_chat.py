@@ -52,6 +52,7 @@ from transformers import StoppingCriteriaList  # noqa: E402
 from mugstan_chat.chat import ChatSession, GenerationSettings  # noqa: E402
 from mugstan_chat.turns import StopOnEvent, TimedStreamer  # noqa: E402  (the chat engine's own)
 from mugstan_chat.evaluation.modes import MODES, session_shape  # noqa: E402  (the library's three modes)
+from mugstan_chat import shapes  # noqa: E402
 from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model  # noqa: E402
 
 QUESTION = "what happens in the video ?"
@@ -72,47 +73,12 @@ DEFINITIONS = {
 
 
 # ---------------------------------------------------------------------------------------- models
-# text models by --size: Llama-2-7B (LLaVA-1.5-7B's), and a ~0.5 B one (Qwen2-0.5B's widths) for CPUs
-TEXT_SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-    "small": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2),
-}
+TEXT_SHAPES = shapes.TEXT_SHAPES  # text models by --size: Llama-2-7B (LLaVA-1.5-7B's) and a ~0.5 B one
 
 
 def llava_7b_shape_config(context: int = 4096, size: str = "7b"):
-    """(LlavaConfig, processor) of LLaVA-1.5-7B's architecture; nothing is downloaded.
-
-    ``size="small"``: the same tower and projector with a 24-layer, 896-wide language model
-    (0.47 B parameters with the 32064-token vocabulary), so prefill still dominates on a CPU.
-
-    Llama-2-7B text model (4096 wide, 32 layers, 32 heads, MLP 11008, vocab 32064), CLIP ViT-L/14
-    at 336 px (1024 wide, 24 layers, 16 heads), 2-layer GELU MLP projector, features from layer -2.
-    The processor is the demo's word-level one at 336 px / patch 14, so prompts have the right
-    number of visual tokens (576 per image) and roughly the right text length.
-
-    Args:
-        context: max_position_embeddings of the text model (LLaVA-1.5: 4096; larger lets the
-            concatenation baseline's long prompts be timed, flagged as over the real context).
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    from mugstan_chat.demo import IMAGE_TOKEN, DemoSizes, build_demo_processor
-
-    processor = build_demo_processor(DemoSizes(image_size=336, patch_size=14, context=context))
-    tokenizer = processor.tokenizer
-    tokenizer.model_max_length = context
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, **TEXT_SHAPES[size], max_position_embeddings=context,
-                       rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=576,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
-    return config, processor
+    """(LlavaConfig, processor) of LLaVA-1.5-7B's architecture (:func:`mugstan_chat.shapes.llava_shape_config`)."""
+    return shapes.llava_shape_config(context, size)
 
 
 def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int = 4096, seed: int = 0,
@@ -122,21 +88,16 @@ def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int
 
     Building under ``torch.device(device)`` never materialises the 14 GB of weights in CPU memory.
     """
-    from transformers import LlavaForConditionalGeneration
-
     from mugstan_chat.backbone import HFCLIPVision
     from mugstan_chat.llava_adapter import install_video_tower
     from mugstan_chat.loader import DTYPES
     from mugstan_chat.stan import STAN, StanConfig
 
-    config, processor = llava_7b_shape_config(context, size)
     torch_dtype = DTYPES[dtype]
+    model, processor = shapes.build_random_llava(size, device, torch_dtype, context, seed)
     with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        torch.manual_seed(seed + 1)
         stan = STAN(HFCLIPVision(model.model.vision_tower), StanConfig(fuse_layer=-2, drop_path=0.0))
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(processor.tokenizer, key))
     tower = install_video_tower(model, stan.to(device=device, dtype=torch_dtype), mode="stan")
     model.eval()
     name = "llava-1.5-7b shape" if size == "7b" else "CLIP-L/14-336 + 0.5B LM shape"

@@ -49,6 +49,9 @@ class ModelArgs:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1: off
+    llm_url: str | None = None  # an OpenAI-compatible vLLM server running the language model (docs/serve.md)
+    llm_api_key: str | None = None  # its --api-key (default: $MUGSTAN_LLM_API_KEY)
+    llm_model: str | None = None  # its served model name (default: the only one it serves)
     debug: bool = False  # tracebacks and library logs
 
     # ------------------------------------------------------------------ command line
@@ -73,6 +76,15 @@ class ModelArgs:
         quant = model.add_mutually_exclusive_group()
         quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 language model (bitsandbytes; CUDA or CPU)")
         quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes; CUDA or CPU)")
+        llm = parser.add_argument_group("language model server (vLLM)")
+        llm.add_argument("--llm-url", default=None, metavar="URL",
+                         help="run the language model on this vLLM server (vllm serve DIR --enable-mm-embeds, where "
+                              "only this process reaches it; DIR from mugstan-chat export-llava); the video tower "
+                              "stays here")
+        llm.add_argument("--llm-api-key", default=None, metavar="KEY",
+                         help="the vLLM server's --api-key (default: $MUGSTAN_LLM_API_KEY)")
+        llm.add_argument("--llm-model", default=None, metavar="NAME",
+                         help="the vLLM server's model name (default: the only model it serves)")
         video = parser.add_argument_group("video")
         video.add_argument("--frames", type=FRAMES.parse, default=8,
                            help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
@@ -111,6 +123,18 @@ class ModelArgs:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.load_4bit and self.load_8bit:
             raise ValueError("choose one of --load-4bit and --load-8bit")
+        if self.llm_url is not None:
+            from ..remote_llm import normalise_llm_url
+
+            self.llm_url = normalise_llm_url(self.llm_url)
+            if self.load_4bit or self.load_8bit:
+                raise ValueError("--load-4bit/--load-8bit quantise our language model, which --llm-url replaces: "
+                                 "quantise on the vLLM server instead (vllm serve --quantization ...)")
+        elif self.llm_api_key is not None or self.llm_model is not None:
+            raise ValueError("--llm-api-key and --llm-model need --llm-url")
+        for name in ("llm_api_key", "llm_model"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ValueError(f"--{name.replace('_', '-')} must not be empty")
         return self
 
     @staticmethod
@@ -148,4 +172,20 @@ class ModelArgs:
             model=self.model, stan=self.stan, temporal=self.temporal, device=self.device, dtype=self.dtype,
             load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames, clips=self.clips,
             demo=self.demo, allow_resolution_mismatch=self.allow_resolution_mismatch)
-        return load_chat_model(**{**settings, **overrides})
+        chat_model = load_chat_model(**{**settings, **overrides})
+        if self.llm_url is not None:
+            chat_model.llm = self.remote_llm()
+            chat_model.notices.append(f"language model: {chat_model.llm.model} on {chat_model.llm.url}")
+        return chat_model
+
+    def remote_llm(self):
+        """The :class:`mugstan_chat.remote_llm.RemoteLLM` of ``--llm-url``, connected (its model name resolved).
+
+        Raises remote_llm.RemoteLLMError (one line) when the server cannot be reached or lacks the model.
+        """
+        import os
+
+        from ..remote_llm import LLM_API_KEY_ENV, RemoteLLM
+
+        key = self.llm_api_key if self.llm_api_key is not None else os.environ.get(LLM_API_KEY_ENV) or None
+        return RemoteLLM(self.llm_url, api_key=key, model=self.llm_model).connect()

@@ -26,10 +26,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is for users: printed as they are, without 'unexpected'."""
     from ..checkpoint import CheckpointError
     from ..loader import ModelLoadError
+    from ..remote_llm import RemoteLLMError
     from ..turns import ConversationTooLong
     from ..video import VideoDecodeError
 
-    return (VideoDecodeError, CheckpointError, ModelLoadError, ConversationTooLong, ValueError, OSError)
+    return (VideoDecodeError, CheckpointError, ModelLoadError, ConversationTooLong, RemoteLLMError, ValueError,
+            OSError)
 
 
 def run_reporting_errors(prog: str, debug: bool, command, *args) -> int:

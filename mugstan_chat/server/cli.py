@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import CheckpointError
     from ..feature_cache import FeatureCache
     from ..loader import ModelLoadError
+    from ..remote_llm import RemoteLLMError
     from ..video import VideoLimits
     from .app import create_app
     from .jobs import Gate
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     try:
         chat_model = model_args.load()
-    except (ModelLoadError, CheckpointError) as error:
+    except (ModelLoadError, CheckpointError, RemoteLLMError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     if chat_model.notice:

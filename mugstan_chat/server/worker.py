@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..chat import ChatSession
 from ..feature_cache import FeatureCache, image_key, session_key
+from ..remote_llm import RemoteLLMError
 from ..turns import ConversationTooLong, VideoFeatures, encode_image
 from ..video import VideoDecodeError
 from .jobs import Job
@@ -162,6 +163,10 @@ class ChatService:
         except APIError as error:
             self.count("failed")
             return "error", error
+        except RemoteLLMError as error:  # the vLLM server refused or broke off: its error, in OpenAI's shape
+            logger.warning("language model server: %s", error)
+            self.count("failed")
+            return "error", APIError(error.status, error.message, error.type, error.param, error.code)
         except Exception as error:  # noqa: BLE001 - the server survives whatever one request does
             logger.exception("request failed")
             self.count("failed")

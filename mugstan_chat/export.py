@@ -1,0 +1,129 @@
+"""``mugstan-chat export-llava DIR``: a LLaVA directory vLLM loads, holding exactly the weights our engine uses.
+
+vLLM runs the language model behind ``mugstan-chat serve --llm-url`` (docs/design.md section 4d);
+our server keeps the CLIP tower, the STAN branch and the projector, and hands vLLM projected
+features. vLLM still loads a whole LLaVA (it builds the stock tower even when it only receives
+embeddings), so the export writes one: language model, projector and stock CLIP tower under the
+key layout vLLM's ``LlavaForConditionalGeneration`` reads (``language_model.model.*``,
+``language_model.lm_head.*``, ``multi_modal_projector.*``, ``vision_tower.vision_model.*``;
+transformers 5 saves the tower as ``vision_tower.embeddings.*``, which vLLM does not map), with
+config, generation config, tokenizer, processor and chat template. Our loader reads the same
+directory back (``--model DIR``), so both sides run the same weights. The STAN branch is not
+exported: vLLM never runs the tower on our requests.
+
+Usage::
+
+    mugstan-chat export-llava runs/demo-llava --demo                 # the demo model (+ its STAN branch in stan/)
+    mugstan-chat export-llava runs/small-llava --size small          # random CLIP-L/14-336 + 0.47 B LM
+    mugstan-chat export-llava runs/llava-7b --model llava-hf/llava-1.5-7b-hf --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PREFIXES = (  # transformers 5 name -> vLLM's (the pre-4.52 llava-hf layout)
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+)
+EXPORT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _vllm_demo_sizes():
+    from .demo import DemoSizes
+
+    # vLLM's attention kernels need head_dim >= 32; the demo's 4 text heads have 16. The weights do not
+    # depend on the head count, so 2 heads of 32 is the demo's very model with another attention split.
+    return DemoSizes(text_heads=2)
+
+
+def vllm_key(name: str) -> str:
+    """The name vLLM's LLaVA loads a transformers 5 parameter under."""
+    for old, new in PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    raise ValueError(f"unexpected LLaVA parameter {name!r}")
+
+
+def export_llava(directory: str | Path, llava, processor, dtype=None) -> Path:
+    """Writes ``llava`` (a stock ``LlavaForConditionalGeneration``, no video tower installed) for vLLM.
+
+    Args:
+        directory: created if missing.
+        dtype: a torch dtype to store the weights in (default: as they are).
+    Returns:
+        The directory.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in llava.state_dict().items():
+        if ".stan." in name or name.startswith("stan."):
+            raise ValueError("export the stock LLaVA (before install_video_tower), not the video tower")
+        tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype) if tensor.is_floating_point() else tensor
+        state[vllm_key(name)] = tensor.contiguous().clone()
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = llava.config
+    config.torch_dtype = dtype or next(llava.parameters()).dtype
+    if hasattr(config, "dtype"):
+        config.dtype = config.torch_dtype
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(directory)
+    llava.generation_config.save_pretrained(directory)
+    if processor.chat_template and not getattr(processor.tokenizer, "chat_template", None):
+        processor.tokenizer.chat_template = processor.chat_template  # vLLM may read either
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_source(args):
+    """(stock LLaVA, processor) the flags name: the demo, a random ``--size`` model, or a checkpoint."""
+    from .loader import load_pretrained_llava
+
+    if args.demo:
+        from .demo import build_demo_llava
+
+        return build_demo_llava(args.seed, _vllm_demo_sizes())
+    if args.size:
+        from .shapes import build_random_llava
+
+        return build_random_llava(args.size, "cpu", seed=args.seed)
+    return load_pretrained_llava(args.model, "cpu", args.dtype, None)  # "auto": as the checkpoint stores it
+
+
+def add_export_command(commands) -> None:
+    """Adds ``export-llava`` to the ``mugstan-chat`` subcommands."""
+    export = commands.add_parser("export-llava", help="write a LLaVA directory vLLM loads (docs/serve.md)")
+    export.add_argument("directory", help="output directory (created)")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--demo", action="store_true", help="the tiny demo model")
+    which.add_argument("--size", choices=("small", "7b"), help="LLaVA-1.5 shapes with random weights")
+    which.add_argument("--model", help="a transformers LLaVA checkpoint (hub id or directory)")
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default="auto",
+                        help="stored dtype (default: as built or as the checkpoint stores it)")
+    export.add_argument("--seed", type=int, default=0, help="seed of --demo and --size weights (default: 0)")
+    export.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    export.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .loader import DTYPES
+
+    llava, processor = build_source(args)
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    directory = export_llava(args.directory, llava, processor, dtype)
+    ours = f"--model {directory}"
+    if args.demo:  # our side needs the demo's STAN branch too; it is ours, vLLM never reads it
+        from .demo import save_demo_branch
+
+        save_demo_branch(directory / "stan", args.seed, _vllm_demo_sizes())
+        ours += f" --stan {directory / 'stan'}"
+    print(f"wrote {directory}\n  vLLM: vllm serve {directory} --enable-mm-embeds (docs/serve.md)\n"
+          f"  ours: mugstan-chat serve {ours} --llm-url http://127.0.0.1:PORT/v1")
+    return 0
