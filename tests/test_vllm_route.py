@@ -97,6 +97,7 @@ def server(exported, vllm, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "mugstan_chat.server", "--model", str(exported), "--stan",
                str(exported / "stan"), "--device", "cpu", "--dtype", "fp32", "--port", str(port), "--llm-url", vllm,
+               "--served-model-name", "demo",
                "--allowed-local-media-path", str(EXAMPLES), "--frames", str(FRAMES), "--max-new-tokens",
                str(MAX_TOKENS), "--concurrency", "8", "--queue-size", "8"]
     with open(log, "wb") as out:
