@@ -23,6 +23,7 @@ MODEL_BAD_VALUES = [
     ("--max-new-tokens", "-5"), ("--max-new-tokens", "4097"),
     ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-0.5"), ("--temperature", "2.5"),
     ("--top-p", "0"), ("--top-p", "nan"), ("--repetition-penalty", "inf"),
+    ("--llm-url", "127.0.0.1:8001"), ("--llm-url", "ftp://host/v1"), ("--llm-model", " "), ("--llm-api-key", ""),
 ]
 SERVING_BAD_VALUES = [
     ("--port", "0"), ("--port", "70000"), ("--port", "-1"), ("--port", "http"),

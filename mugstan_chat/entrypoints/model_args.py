@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from ..options import CLIPS, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, TEMPERATURE, TOP_P, Range
 
+from .values import llm_url, non_empty
+
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
 DEFAULT_MAX_NEW_TOKENS = 512
 TEMPORAL_CHOICES = ("stan", "mean")
@@ -77,13 +79,13 @@ class ModelArgs:
         quant.add_argument("--load-4bit", action="store_true", help="4-bit NF4 language model (bitsandbytes; CUDA or CPU)")
         quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes; CUDA or CPU)")
         llm = parser.add_argument_group("language model server (vLLM)")
-        llm.add_argument("--llm-url", default=None, metavar="URL",
+        llm.add_argument("--llm-url", type=llm_url, default=None, metavar="URL",
                          help="run the language model on this vLLM server (vllm serve DIR --enable-mm-embeds, where "
                               "only this process reaches it; DIR from mugstan-chat export-llava); the video tower "
                               "stays here")
-        llm.add_argument("--llm-api-key", default=None, metavar="KEY",
+        llm.add_argument("--llm-api-key", type=non_empty, default=None, metavar="KEY",
                          help="the vLLM server's --api-key (default: $MUGSTAN_LLM_API_KEY)")
-        llm.add_argument("--llm-model", default=None, metavar="NAME",
+        llm.add_argument("--llm-model", type=non_empty, default=None, metavar="NAME",
                          help="the vLLM server's model name (default: the only model it serves)")
         video = parser.add_argument_group("video")
         video.add_argument("--frames", type=FRAMES.parse, default=8,

@@ -65,3 +65,20 @@ def port(text: str) -> int:
 def megabytes_to_bytes(megabytes: float) -> int:
     """MiB (as the flags take them) to whole bytes."""
     return int(megabytes * 2**20)
+
+
+def llm_url(text: str) -> str:
+    """An http(s) URL of an OpenAI-compatible server, as its API base ending in /v1."""
+    from ..remote_llm import normalise_llm_url
+
+    try:
+        return normalise_llm_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("--llm-url must be", "must be", 1)) from None
+
+
+def non_empty(text: str) -> str:
+    """A string with something in it besides whitespace (a name or a key)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
