@@ -106,7 +106,10 @@ class RemoteLLM:
 
     def connect(self) -> RemoteLLM:
         """Asks the server for its models: resolves ``model``, checks it is served; RemoteLLMError otherwise."""
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise RemoteLLMError(500, "--llm-url needs the openai package: pip install 'mugstan-chat[vllm]'") from None
 
         try:
             served = {m.id: m for m in self.client().models.list().data}
