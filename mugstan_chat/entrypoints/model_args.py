@@ -174,10 +174,11 @@ class ModelArgs:
             model=self.model, stan=self.stan, temporal=self.temporal, device=self.device, dtype=self.dtype,
             load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames, clips=self.clips,
             demo=self.demo, allow_resolution_mismatch=self.allow_resolution_mismatch)
+        llm = self.remote_llm() if self.llm_url is not None else None  # unreachable: one line before minutes of loading
         chat_model = load_chat_model(**{**settings, **overrides})
-        if self.llm_url is not None:
-            chat_model.llm = self.remote_llm()
-            chat_model.notices.append(f"language model: {chat_model.llm.model} on {chat_model.llm.url}")
+        if llm is not None:
+            chat_model.llm = llm
+            chat_model.notices.append(f"language model: {llm.model} on {llm.url}")
         return chat_model
 
     def remote_llm(self):
