@@ -19,11 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
