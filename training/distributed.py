@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,20 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, under a prefix naming torchrun's restart attempt.
+
+    Why: after ``--max-restarts`` restarts a group, the new workers meet in the
+    agent's store, which still holds the previous attempt's keys; reading a dead
+    worker's address from them made the restarted group fail to connect (seen with
+    gloo). Without torchrun, rank 0 hosts the store at MASTER_ADDR:MASTER_PORT.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"mugstan/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Reads torchrun's (or SLURM's) environment, picks the device and joins the process group when there are
     several ranks.
@@ -79,7 +94,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                store=attempt_store(rank, world_size))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
