@@ -172,3 +172,15 @@ def test_make_shards_writes_the_video2dataset_layout(corpus, tmp_path):
     meta = json.loads(samples[1]["json"])
     assert meta["status"] == "failed_to_download" and meta["key"] == samples[1]["__key__"] == "000011"
     assert {"videoid", "page_dir", "duration", "caption", "url", "error_message"} <= set(meta)
+
+
+def test_data_benchmark_smoke(tmp_path, capsys):
+    benchmark_data = load_script("benchmark_data", "benchlib", "make_shards", "benchmark_video")
+    out = tmp_path / "data.json"
+    assert benchmark_data.main(["--clips", "3", "--workers", "1", "--seconds", "1", "--width", "64", "--height",
+                                "48", "--fps", "8", "--frames", "2", "--size", "32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["source"], r["workers"]) for r in rows] == [("files", 1), ("shards", 1)]
+    for row in rows:
+        assert row["clips_per_s"] > 0 and row["workers_per_gpu"] == -(-11 // row["clips_per_s_per_worker"])
+    assert "| source | workers |" in capsys.readouterr().out
