@@ -3,6 +3,7 @@ and a worker killed mid-run under torchrun --max-restarts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -125,3 +126,61 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(shards, tmp
     assert (tmp_path / "final").is_dir()
     saved = MugStan.from_pretrained(tmp_path / "final").state_dict()
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def _video2dataset_writer():
+    """video2dataset's own ``WebDatasetSampleWriter``, or a skip when the package is absent.
+
+    Its ``data_writer`` module needs only fsspec, pyarrow and webdataset; the package's
+    ``__init__`` pulls in its downloader (pinned torch 2.1, yt-dlp ...), so the module is loaded
+    from its file. CI installs the package with ``pip install --no-deps video2dataset`` (.ci/run).
+    """
+    spec = importlib.util.find_spec("video2dataset")
+    if spec is None:
+        pytest.skip("video2dataset is not installed (pip install --no-deps video2dataset==1.3.0)")
+    path = Path(spec.submodule_search_locations[0]) / "data_writer.py"
+    module_spec = importlib.util.spec_from_file_location("video2dataset_data_writer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.WebDatasetSampleWriter
+
+
+def test_shards_written_by_video2dataset_train_to_the_end_on_two_processes(videos, tmp_path):
+    """Shards from video2dataset's writer, with failed downloads (txt + json, no mp4) and a truncated mp4
+    in every shard: two torchrun workers train one epoch over the usable clips to the end."""
+    import pyarrow as pa
+
+    writer_class = _video2dataset_writer()
+    fields = ("url", "caption", "key", "status", "error_message", "videoid", "page_dir")
+    schema = pa.schema([pa.field(name, pa.string()) for name in fields] + [pa.field("duration", pa.float64())])
+    rows = [line.split(",")[:2] for line in (videos / "annotations.csv").read_text().splitlines()[1:]]
+    out = tmp_path / "v2d"
+    out.mkdir()
+    usable = 0
+    for shard in range(4):
+        writer = writer_class(shard, str(out), True, 5, schema, {"video": "mp4"})
+        for index in range(5):  # 3 downloaded, 1 failed, 1 truncated
+            video, caption = rows[(shard * 5 + index) % len(rows)]
+            key = f"{shard:05d}{index:04d}"
+            data = (videos / video).read_bytes()
+            status = "failed_to_download" if index == 3 else "success"
+            meta = {"url": f"https://example.invalid/{key}.mp4", "caption": caption, "key": key, "status": status,
+                    "error_message": "HTTP Error 404" if index == 3 else None, "videoid": key,
+                    "page_dir": "000001_000050", "duration": 1.0}
+            streams = {} if index == 3 else {"video": data[:300] if index == 4 else data}
+            writer.write(streams, key, caption, meta)
+            usable += index < 3
+        writer.close()
+    assert sorted(p.name for p in out.iterdir())[:2] == ["00000.parquet", "00000.tar"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT,
+           *_args(f"{out}/{{00000..00003}}.tar", run, "--epochs", "1", "--train-num-samples", str(usable),
+                  "--workers", "1", "--save-interval", "0")]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = _records(run)
+    train_steps = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_steps] == [1, 2, 3]  # 12 usable clips / (2 ranks x batch 2)
+    assert [r for r in records if r["type"] == "final"][0]["world_size"] == 2
+    assert train_steps[-1]["skipped_no_video"] >= 1 and train_steps[-1]["skipped_decode_error"] >= 1
+    assert (run / "final").is_dir()
