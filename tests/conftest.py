@@ -15,3 +15,10 @@ from app_import import import_app  # noqa: E402
 def app_module():
     """``app.py`` (it lives at the repository root, outside the package)."""
     return import_app()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Prints the random order's seed even under ``-q`` (pytest-randomly's header line is hidden there)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"random test order: seed {seed} (repeat it with -p randomly --randomly-seed={seed})")
