@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mugstan_chat.entrypoints import ModelArgs, ServingArgs, configure_logging, port_message
+from mugstan_chat.entrypoints import ModelArgs, ServingArgs, configure_logging, load_model_or_report, port_message
 from mugstan_chat.entrypoints.serving_args import ServingDefaults
 from mugstan_chat.entrypoints.values import megabytes_to_bytes, positive_float, positive_int
 
@@ -458,17 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     model_args, serving, auth, args = parse_args(argv)
     configure_logging(model_args.debug)
     logger.setLevel(logging.INFO)
-
-    from mugstan_chat.checkpoint import CheckpointError
-    from mugstan_chat.loader import ModelLoadError
-
-    try:
-        chat_model = model_args.load()
-    except (ModelLoadError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    chat_model = load_model_or_report(model_args, PROG)
+    if chat_model is None:
         return 1
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
     examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
     settings = AppSettings(
         frames=model_args.frames, clips=model_args.clips, max_new_tokens=model_args.answer_limit,

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -21,8 +20,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/x.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def synchronize(device: torch.device | str) -> None:

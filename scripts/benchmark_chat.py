@@ -36,24 +36,22 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repo root on sys.path)
-import chat_followups  # noqa: E402
+import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
+import chat_followups
 
-import torch  # noqa: E402
-from transformers import StoppingCriteriaList  # noqa: E402
+import torch
+from transformers import StoppingCriteriaList
 
-from mugstan_chat.chat import ChatSession, GenerationSettings  # noqa: E402
-from mugstan_chat.turns import StopOnEvent, TimedStreamer  # noqa: E402  (the chat engine's own)
-from mugstan_chat.evaluation.modes import MODES, session_shape  # noqa: E402  (the library's three modes)
-from mugstan_chat import shapes  # noqa: E402
-from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model  # noqa: E402
+from mugstan_chat import shapes
+from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.evaluation.modes import MODES, session_shape  # (the library's three modes)
+from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model
+from mugstan_chat.turns import StopOnEvent, TimedStreamer  # the chat engine's own streamer and stop criterion
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"

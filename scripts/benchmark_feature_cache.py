@@ -24,14 +24,12 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repo root on sys.path)
+import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
 
-import torch  # noqa: E402
+import torch
 
-from mugstan_chat.loader import load_chat_model  # noqa: E402
+from mugstan_chat.loader import load_chat_model
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"

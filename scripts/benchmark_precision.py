@@ -20,12 +20,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repo root on sys.path)
-import benchmark_chat  # noqa: E402  (FixedLength, the generated clip)
+import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
+import benchmark_chat  # FixedLength, the generated clip
 
-from mugstan_chat.chat import ChatSession  # noqa: E402
-from mugstan_chat.loader import load_chat_model  # noqa: E402
+from mugstan_chat.chat import ChatSession
+from mugstan_chat.loader import load_chat_model
 
 CONFIGS = {  # name -> loader settings
     "fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),

@@ -34,11 +34,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repo root on sys.path)
+import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
 
-import httpx  # noqa: E402
-import openai  # noqa: E402
+import httpx
+import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["what happens in the video ?", "describe the scene", "what moves ?", "where is the box ?",

@@ -12,19 +12,17 @@ process on the same inputs; then the Mug score matrix is timed against batch siz
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repo root on sys.path)
+import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
 
-import torch  # noqa: E402
+import torch
 
-from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config  # noqa: E402
-from mugstan_chat.loss import mug_contrastive_loss  # noqa: E402
-from mugstan_chat.model import MugStan, MugStanConfig  # noqa: E402
-from mugstan_chat.mug import MugConfig, score_matrix  # noqa: E402
-from mugstan_chat.stan import StanConfig  # noqa: E402
+from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.loss import mug_contrastive_loss
+from mugstan_chat.model import MugStan, MugStanConfig
+from mugstan_chat.mug import MugConfig, score_matrix
+from mugstan_chat.stan import StanConfig
 
 METHODS = {  # name -> (temporal branch?, Mug mode)
     "clip-mean": (False, "mean"),

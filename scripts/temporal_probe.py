@@ -49,21 +49,18 @@ import json
 import logging
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` is not an installed package
+import torch
 
-import torch  # noqa: E402
+from mugstan_chat.model import MugStan
+from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset
 
-from mugstan_chat.model import MugStan  # noqa: E402
-from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset  # noqa: E402
-
-from training.data import ClipSettings, EvalDataset, VideoRecord  # noqa: E402
-from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,  # noqa: E402
+from training.data import ClipSettings, EvalDataset, VideoRecord
+from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,
                                score, score_tolerance)
-from training.post_pretrain import train  # noqa: E402
+from training.post_pretrain import train
 
 # The recipe, fixed in advance: no per-family or per-dataset settings.
 RECIPE = {

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from app_import import import_app
 from mugstan_chat.chat import ConversationTooLong
 from mugstan_chat.loader import load_chat_model
 from mugstan_chat.synthetic import make_synthetic_videos
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_app():
-    """app.py lives at the repository root, outside the package."""
-    if "app" in sys.modules and getattr(sys.modules["app"], "__file__", None) == str(ROOT / "app.py"):
-        return sys.modules["app"]
-    spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-app_module = _import_app()
+app_module = import_app()
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,20 @@ CPU only, no network; each script's ``main([...])`` runs end to end into tmp_pat
 is checked for the documented fields.
 """
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from scriptload import load_script
 
 
 @pytest.fixture(scope="module")
 def benchmark_chat():
-    return importlib.import_module("benchmark_chat")
+    return load_script("benchmark_chat", "benchlib", "chat_followups", "benchmark_video")
 
 
 def test_train_benchmark_smoke(tmp_path):
-    benchmark_train = importlib.import_module("benchmark_train")
+    benchmark_train = load_script("benchmark_train", "benchlib")
     out = tmp_path / "train.json"
     assert benchmark_train.main(["--shape", "tiny", "--batch", "2", "--frames", "2", "--runs", "1",
                                  "--mug-batches", "2", "4", "--methods", "clip-mean", "stan+mug",

@@ -402,3 +402,22 @@ def test_load_video_clips_train_reproducible(good_video):
     a = V.load_video_clips(good_video, 4, 2, size=32, mode="train", generator=torch.Generator().manual_seed(0))
     b = V.load_video_clips(good_video, 4, 2, size=32, mode="train", generator=torch.Generator().manual_seed(0))
     assert a.indices == b.indices and torch.equal(a.clips, b.clips)
+
+
+def test_video_bytes_read_like_the_file(tmp_path):
+    """A video in memory (a tar shard's KEY.mp4) samples, turns and fails exactly as the file does."""
+    path = tmp_path / "turned.mp4"
+    frames = [np.full((16, 32, 3), 10 * i, dtype=np.uint8) for i in range(10)]
+    frames = [np.concatenate([f[:, :16], 255 - f[:, 16:]], axis=1) for f in frames]
+    V.write_video(path, frames, fps=10, display_rotation=90)
+    data = path.read_bytes()
+    for backend in ("auto", "pyav"):
+        from_file = V.load_video_clips(path, 4, mode="train", size=16, generator=torch.Generator().manual_seed(3),
+                                     backend=backend)
+        from_bytes = V.load_video_clips(V.VideoBytes(data, "s.tar:k"), 4, mode="train", size=16,
+                                      generator=torch.Generator().manual_seed(3), backend=backend)
+        assert from_bytes.info == from_file.info and from_bytes.info.rotation == 90
+        assert from_bytes.indices == from_file.indices
+        torch.testing.assert_close(from_bytes.clips, from_file.clips, rtol=0, atol=0)
+    with pytest.raises(V.VideoDecodeError, match="s.tar:cut"):
+        V.load_video_clips(V.VideoBytes(data[: len(data) // 2], "s.tar:cut"), 4)

@@ -1,1 +1,1 @@
-"""The Mug-STAN post-pretraining trainer (DESIGN.md section 3). Imports ``mugstan_chat``; never imported by it."""
+"""The Mug-STAN post-pretraining trainer (docs/design.md section 3). Imports ``mugstan_chat``; never imported by it."""

@@ -129,9 +129,9 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model_state: di
 
 
 def resolve_resume(spec: str, root: str | os.PathLike) -> Path | None:
-    """``latest`` -> the newest complete checkpoint under ``root`` (None when there is none); else a path."""
+    """``latest`` or ``auto`` -> the newest complete checkpoint under ``root`` (None when there is none); else a path."""
     root = Path(root)
-    if spec != "latest":
+    if spec not in ("latest", "auto"):
         path = Path(spec)
         if path.is_dir() and path.name == "checkpoints" and (path / LATEST).is_file():
             return resolve_resume("latest", path)

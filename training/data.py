@@ -1,4 +1,4 @@
-"""Video-text data for post-pretraining and evaluation (DESIGN.md section 3).
+"""Video-text data for post-pretraining and evaluation (docs/design.md section 3).
 
 * Annotations: CSV, JSON (a list of objects) or JSONL, with configurable column
   names. A video path is either a column or a template over columns (WebVid:
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mugstan_chat.video import CLIP_MEAN, CLIP_STD, VideoDecodeError, load_video_clips
+from mugstan_chat.video import CLIP_MEAN, CLIP_STD, VideoBytes, VideoDecodeError, load_video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Columns:
 
 @dataclass
 class VideoRecord:
-    video: str  # path relative to the video root
+    video: str | VideoBytes  # path relative to the video root, or the video itself (evaluation shards)
     captions: list[str] = field(default_factory=list)
     label: str | None = None
     extra: dict = field(default_factory=dict)  # the first row's other columns (e.g. "pair")
@@ -342,7 +342,9 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            clips = load_video_clips(self.root / self.records[index].video, frames_per_clip=self.clip.frames,
+            video = self.records[index].video
+            source = video if isinstance(video, VideoBytes) else self.root / video
+            clips = load_video_clips(source, frames_per_clip=self.clip.frames,
                                      num_clips=1, size=self.clip.size, mean=self.clip.mean, std=self.clip.std,
                                      mode="eval")
             return {"video": clips.clips[0], "index": index, "ok": True}

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: text-video retrieval and recognition from class names (DESIGN.md sections 2-3).
+"""Zero-shot evaluation: text-video retrieval and recognition from class names (docs/design.md sections 2-3).
 
 Metric functions are pure functions of a score matrix. Ranks are pessimistic:
 an item tied with the correct one counts as ranked above it, so a model that
@@ -19,11 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

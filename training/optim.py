@@ -1,4 +1,4 @@
-"""AdamW with backbone / STAN learning rates, linear warm-up then cosine decay (DESIGN.md section 3).
+"""AdamW with backbone / STAN learning rates, linear warm-up then cosine decay (docs/design.md section 3).
 
 Plain SGD (no momentum) is offered beside AdamW for checks, not for training:
 its update is linear in the gradient, so two runs whose gradients agree to fp32

@@ -1,6 +1,6 @@
 """Command-line arguments of the trainer, and the translation of a backbone argument into library configs.
 
-Defaults are the paper's post-pretraining settings (DESIGN.md section 3) for
+Defaults are the paper's post-pretraining settings (docs/design.md section 3) for
 CLIP-L/14 except the batch size, which is per device (global 1024 = 8 GPUs x 128).
 """
 
@@ -13,8 +13,9 @@ from mugstan_chat.model import MugStanConfig
 from mugstan_chat.mug import MODES, MugConfig
 from mugstan_chat.stan import StanConfig
 
-from training.data import PRESETS, Columns
+from training.data import PRESETS, Columns, DataError
 from training.optim import OPTIMIZERS
+from training.shards import count_samples, expand_shards, is_shard_spec
 
 
 def backbone_from_spec(spec: str, seed: int = 0) -> BackboneConfig:
@@ -83,9 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init-from: load DIR's STAN branch too (same --stan-layers), to go on from a "
                         "video-text run with another Mug head; the optimiser and schedule start afresh")
     d = p.add_argument_group("data")
-    d.add_argument("--train-data", required=True, help="annotations: .csv, .tsv, .json or .jsonl")
+    d.add_argument("--train-data", required=True,
+                   help="annotations (.csv, .tsv, .json or .jsonl), or tar shards in video2dataset's layout: "
+                        "brace-expanded paths or URLs ('pipe:' too), several lists joined by '::'")
     d.add_argument("--video-root", default=".", help="folder the annotation video paths are relative to")
     add_data_arguments(d)
+    d.add_argument("--train-data-upsampling-factors", default=None, metavar="F1::F2",
+                   help="shards: one factor per '::'-separated list; each shard is drawn in proportion to its "
+                        "list's factor (needs --dataset-resampled)")
+    d.add_argument("--train-num-samples", type=int, default=None,
+                   help="shards: samples per epoch (default: the sum of sizes.json, or of 'successes' in "
+                        "video2dataset's *_stats.json, beside the shards)")
+    d.add_argument("--dataset-resampled", action="store_true",
+                   help="shards: every rank and worker draws shards with replacement (else a seeded per-epoch "
+                        "shuffle split by node, then by worker)")
+    d.add_argument("--caption-key", default=None, metavar="FIELD",
+                   help="shards: read the caption from this field of KEY.json instead of KEY.txt")
     d.add_argument("--group-column", default=None, metavar="COLUMN",
                    help="hard-negative batching: annotation rows sharing a value of COLUMN are kept next to each "
                         "other in the epoch order, so they land in the same global batch (e.g. a clip and its "
@@ -113,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", required=True)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--save-interval", type=int, default=1000, help="steps between training checkpoints, also written at epoch ends and the last step "
+    r.add_argument("--save-interval", "--save-every-steps", dest="save_interval", type=int, default=1000, help="steps between training checkpoints, also written at epoch ends and the last step "
                         "(0: none, only the final export, and the one --stop-at-step needs)")
     r.add_argument("--keep-checkpoints", type=int, default=3)
-    r.add_argument("--resume", default=None, help="latest, or a checkpoint directory")
+    r.add_argument("--resume", default=None,
+                   help="latest or auto (the newest complete checkpoint; none: start fresh), or a checkpoint "
+                        "directory; use auto under torchrun --max-restarts, so a restarted group continues")
     r.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step without changing the schedule (time-limited jobs)")
     r.add_argument("--log-interval", type=int, default=10)
@@ -127,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--diagnostics-clips", type=int, default=8)
     r.add_argument("--tensorboard", action="store_true")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-data", default=None, help="retrieval annotations evaluated during training")
+    e.add_argument("--eval-data", default=None, help="retrieval annotations, or tar shards (read into memory: "
+                   "a test set, not a training set), evaluated during training")
     e.add_argument("--eval-video-root", default=None, help="default: --video-root")
     add_data_arguments(e, "eval-")
     e.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: at the end)")
@@ -144,6 +161,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--frames and --batch-size must be positive")
     if args.init_stan and not args.init_from:
         parser.error("--init-stan needs --init-from DIR")
+    if is_shard_spec(args.train_data):
+        try:
+            source = expand_shards(args.train_data, args.train_data_upsampling_factors)
+        except DataError as error:
+            parser.error(str(error))
+        if args.train_num_samples is None:
+            args.train_num_samples = count_samples(source)
+            if args.train_num_samples is None:
+                parser.error(f"--train-data {args.train_data}: give --train-num-samples (no sizes.json or "
+                             f"*_stats.json beside every shard to count them)")
+        if args.train_num_samples < 1:
+            parser.error("--train-num-samples must be positive")
+        if args.train_data_upsampling_factors and not args.dataset_resampled:
+            parser.error("--train-data-upsampling-factors needs --dataset-resampled")
+        if args.group_column:
+            parser.error("--group-column needs an annotation file (shards are read in stream order)")
+    elif args.train_num_samples is not None or args.dataset_resampled or args.train_data_upsampling_factors:
+        parser.error("--train-num-samples, --dataset-resampled and --train-data-upsampling-factors are for shards; "
+                     f"--train-data {args.train_data} is an annotation file")
+    if args.eval_data and is_shard_spec(args.eval_data):
+        try:
+            expand_shards(args.eval_data, flag="--eval-data")
+        except DataError as error:
+            parser.error(str(error))
     if args.init_from and args.freeze_backbone:
         # a frozen run exports the branch alone, to be reloaded on the tower named by --backbone, not DIR's
         parser.error("--init-from with --freeze-backbone is not supported: the exported branch would be "

@@ -1,4 +1,4 @@
-"""Mug-STAN video-text post-pretraining (DESIGN.md section 3): the command-line entry point.
+"""Mug-STAN video-text post-pretraining (docs/design.md section 3): the command-line entry point.
 
 One process (CPU or one GPU)::
 
@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from the repository root: make `training` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.params import parse_args  # noqa: E402
-from training.train import TrainResult, run  # noqa: E402
+from training.params import parse_args
+from training.train import TrainResult, run
 
 
 def train(argv: list[str] | None = None) -> TrainResult:

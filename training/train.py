@@ -1,4 +1,4 @@
-"""The post-pretraining loop: one step, checkpoint/resume, and the run from start to export (DESIGN.md section 3).
+"""The post-pretraining loop: one step, checkpoint/resume, and the run from start to export (docs/design.md section 3).
 
 Each step encodes this rank's clips and captions, gathers the global batch
 inside :func:`mugstan_chat.loss.mug_contrastive_loss` (symmetric InfoNCE over
@@ -14,9 +14,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,8 @@ from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, ba
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
 from training.params import columns_from_args, config_from_args
+from training.shards import (SKIP_REASONS, ShardTrainData, expand_shards, is_shard_spec, read_shard_records,
+                             readers_check)
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +119,10 @@ def _rng_state(env: DistEnv) -> dict:
 
 
 def save(model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor, state: TrainState,
-         args: argparse.Namespace, env: DistEnv) -> Path | None:
-    """Collective: every rank contributes its RNG and failure counts; rank 0 writes."""
-    per_rank = all_gather_objects({"rng": _rng_state(env), "monitor": monitor.state_dict()}, env)
+         args: argparse.Namespace, env: DistEnv, skipped: Counter | None = None) -> Path | None:
+    """Collective: every rank contributes its RNG, failure and skip counts; rank 0 writes."""
+    per_rank = all_gather_objects({"rng": _rng_state(env), "monitor": monitor.state_dict(),
+                                   "skipped": dict(skipped or {})}, env)
     path = None
     if env.is_main:
         weights = _trained_state(model)
@@ -126,7 +132,8 @@ def save(model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMon
                for r, item in enumerate(per_rank) for kind, raw in item["rng"].items()}
         extra = {
             "train": state.__dict__, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "monitor": [item["monitor"] for item in per_rank], "world_size": env.world_size,
+            "monitor": [item["monitor"] for item in per_rank], "skipped": [item["skipped"] for item in per_rank],
+            "world_size": env.world_size,
             "batch_size": args.batch_size, "seed": args.seed, "args": vars(args),
         }
         path = ckpt.save_training_checkpoint(Path(args.output_dir) / "checkpoints", state.step, weights,
@@ -176,7 +183,7 @@ def initialise_towers(model: MugStan, directory: str | Path, seed: int, keep_sta
 
 
 def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: DecodeFailureMonitor,
-            args: argparse.Namespace, env: DistEnv) -> TrainState:
+            args: argparse.Namespace, env: DistEnv, skipped: Counter | None = None) -> TrainState:
     """Loads a training checkpoint into the freshly built run; checks the data layout is the same."""
     loaded = ckpt.load_training_checkpoint(path)
     saved = loaded.state
@@ -199,6 +206,8 @@ def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: D
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     monitor.load_state_dict(saved["monitor"][env.rank])
+    if skipped is not None:
+        skipped.update(saved.get("skipped", [{}] * env.world_size)[env.rank])
     torch.set_rng_state(loaded.rng[f"rank{env.rank}.cpu"])
     if env.device.type == "cuda" and f"rank{env.rank}.cuda" in loaded.rng:
         torch.cuda.set_rng_state(loaded.rng[f"rank{env.rank}.cuda"], env.device)
@@ -217,7 +226,10 @@ def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, stat
     if env.is_main:
         from training.evaluate import evaluate_retrieval
 
-        records = read_annotations(args.eval_data, columns_from_args(args, "eval_"))
+        if is_shard_spec(args.eval_data):
+            records = read_shard_records(expand_shards(args.eval_data, flag="--eval-data"), args.caption_key)
+        else:
+            records = read_annotations(args.eval_data, columns_from_args(args, "eval_"))
         clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
         metrics = evaluate_retrieval(model, records, args.eval_video_root or args.video_root, clip, env.device,
                                      args.eval_batch_size, args.workers, args.precision)
@@ -240,6 +252,10 @@ def run(args: argparse.Namespace) -> TrainResult:
 
 def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     output = Path(args.output_dir)
+    shards = expand_shards(args.train_data, args.train_data_upsampling_factors) \
+        if is_shard_spec(args.train_data) else None
+    if shards is not None:  # before any model loads
+        readers_check(shards, env.world_size, args.workers, args.dataset_resampled)
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "args.json").write_text(json.dumps(vars(args), indent=2))
@@ -256,11 +272,21 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                          f"embeddings are not interpolated")
     model.to(env.device).train()
 
-    records = read_annotations(args.train_data, columns_from_args(args))
-    dataset = TrainDataset(records, args.video_root, ClipSettings(frames=args.frames, size=size), seed=args.seed)
-    groups = group_ids(dataset.records, args.group_column) if args.group_column else None
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed, groups=groups)
-    total = args.max_steps or args.epochs * sampler.batches_per_epoch
+    clip = ClipSettings(frames=args.frames, size=size)
+    dataset = sampler = stream = None
+    if shards is None:
+        records = read_annotations(args.train_data, columns_from_args(args))
+        dataset = TrainDataset(records, args.video_root, clip, seed=args.seed)
+        groups = group_ids(dataset.records, args.group_column) if args.group_column else None
+        sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed,
+                                     groups=groups)
+        batches_per_epoch = sampler.batches_per_epoch
+    else:
+        stream = ShardTrainData(shards, clip, batch_size=args.batch_size, world_size=env.world_size,
+                                workers=args.workers, num_samples=args.train_num_samples,
+                                resampled=args.dataset_resampled, seed=args.seed, caption_key=args.caption_key)
+        batches_per_epoch = stream.batches_per_epoch
+    total = args.max_steps or args.epochs * batches_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * total)
     optimizer = build_optimizer(model, args.lr_backbone, args.lr_stan, args.weight_decay,
                                 kind=args.optimizer)
@@ -268,32 +294,47 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     monitor = DecodeFailureMonitor(args.max_decode_failure_rate, args.failure_window)
     state = TrainState()
+    skipped: Counter = Counter()  # this rank's skipped samples per reason (shards)
+    resumed_from = None
     if args.resume:
         path = ckpt.resolve_resume(args.resume, output / "checkpoints")
         if path is None:
-            logger.warning("--resume %s: nothing to resume in %s%s; starting from scratch", args.resume,
-                           output / "checkpoints",
-                           " (--save-interval 0 writes no checkpoint)" if args.save_interval == 0 else "")
+            (logger.info if args.resume == "auto" else logger.warning)(
+                "--resume %s: nothing to resume in %s%s; starting from scratch", args.resume, output / "checkpoints",
+                " (--save-interval 0 writes no checkpoint)" if args.save_interval == 0 else "")
         else:
-            state = restore(path, model, optimizer, scheduler, scaler, monitor, args, env)
+            state = restore(path, model, optimizer, scheduler, scaler, monitor, args, env, skipped)
+            resumed_from = path
 
     ddp_model = model
     if env.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     tokenizer = model.build_tokenizer()
-    diagnostics = _build_diagnostics(model, dataset, args, env)
+    diagnostics = _build_diagnostics(model, dataset.records if dataset is not None else None, args, env, clip)
     run_logger = RunLogger(output, env.is_main, total, state.step, args.tensorboard)
+    run_logger.write({"type": "start", "step": state.step, "world_size": env.world_size, "total_steps": total,
+                      "batches_per_epoch": batches_per_epoch, "data": "shards" if stream is not None else "annotations"})
+    if resumed_from is not None:
+        run_logger.write({"type": "resume", "step": state.step, "epoch": state.epoch, "checkpoint": str(resumed_from),
+                          "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))})
     result = TrainResult(model=model, state=state)
     global_batch = args.batch_size * env.world_size
     stop = False
+    pin = env.device.type == "cuda"
     try:
         while state.step < total and not stop:
-            if state.batch_in_epoch >= sampler.batches_per_epoch:
+            if state.batch_in_epoch >= batches_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            loader = build_train_loader(dataset, sampler, args.workers, pin_memory=env.device.type == "cuda")
+            if stream is None:
+                sampler.set_epoch(state.epoch, state.batch_in_epoch)
+                loader = build_train_loader(dataset, sampler, args.workers, pin_memory=pin)
+            else:  # a resumed pass (batch_in_epoch > 0) re-deals the epoch's shards in a new order
+                loader = synchronized(islice(stream.loader(state.epoch, state.batch_in_epoch, pin),
+                                             batches_per_epoch - state.batch_in_epoch), env)
             tick = time.perf_counter()
+            ran = 0
             for batch in loader:
+                ran += 1
                 loss, norm, applied = train_step(ddp_model, model, batch, tokenizer, optimizer, scaler, env,
                                                  args.precision, args.grad_clip)
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -302,6 +343,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                     scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
+                fault_exit(state.step, env)
                 state.nonfinite_in_a_row = 0 if applied else state.nonfinite_in_a_row + 1
                 state.nonfinite_total += 0 if applied else 1
                 result.losses.append(loss)
@@ -318,12 +360,19 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                           **{f"lr_{k}": v for k, v in lrs.items()}, "clips_per_s": global_batch / (now - tick),
                           "decode_failures": monitor.total_failures, "skipped_steps": state.nonfinite_total}
                 tick = now
-                run_logger.step(state.step, record, show=state.step % args.log_interval == 0 or state.step == total)
+                show = state.step % args.log_interval == 0 or state.step == total
+                if stream is not None:
+                    skipped.update(batch["skipped"])
+                    if show:  # collective: every rank shows the same steps
+                        counts = all_reduce_sum([float(skipped[r]) for r in SKIP_REASONS], env)
+                        record.update({f"skipped_{r}": int(c) for r, c in zip(SKIP_REASONS, counts)})
+                        record["samples"] = state.step * global_batch
+                run_logger.step(state.step, record, show=show)
                 if diagnostics is not None and (state.step % args.diagnostics_interval == 0 or state.step == total):
                     run_logger.write({"type": "diagnostics", "step": state.step, **diagnostics.measure(model)})
                 if monitor_error:
                     raise DataError(monitor_error)
-                epoch_end = state.batch_in_epoch == sampler.batches_per_epoch
+                epoch_end = state.batch_in_epoch == batches_per_epoch
                 stop = args.stop_at_step is not None and state.step >= args.stop_at_step
                 if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total:
                     _maybe_evaluate(model, args, env, state, run_logger)
@@ -331,10 +380,24 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 periodic = args.save_interval > 0 and (state.step % args.save_interval == 0 or epoch_end
                                                        or state.step == total)
                 if periodic or stop:
-                    save(model, optimizer, scheduler, scaler, monitor, state, args, env)
+                    save(model, optimizer, scheduler, scaler, monitor, state, args, env, skipped)
                 if stop or state.step >= total:
                     break
+            else:
+                if stream is not None and state.batch_in_epoch < batches_per_epoch:
+                    if ran == 0:
+                        raise DataError(f"epoch {state.epoch}: the shards gave no batch on some rank (skipped so "
+                                        f"far on this rank: {dict(skipped)}); see the warnings above")
+                    logger.info("epoch %d: the shards ran out after %d of %d batches on some rank; next epoch",
+                                state.epoch, state.batch_in_epoch, batches_per_epoch)
+                    state.batch_in_epoch = batches_per_epoch
         if state.step >= total:
+            # DDP keeps the ranks' weights equal; a mismatch here would mean a broken all-reduce
+            sums = all_gather_objects(sum(float(p.detach().double().sum()) for p in model.parameters()), env)
+            run_logger.write({"type": "final", "step": state.step, "world_size": env.world_size,
+                              "rank_weight_sums": sums})
+            if len(set(sums)) > 1:
+                logger.error("the ranks end with different weights (parameter sums %s)", sums)
             result.eval_metrics = _maybe_evaluate(model, args, env, state, run_logger)
             if env.is_main:
                 result.final_dir = output / "final"
@@ -346,13 +409,16 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     return result
 
 
-def _build_diagnostics(model: MugStan, dataset: TrainDataset, args: argparse.Namespace,
-                       env: DistEnv) -> TrainingDiagnostics | None:
+def _build_diagnostics(model: MugStan, records: list | None, args: argparse.Namespace, env: DistEnv,
+                       clip: ClipSettings) -> TrainingDiagnostics | None:
     """The fixed probe batch (the first training clips, evaluation sampling), on rank 0 only."""
     if not env.is_main or args.diagnostics_interval <= 0 or args.diagnostics_clips <= 0:
         return None
-    records = dataset.records[:args.diagnostics_clips]
-    probe = EvalDataset(records, args.video_root, dataset.clip)
+    if records is None:  # shards: the first usable samples in spec order
+        records = read_shard_records(expand_shards(args.train_data, args.train_data_upsampling_factors),
+                                     args.caption_key, limit=args.diagnostics_clips)
+    records = records[:args.diagnostics_clips]
+    probe = EvalDataset(records, args.video_root, clip)
     items = [probe[i] for i in range(len(records))]
     usable = [(item["video"], record.captions[0]) for item, record in zip(items, records) if item["ok"]]
     if not usable:
@@ -374,3 +440,27 @@ def _check_failures(monitor: DecodeFailureMonitor, batch: dict, env: DistEnv) ->
     if over and not message:
         message = "another rank exceeded the video decode failure limit (see its log)"
     return message
+
+
+def synchronized(batches, env: DistEnv):
+    """Yields batches while every rank has one: a stream that runs out on one rank ends the epoch on all
+    (uneven shards), instead of leaving the others waiting in a collective."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if all_reduce_sum([0.0 if batch is None else 1.0], env)[0] < env.world_size:
+            return
+        yield batch
+
+
+#: Test-only fault injection: the rank named by MUGSTAN_FAULT_RANK (default 1) exits after this step, in the
+#: first attempt of a torchrun group only (TORCHELASTIC_RESTART_COUNT 0), to check restarts lose nothing.
+FAULT_STEP_VARIABLE = "MUGSTAN_FAULT_EXIT_AT_STEP"
+
+
+def fault_exit(step: int, env: DistEnv) -> None:
+    at = os.environ.get(FAULT_STEP_VARIABLE)
+    if (at is not None and step == int(at) and env.rank == int(os.environ.get("MUGSTAN_FAULT_RANK", 1))
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0):
+        logger.error("%s=%s: rank %d exits after step %d", FAULT_STEP_VARIABLE, at, env.rank, step)
+        os._exit(17)

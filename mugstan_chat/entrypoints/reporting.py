@@ -53,3 +53,19 @@ def run_reporting_errors(prog: str, debug: bool, command, *args) -> int:
         prefix = "" if known else f"unexpected {type(error).__name__}: "
         print(f"{prog}: error: {prefix}{message}", file=sys.stderr)
         return 1
+
+
+def load_model_or_report(model_args, prog: str):
+    """``model_args.load()`` for a server: a load failure is one line on stderr and None; notices print once."""
+    from ..checkpoint import CheckpointError
+    from ..loader import ModelLoadError
+    from ..remote_llm import RemoteLLMError
+
+    try:
+        chat_model = model_args.load()
+    except (ModelLoadError, CheckpointError, RemoteLLMError) as error:  # RemoteLLMError: --llm-url unreachable
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return None
+    if chat_model.notice:
+        print(f"note: {chat_model.notice}", file=sys.stderr)
+    return chat_model

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from ..entrypoints import ModelArgs, ServingArgs, configure_logging
+from ..entrypoints import ModelArgs, ServingArgs, configure_logging, load_model_or_report
 from ..entrypoints.serving_args import ServingDefaults
 from ..entrypoints.values import megabytes_to_bytes, positive_float
 from ..options import CLIPS, FRAMES
@@ -84,10 +84,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     """Checks the arguments, loads the model and serves until interrupted; returns the exit status."""
     model_args, serving, args = parse_args(argv)
-    from ..checkpoint import CheckpointError
     from ..feature_cache import FeatureCache
-    from ..loader import ModelLoadError
-    from ..remote_llm import RemoteLLMError
     from ..video import VideoLimits
     from .app import create_app
     from .jobs import Gate
@@ -102,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(str(error))
     configure_logging(model_args.debug)
     logger.setLevel(logging.INFO)
-    try:
-        chat_model = model_args.load()
-    except (ModelLoadError, CheckpointError, RemoteLLMError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    chat_model = load_model_or_report(model_args, PROG)
+    if chat_model is None:
         return 1
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
     generation = model_args.generation()
     config = ServiceConfig(
         model_name=args.served_model_name or chat_model.settings.model, frames=model_args.frames,

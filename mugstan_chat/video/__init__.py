@@ -3,7 +3,8 @@
 This package is the only part of the project that opens video files (for
 reading and, for synthetic data and benchmarks, for writing). Its modules:
 
-* :mod:`.limits`: :class:`VideoLimits`, :class:`VideoInfo` and
+* :mod:`.limits`: :class:`VideoLimits`, :class:`VideoInfo`, :class:`VideoBytes`
+  (a video in memory, accepted wherever a path is) and
   :class:`VideoDecodeError`, which every failure to read a video raises,
   naming the file and the cause;
 * :mod:`.guard`: the no-progress watchdog every read runs under, so that a
@@ -24,7 +25,7 @@ seeded one for reproducible results.
 
 from .backends import decord_available
 from .clips import VideoClips, load_video_clips
-from .limits import BACKENDS, SUPPORTED_EXTENSIONS, VideoDecodeError, VideoInfo, VideoLimits
+from .limits import BACKENDS, SUPPORTED_EXTENSIONS, VideoBytes, VideoDecodeError, VideoInfo, VideoLimits
 from .preprocessing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -41,7 +42,7 @@ from .writing import write_video
 
 __all__ = [
     "BACKENDS", "CLIP_MEAN", "CLIP_STD", "SUPPORTED_EXTENSIONS", "TRAIN_CROP_RATIO", "TRAIN_CROP_SCALE",
-    "PreprocessSettings", "VideoClips", "VideoDecodeError", "VideoInfo", "VideoLimits",
+    "PreprocessSettings", "VideoBytes", "VideoClips", "VideoDecodeError", "VideoInfo", "VideoLimits",
     "clip_indices", "decord_available", "iter_frame_batches", "load_video_clips", "preprocess_frames",
     "probe_video", "processor_settings", "read_frames", "sample_indices", "seconds_to_frames", "write_video",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .guard import Progress
+from .limits import VideoBytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _decord_read(path: str, wanted: list[int], progress: Progress) -> dict[int, 
     decord = load_decord()
     if decord is None:
         raise RuntimeError("decord is not installed")
-    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    reader = decord_reader(decord, path)
     progress.tick()
     count = len(reader)
     if wanted and wanted[-1] >= count:
@@ -69,10 +70,15 @@ def _decord_read(path: str, wanted: list[int], progress: Progress) -> dict[int, 
     return out
 
 
-def open_av(path: str):
+def decord_reader(decord, path: str | VideoBytes):
+    """A decord VideoReader on a file or on in-memory bytes."""
+    return decord.VideoReader(path.open() if isinstance(path, VideoBytes) else path, ctx=decord.cpu(0))
+
+
+def open_av(path: str | VideoBytes):
     import av  # noqa: PLC0415 - lazy: no work at import time
 
-    return av.open(path, mode="r")
+    return av.open(path.open() if isinstance(path, VideoBytes) else path, mode="r")
 
 
 class PacketIndex:

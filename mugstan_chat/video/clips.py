@@ -7,7 +7,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .limits import VideoInfo, VideoLimits
+from .limits import VideoBytes, VideoInfo, VideoLimits
 from .preprocessing import CLIP_MEAN, CLIP_STD, PreprocessSettings, preprocess_frames, processor_settings
 from .probing import probe_video
 from .reading import read_frames
@@ -28,7 +28,7 @@ class VideoClips(NamedTuple):
 
 
 def load_video_clips(
-    path: str | os.PathLike,
+    path: str | os.PathLike | VideoBytes,
     frames_per_clip: int = 8,
     num_clips: int = 1,
     size: int = 224,
@@ -47,7 +47,7 @@ def load_video_clips(
     """Open a video, sample C clips of T frames, decode and preprocess them.
 
     Args:
-        path: video file (mp4/mkv/webm/avi/mov/gif).
+        path: video file (mp4/mkv/webm/avi/mov/gif), or a :class:`VideoBytes` (the same video in memory).
         frames_per_clip: T.
         num_clips: C (ignored when ``max_seconds_per_clip`` is given:
             C = ceil(window duration / max_seconds_per_clip)).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -16,6 +17,32 @@ BACKENDS = ("auto", "decord", "pyav")
 
 class VideoDecodeError(Exception):
     """Any failure to read a video; the message names the file and the cause."""
+
+
+@dataclass(frozen=True)
+class VideoBytes:
+    """An encoded video held in memory (e.g. ``KEY.mp4`` of a tar shard), read like a file.
+
+    Why: training shards hold millions of clips as bytes; writing each to disk just
+    to decode it would double the I/O. Every reader accepts a ``VideoBytes``
+    wherever it takes a path, so sampling and rotation follow the same code.
+    ``name`` stands for the path in error messages (e.g. ``shard.tar:KEY``).
+    """
+
+    data: bytes
+    name: str = "<bytes>"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def open(self) -> io.BytesIO:
+        """A fresh file object over the bytes (each decoder pass needs its own)."""
+        return io.BytesIO(self.data)
+
+
+def video_source(path: "str | os.PathLike | VideoBytes") -> "str | VideoBytes":
+    """A path as a string, or the in-memory video unchanged."""
+    return path if isinstance(path, VideoBytes) else os.fspath(path)
 
 
 @dataclass(frozen=True)
@@ -56,12 +83,16 @@ class VideoInfo:
         return (self.height, self.width) if self.rotation % 180 == 90 else (self.width, self.height)
 
 
-def check_file(path: str) -> None:
+def check_file(path: "str | VideoBytes") -> None:
     """One message per way a path can fail before any decoder sees it.
 
     Why stat and open here: ``os.path.exists`` is False for a symlink loop and for a
     path it may not look up, and a decoder would then blame the file's contents.
     """
+    if isinstance(path, VideoBytes):
+        if not path.data:
+            raise VideoDecodeError(f"{path}: empty video (0 bytes)")
+        return
     try:
         info = os.stat(path)
     except FileNotFoundError:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .backends import load_decord, open_av, PacketIndex, to_numpy, read_rotation
+from .backends import load_decord, open_av, PacketIndex, to_numpy, decord_reader, read_rotation
 from .guard import Progress, run_guarded
-from .limits import VideoDecodeError, VideoInfo, VideoLimits, check_file, check_limits, describe_error
+from .limits import (VideoBytes, VideoDecodeError, VideoInfo, VideoLimits, check_file, check_limits, describe_error,
+                     video_source)
 
 
 def _stream_info(container, stream) -> VideoInfo:
@@ -51,14 +52,14 @@ def _probe_decord(path: str, progress: Progress) -> VideoInfo:
     decord = load_decord()
     if decord is None:
         raise RuntimeError("decord is not installed")
-    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    reader = decord_reader(decord, path)
     progress.tick()
     frames, fps = len(reader), float(reader.get_avg_fps() or 0.0) or 25.0
     height, width = to_numpy(reader.get_batch([0])).shape[1:3]
     return VideoInfo(frames, fps, frames / fps, int(width), int(height))
 
 
-def probe_video(path: str | os.PathLike, limits: VideoLimits | None = None) -> VideoInfo:
+def probe_video(path: str | os.PathLike | VideoBytes, limits: VideoLimits | None = None) -> VideoInfo:
     """Read metadata from the container header (PyAV; decord if PyAV cannot open it).
 
     Why header first: it is cheap and lets limits be enforced before any large
@@ -68,7 +69,7 @@ def probe_video(path: str | os.PathLike, limits: VideoLimits | None = None) -> V
     Raises:
         VideoDecodeError: missing/empty/not-a-video file, no video stream, over limits.
     """
-    path, limits = os.fspath(path), limits or VideoLimits()
+    path, limits = video_source(path), limits or VideoLimits()
     check_file(path)
     try:
         info = run_guarded(lambda p: _probe_pyav(path, p, limits), limits.timeout_s, "pyav-probe")

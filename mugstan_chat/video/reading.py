@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from . import backends
-from .backends import load_decord, open_av, to_numpy
+from .backends import load_decord, open_av, to_numpy, decord_reader
 from .guard import Progress, run_guarded
-from .limits import BACKENDS, VideoDecodeError, VideoInfo, VideoLimits, describe_error
+from .limits import BACKENDS, VideoBytes, VideoDecodeError, VideoInfo, VideoLimits, describe_error, video_source
 from .probing import probe_video
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _read_with_backend(backend: str, path: str, wanted: list[int], limits: Video
 
 
 def read_frames(
-    path: str | os.PathLike,
+    path: str | os.PathLike | VideoBytes,
     indices: Sequence[int],
     *,
     backend: str = "auto",
@@ -54,7 +54,7 @@ def read_frames(
     """Decode the frames at ``indices`` in one call.
 
     Args:
-        path: video file.
+        path: video file, or a :class:`VideoBytes`.
         indices: frame indices (any order, repeats allowed) in [0, num_frames).
         backend: "auto" (decord, falling back to PyAV; PyAV alone for rotated videos and
             MPEG-TS, see :func:`_decord_unfit`), "decord" or "pyav".
@@ -71,7 +71,7 @@ def read_frames(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    path, limits = os.fspath(path), limits or VideoLimits()
+    path, limits = video_source(path), limits or VideoLimits()
     info = info or probe_video(path, limits)
     indices = [int(i) for i in indices]
     if not indices:
@@ -111,7 +111,7 @@ def _decode_with_fallback(path: str, wanted: list[int], backend: str, limits: Vi
 
 
 def iter_frame_batches(
-    path: str | os.PathLike,
+    path: str | os.PathLike | VideoBytes,
     batch_size: int = 32,
     *,
     backend: str = "pyav",
@@ -125,7 +125,7 @@ def iter_frame_batches(
     Yields:
         uint8 arrays (B, H, W, 3), B <= batch_size; the last batch may be shorter.
     """
-    path, limits = os.fspath(path), limits or VideoLimits()
+    path, limits = video_source(path), limits or VideoLimits()
     info = probe_video(path, limits)
     if backend not in ("decord", "pyav"):
         raise ValueError("backend must be 'decord' or 'pyav' for sequential decoding")
@@ -166,7 +166,7 @@ def _iter_decord_batches(path: str, batch_size: int, limits: VideoLimits, count:
     decord = load_decord()
     if decord is None:
         raise VideoDecodeError(f"{path}: decord is not installed")
-    reader = run_guarded(lambda p: decord.VideoReader(path, ctx=decord.cpu(0)), limits.timeout_s, "decord-open")
+    reader = run_guarded(lambda p: decord_reader(decord, path), limits.timeout_s, "decord-open")
     total = min(count, len(reader))
 
     def next_batch(progress: Progress, size: int) -> np.ndarray:
