@@ -35,12 +35,16 @@ from .prefix_cache import CacheBudget, ConversationCache, budget_for
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
 from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
                     encode_image, neutralise_image_token)
-from .video import VideoClips, VideoLimits, load_video_clips
+from .timeline import CLIP_TIMES_CHOICES, ClipSpan, label_images, make_spans, precise_times, times_shown
+from .video import VideoClips, VideoLimits, clip_spans, load_video_clips, plan_clips
 
 __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
            "VideoFeatures", "encode_image", "neutralise_image_token"]
 
 logger = logging.getLogger(__name__)
+
+AUTO_MAX_CLIPS = 64  # --clips auto never encodes more clips than this, whatever the context leaves room for
+QUESTION_RESERVE = 64  # tokens --clips auto keeps for a question not yet asked (a video loaded before it)
 
 
 class ChatSession:
@@ -50,7 +54,9 @@ class ChatSession:
         chat_model: from :func:`mugstan_chat.loader.load_chat_model`.
         video_path: the video file.
         frames: T frames per clip (default: the model's settings).
-        clips: C clips (default: the model's settings); each fills one ``<image>``.
+        clips: C clips (default: the model's settings); each fills one ``<image>``. ``"auto"``: as
+            many as the context leaves room for after the clip labels, the question and the answer
+            budget (:meth:`resolve_clips`; docs/design.md section 4c).
         generation: :class:`GenerationSettings` (greedy by default).
         temporal: "stan" or "mean" for this session's video features (default: the tower's mode);
             sessions sharing one model can differ without touching the shared tower.
@@ -65,6 +71,9 @@ class ChatSession:
             False recomputes the whole prompt every turn, for tests and benchmarks).
         cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
             (default: the one shared by all sessions on this model, :func:`prefix_cache.budget_for`).
+        clip_times: "auto" (default: each clip's time span before its ``<image>`` when there are
+            several clips, none for one clip, whose prompt stays stock LLaVA's), "on" or "off"
+            (:mod:`mugstan_chat.timeline`).
 
     Raises (when preparing):
         ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
@@ -76,15 +85,20 @@ class ChatSession:
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
-                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None):
+                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None, clip_times: str = "auto"):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.frames = frames or chat_model.settings.frames
-        self.clips = clips or chat_model.settings.clips
-        if self.frames < 1 or self.clips < 1:
+        clips = clips or chat_model.settings.clips
+        self.auto_clips = clips == "auto"
+        self.clips: int | None = None if self.auto_clips else int(clips)  # None until resolve_clips
+        if self.frames < 1 or (self.clips is not None and self.clips < 1):
             raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        if clip_times not in CLIP_TIMES_CHOICES:
+            raise ValueError(f"clip_times must be one of {', '.join(CLIP_TIMES_CHOICES)}, got {clip_times!r}")
+        self.clip_times = clip_times
         self.frames_as_images = frames_as_images
-        self.images = self.clips * self.frames if frames_as_images else self.clips  # <image> entries
+        self._info = None  # video.VideoInfo once the header was read
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -104,6 +118,73 @@ class ChatSession:
             self.prepare()
 
     # ----------------------------------------------------------------- video features
+
+    @property
+    def images(self) -> int:
+        """``<image>`` entries of the first user turn: C, or C x T for frames as images."""
+        clips = self.resolve_clips() if self.clips is None else self.clips
+        return clips * self.frames if self.frames_as_images else clips
+
+    def resolve_clips(self, question: str | None = None) -> int:
+        """The number of clips, choosing it now for ``clips="auto"`` (before any frame is decoded).
+
+        Auto: the largest C whose prompt (conversation so far, ``question``, C clips with their
+        labels) plus the answer budget (``generation.max_new_tokens``) fits the context, counted
+        with the tokenizer, and at most :data:`AUTO_MAX_CLIPS` and the number of T-frame clips the
+        video (or window) has distinct frames for; at least 1 (a turn that still does not fit
+        clips its answer or is refused as usual). Without ``question`` (a video loaded before
+        the first question) :data:`QUESTION_RESERVE` tokens are kept for it.
+        """
+        if self.clips is not None:
+            return self.clips
+        budget = self.generation.max_new_tokens + (QUESTION_RESERVE if question is None else 0)
+        room = self.chat_model.context_length - budget
+        info = self._probe()
+        start, end = self.window
+        from .video import seconds_to_frames
+
+        first, last = seconds_to_frames(info, start, end)
+        cap = max(1, min(AUTO_MAX_CLIPS, (last - first) // self.frames))
+        low, high = 1, cap  # the prompt grows with C: the largest C that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._prompt_tokens(question or "", middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        self.clips = low
+        logger.info("--clips auto: %d clip(s) of %d frames (context %d, answer budget %d, at most %d clips)",
+                    low, self.frames, self.chat_model.context_length, budget, cap)
+        return low
+
+    def _probe(self):
+        """The video's header (read once)."""
+        if self._info is None:
+            from .video import probe_video
+
+            self._info = probe_video(self.video_path, self.limits or VideoLimits())
+        return self._info
+
+    def _shows_times(self, clips: int) -> bool:
+        if self.frames_as_images or (self._video is not None and self._video.info is None):
+            return False  # the frames-as-images baseline and single images keep the stock prompt
+        return times_shown(self.clip_times, clips, False)
+
+    @property
+    def clip_spans(self) -> list[ClipSpan]:
+        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`prepare`."""
+        video = self._video
+        if video is None or video.info is None:
+            return []
+        return make_spans(clip_spans(video.indices, video.info.fps))
+
+    def _spans_for(self, clips: int) -> list[ClipSpan]:
+        """The spans ``clips`` clips would have: the encoded ones, or planned from the header alone."""
+        if self._video is not None and len(self._video.indices) == clips:
+            return self.clip_spans
+        start, end = self.window
+        info, indices = plan_clips(self.video_path, self.frames, clips, start, end, self.limits, info=self._probe())
+        return make_spans(clip_spans(indices, info.fps))
 
     @property
     def prepared(self) -> bool:
@@ -143,6 +224,7 @@ class ChatSession:
         (no decode/encode time); ``cached=False``: they were made for this session, and its
         first answer reports their decode/encode times.
         """
+        self.resolve_clips()
         if len(features.features) != self.clips:
             raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
         self.drop_prefix_cache()  # new features behind the same placeholder ids: the cache is stale
@@ -156,6 +238,7 @@ class ChatSession:
         """
         if self._video is not None:
             return False
+        self.resolve_clips()
         self.check_fits()  # before decoding a frame
         processor, model = self.chat_model.processor, self.chat_model.model
         t0 = time.perf_counter()
@@ -163,7 +246,7 @@ class ChatSession:
         if decoded is None:
             decoded = load_video_clips(
                 self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
-                end=end, limits=self.limits, image_processor=processor.image_processor)
+                end=end, limits=self.limits, image_processor=processor.image_processor, info=self._info)
         clips, info, indices = decoded  # (C, T, 3, H, W)
         if tuple(clips.shape[:2]) != (self.clips, self.frames):
             raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
@@ -262,6 +345,9 @@ class ChatSession:
         if text.count(image_token) != images:
             raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
                              f"for {images} images")
+        if self._shows_times(images):
+            info = self._video.info if self._video is not None else self._probe()
+            text = label_images(text, image_token, self._spans_for(images), precise_times(info.duration))
         return text.replace(image_token, image_token * self.tokens_per_image)
 
     def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
@@ -287,7 +373,7 @@ class ChatSession:
                 largest number of clips that fits (0 if not even one clip does).
         """
         context = self.chat_model.context_length
-        tokens = self._prompt_tokens(question, self.clips)
+        tokens = self._prompt_tokens(question, self.resolve_clips(question or None))
         if tokens < context:
             return tokens
         one = self._prompt_tokens(question, 1)
@@ -307,6 +393,7 @@ class ChatSession:
             raise ValueError("empty question")
         started = time.perf_counter()
         if not self.prepared:
+            self.resolve_clips(question.strip())
             self.check_fits(question.strip())  # refuse before decoding a frame
         self.prepare()
         inputs = self.build_prompt(question.strip())
@@ -454,5 +541,5 @@ class ChatSession:
         return {
             "video": self.video_path, "model": settings.model, "temporal": self.temporal,
             "frames": self.frames, "clips": self.clips, "visual_tokens": self.visual_tokens,
-            "turns": len(self.history),
+            "turns": len(self.history), "clip_spans": [span.to_dict() for span in self.clip_spans],
         }
