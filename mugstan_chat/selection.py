@@ -36,12 +36,12 @@ from torch import nn
 from .backbone import BackboneConfig, TextBackbone, TextFeatures, VisionBackbone, create_backbone
 from .checkpoint import CheckpointError, load_checkpoint
 from .mug import MugConfig, score_matrix
+from .options import DEFAULT_CANDIDATES
 from .stan import STAN, encode_video_tokens
 from .tokenizer import CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = 32
 FRAMES_PER_BATCH = 64  # candidate frames decoded and encoded at once: bounds memory on long videos
 
 

@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None):
     try:
         if args.api_key is not None and not args.api_key.strip():
             raise ValueError("--api-key must not be empty")
-        if args.frames > args.max_frames or args.clips > args.max_clips:
+        if args.frames > args.max_frames or (args.clips != "auto" and args.clips > args.max_clips):
             raise ValueError("--frames/--clips exceed --max-frames/--max-clips")
         model_args = ModelArgs.from_cli_args(args)
         model_args.generation()
