@@ -245,10 +245,10 @@ class ChatSession:
             return False
         try:
             retriever = retriever_for(self.chat_model)
-        except SelectionUnavailable as error:
+        except SelectionUnavailable as error:  # the caller prepares the uniform clips (prepare() goes on to them)
             self.selection_notice = f"clip selection unavailable ({error}): {self.clips} uniform clip(s) instead"
             logger.warning(self.selection_notice)
-            return self.prepare()
+            return False
         start, end = self.window
         info, indices = candidate_plan(self.video_path, self.frames, self.candidates, start, end, self.limits,
                                        info=self._info)
@@ -359,7 +359,9 @@ class ChatSession:
         if self._video is not None:
             return False
         if self.selects and decoded is None:  # the candidates now; the clips when a question chooses them
-            return self.prepare_candidates()
+            embedded = self.prepare_candidates()
+            if self.selects:
+                return embedded
         self.resolve_clips()
         self.check_fits()  # before decoding a frame
         processor = self.chat_model.processor
