@@ -39,7 +39,13 @@ MAX_QUESTION_CHARS = 2000  # a question longer than this is refused, not truncat
 SESSION_TTL_S = 2 * 3600  # a browser session's conversation and features are dropped after this idle time
 CACHE_CLEANUP = (3600, 2 * 3600)  # (every s, older than s): uploaded files gradio deletes
 TITLE = "mugstan-chat: video chat with LLaVA + Mug-STAN"
-CSS = ".turn-notice {color: #92400e} footer {display: none !important}"
+CSS = (".turn-notice {color: #92400e} footer {display: none !important} "
+       "#timeline .strip {display: flex; gap: 4px; overflow-x: auto; padding: 2px 0} "
+       "#timeline figure {margin: 0; flex: 0 0 auto; text-align: center; font-size: 11px; opacity: 0.45; "
+       "border: 2px solid transparent; border-radius: 4px} "
+       "#timeline figure.shown {opacity: 1; border-color: #2563eb} "
+       "#timeline img {width: 56px; height: 42px; object-fit: cover; display: block; border-radius: 2px}")
+THUMB_SIDE = 96  # px of the longer side of a timeline thumbnail
 
 
 class UploadRejected(Exception):
@@ -51,7 +57,10 @@ class AppSettings:
     """What the web app allows and the defaults of its "Advanced" controls."""
 
     frames: int = 8  # T: default frames per clip
-    clips: int = 1  # C: default clips per video
+    clips: int | str = 1  # C: default clips per video; "auto": as many as the context leaves room for
+    clip_times: str = "auto"  # each clip's time span before its <image> (docs/chat.md)
+    select: int | None = None  # K: default clips chosen per question; None: uniform clips
+    candidates: int = 32  # M: candidate clips ranked when selecting
     max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -79,6 +88,7 @@ class UserSession:
     stop: threading.Event = field(default_factory=threading.Event)
     last_question: str | None = None  # for "Regenerate"
     last_recorded: bool = False  # the last question is in chat.history (answered, not an error)
+    thumbnails: dict = field(default_factory=dict)  # (start, end) -> data URL of the clip's middle frame
 
     def close(self) -> None:
         """Drops the conversation and the cached video features (called when gradio deletes the state)."""
@@ -90,9 +100,21 @@ def _error(text: str) -> dict:
     return {"role": "assistant", "content": f"⚠️ {text}"}
 
 
-def format_stats(stats) -> str:
-    """One line under an answer: visual tokens and timings of a ``TurnStats``."""
+def format_stats(stats, chat=None) -> str:
+    """One line under an answer: visual tokens and timings of a ``TurnStats`` (and the clips' times, the
+    selection and its cost, given the ``ChatSession``)."""
     parts = [f"{stats.visual_tokens} visual tokens"]
+    if chat is not None and chat.clip_spans and (len(chat.clip_spans) > 1 or chat.selection is not None):
+        from mugstan_chat.timeline import format_time, precise_times
+
+        precise = precise_times(chat.video_info.duration)
+        parts.append("clips " + ", ".join(f"{format_time(s.start, precise)}–{format_time(s.end, precise)}"
+                                           for s in chat.clip_spans))
+    selection = chat.selection if chat is not None else None
+    if selection is not None:
+        parts.append(f"{len(selection.chosen)} of {selection.candidates} candidates chosen in "
+                     f"{selection.rank_ms:.0f} ms" + ("" if selection.cached else
+                                                      f" (+ {selection.embed_ms:.0f} ms embedding them)"))
     if stats.cached_features:
         parts.append("video features cached")
     else:
@@ -146,10 +168,12 @@ class ChatApp:
     # ------------------------------------------------------------------ callbacks
 
     def load_video(self, video: str | None, frames: int, clips: int, temporal: str,
-                   state: UserSession | None) -> tuple[UserSession, list[dict], str]:
+                   state: UserSession | None, select: int | None = None, candidates: int | None = None,
+                   auto_clips: bool = False) -> tuple[UserSession, list[dict], str]:
         """A new video (upload, example, removal) or new video settings: a new session.
 
-        Returns (state, chatbot messages, video status markdown).
+        ``select`` K > 0 chooses K of ``candidates`` clips per question (0 or None: ``clips`` uniform
+        clips, or as many as fit with ``auto_clips``). Returns (state, chatbot messages, video status markdown).
         """
         from mugstan_chat.video import VideoDecodeError
 
@@ -163,8 +187,10 @@ class ChatApp:
         try:
             self._check_upload(path)
             # the header's limits are checked on a miss only: a hit's bytes passed them when first encoded
-            chat, cached = self._new_chat(path, int(frames), int(clips), temporal,
-                                          before_decoding=lambda: self._check_header(path))
+            select = int(select) if select else None
+            chat, cached = self._new_chat(path, int(frames), "auto" if auto_clips and not select else int(clips),
+                                          temporal, before_decoding=lambda: self._check_header(path), select=select,
+                                          candidates=int(candidates or self.settings.candidates) if select else None)
             info = chat.video_info
         except (UploadRejected, VideoDecodeError, ValueError) as error:
             message = str(error).replace(path, name)  # never show server paths
@@ -176,10 +202,72 @@ class ChatApp:
             state.messages.append(_error(text))
             return state, state.messages, f"⚠️ **{name}** was not loaded."
         state.chat, state.video_name = chat, name
-        status = (f"**{name}**: {info.duration:.1f} s, {info.width}x{info.height} · {chat.clips} clip(s) x "
-                  f"{chat.frames} frames → {chat.visual_tokens} visual tokens · temporal `{temporal}`"
-                  + (" · features from the cache" if cached else ""))
+        shown = (f"{chat.clips} of {chat.candidates} candidate clips chosen per question" if chat.selects
+                 else f"{chat.clips} clip(s)")
+        status = (f"**{name}**: {info.duration:.1f} s, {info.width}x{info.height} · {shown} x "
+                  f"{chat.frames} frames → {chat.clips * chat.tokens_per_image} visual tokens · temporal `{temporal}`"
+                  + (" · features from the cache" if cached else "")
+                  + (f"\n\n⚠️ {chat.selection_notice}" if chat.selection_notice else ""))
         return state, state.messages, status
+
+    def timeline(self, state: UserSession | None) -> str:
+        """The strip under the player: one thumbnail per clip (every candidate when selecting) with its
+        times; the clips the last answer was based on are marked (class ``shown``)."""
+        chat = state.chat if state is not None else None
+        if chat is None:
+            return ""
+        try:
+            return self._timeline(state, chat)
+        except Exception:  # noqa: BLE001 -- a strip that cannot be drawn must not break the chat
+            logger.exception("timeline")
+            return ""
+
+    def _timeline(self, state: UserSession, chat) -> str:
+        import html
+
+        from mugstan_chat.timeline import format_time, precise_times
+
+        shown = {(s.start, s.end) for s in chat.clip_spans}
+        spans = chat.candidate_spans if chat.selects else [(s.start, s.end) for s in chat.clip_spans]
+        info = chat.video_info
+        precise = precise_times(info.duration)
+        self._thumbnails(state, chat.video_path, spans, info)
+        figures = []
+        for i, (start, end) in enumerate(spans):
+            css = "clip shown" if (start, end) in shown else "clip"
+            label = f"{format_time(start, precise)}–{format_time(end, precise)}"
+            title = html.escape(f"{'candidate' if chat.selects else 'clip'} {i + 1}: {label}"
+                                + (" (shown to the model)" if (start, end) in shown else ""))
+            figures.append(f'<figure class="{css}" title="{title}"><img alt="{title}" '
+                           f'src="{state.thumbnails[(start, end)]}"><figcaption>{label}</figcaption></figure>')
+        if chat.selects:
+            what = (f"{len(shown)} of {len(spans)} candidates chosen for the last question" if chat.selection
+                    else f"{len(spans)} candidates: each question chooses {chat.clips}")
+        else:
+            what = f"{len(spans)} clip(s)"
+        return f'<div class="timeline-head">Timeline · {what}</div><div class="strip">{"".join(figures)}</div>'
+
+    @staticmethod
+    def _thumbnails(state: UserSession, path: str, spans, info) -> None:
+        """Adds the middle frame of every span not drawn yet, as a small inline PNG."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        from mugstan_chat.video import read_frames
+
+        missing = [span for span in spans if span not in state.thumbnails]
+        if not missing:
+            return
+        middles = [min(info.num_frames - 1, int(round((a + b) / 2 * info.fps))) for a, b in missing]
+        frames = read_frames(path, middles)
+        for span, frame in zip(missing, frames):
+            image = Image.fromarray(frame)
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            state.thumbnails[span] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
     def respond(self, question: str, state: UserSession | None, max_new_tokens: int = 512,
                 temperature: float = 0.0, top_p: float = 1.0) -> Iterator[tuple[list[dict], UserSession, str]]:
@@ -249,7 +337,8 @@ class ChatApp:
 
         probe_video(path, self.video_limits)
 
-    def _new_chat(self, path: str, frames: int, clips: int, temporal: str, before_decoding=None):
+    def _new_chat(self, path: str, frames: int, clips: int | str, temporal: str, before_decoding=None,
+                  select: int | None = None, candidates: int | None = None):
         """A ChatSession with its own temporal mode, and whether its features came from the shared cache.
 
         On a miss it decodes and encodes the video now and stores the features for the next visitor.
@@ -258,8 +347,9 @@ class ChatApp:
 
         if temporal not in self.temporal_modes:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
-        chat = ChatSession(self.chat_model, path, frames=frames, clips=clips, temporal=temporal,
-                           limits=self.video_limits, prepare=False)
+        chat = ChatSession(self.chat_model, path, frames=frames, clips=None if select else clips, temporal=temporal,
+                           limits=self.video_limits, prepare=False, clip_times=self.settings.clip_times,
+                           select=select, candidates=candidates, feature_cache=self.feature_cache)
         return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
 
     @property
@@ -298,7 +388,8 @@ class ChatApp:
             text = "".join(pieces).strip() or "(no answer)"
             if stopped:
                 text += " *(stopped)*"
-            answer["content"] = text + "\n\n" + format_stats(chat.last_stats) if state.last_recorded else text
+            answer["content"] = (text + "\n\n" + format_stats(chat.last_stats, chat) if state.last_recorded
+                                 else text)
         except ConversationTooLong:
             answer["content"] = ("⚠️ This conversation no longer fits the model's context. Press **Clear** to "
                                  "start a new conversation about the same video.")
@@ -329,7 +420,7 @@ def build_demo(chat_model, settings: AppSettings | None = None):
     """
     import gradio as gr
 
-    from mugstan_chat.options import CLIPS, FRAMES, MAX_NEW_TOKENS, TEMPERATURE, TOP_P
+    from mugstan_chat.options import CANDIDATES, CLIPS, FRAMES, MAX_NEW_TOKENS, SELECT, TEMPERATURE, TOP_P
 
     def slider(allowed, value, label):  # the ranges argparse checked the defaults against
         return gr.Slider(allowed.low, allowed.high, value=value, step=allowed.step, label=label)
@@ -346,6 +437,7 @@ def build_demo(chat_model, settings: AppSettings | None = None):
                 video = gr.Video(label="Video", sources=["upload"], format=None, include_audio=True,
                                  height=260, elem_id="video")
                 video_status = gr.Markdown("No video loaded: upload one or pick an example.", elem_id="video-status")
+                timeline = gr.HTML("", elem_id="timeline")
                 examples = sorted(settings.examples_dir.glob("*.mp4")) if settings.examples_dir else []
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[video], label="Example videos")
@@ -363,7 +455,13 @@ def build_demo(chat_model, settings: AppSettings | None = None):
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 frames = slider(FRAMES, settings.frames, "Frames per clip (T)")
-                clips = slider(CLIPS, settings.clips, "Clips (C)")
+                clips = slider(CLIPS, settings.clips if settings.clips != "auto" else 1, "Clips (C)")
+                auto_clips = gr.Checkbox(settings.clips == "auto", label="Auto clips (as many as the context holds)",
+                                         elem_id="auto-clips")
+            with gr.Row():
+                select = gr.Slider(0, SELECT.high, value=settings.select or 0, step=1, elem_id="select",
+                                   label="Select K clips per question (0 = uniform clips)")
+                candidates = slider(CANDIDATES, settings.candidates, "Candidate clips (M) to rank")
                 temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
                                     interactive=len(app.temporal_modes) > 1,
                                     info="changing frames, clips or mode re-encodes the video and starts a new chat")
@@ -374,18 +472,20 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 
         model_job = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
         hidden = {"api_visibility": "undocumented"}  # duplicates of a documented endpoint
-        video_inputs = [video, frames, clips, temporal, state]
+        video_inputs = [video, frames, clips, temporal, state, select, candidates, auto_clips]
         video_outputs = [state, chatbot, video_status]
-        video.change(app.load_video, video_inputs, video_outputs, api_name="load_video", **model_job)
-        for control in (frames, clips):
-            control.release(app.load_video, video_inputs, video_outputs, **model_job, **hidden)
-        temporal.input(app.load_video, video_inputs, video_outputs, **model_job, **hidden)
+        draw = {"fn": app.timeline, "inputs": [state], "outputs": [timeline], "queue": False, **hidden}
+        video.change(app.load_video, video_inputs, video_outputs, api_name="load_video", **model_job).then(**draw)
+        for control in (frames, clips, select, candidates):
+            control.release(app.load_video, video_inputs, video_outputs, **model_job, **hidden).then(**draw)
+        for control in (temporal, auto_clips):
+            control.input(app.load_video, video_inputs, video_outputs, **model_job, **hidden).then(**draw)
         ask = {"inputs": [question, state, max_new, temperature, top_p], "outputs": [chatbot, state, question],
                "show_progress": "minimal", **model_job}
-        question.submit(app.respond, api_name="ask", **ask)
-        send.click(app.respond, **ask, **hidden)
+        question.submit(app.respond, api_name="ask", **ask).then(**draw)
+        send.click(app.respond, **ask, **hidden).then(**draw)
         regenerate.click(app.regenerate, [state, max_new, temperature, top_p], [chatbot, state, question],
-                         api_name="regenerate", show_progress="minimal", **model_job)
+                         api_name="regenerate", show_progress="minimal", **model_job).then(**draw)
         clear.click(app.clear, [state], [state, chatbot], api_name="clear", queue=False)
         chatbot.clear(app.clear, [state], [state, chatbot], queue=False, **hidden)  # its own trash button
         stop.click(app.stop, [state], None, api_name="stop", queue=False)
@@ -463,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
     settings = AppSettings(
-        frames=model_args.frames, clips=model_args.clips, max_new_tokens=model_args.answer_limit,
+        frames=model_args.frames, clips=model_args.clips, clip_times=model_args.clip_times, select=model_args.select,
+        candidates=model_args.candidate_count or AppSettings.candidates, max_new_tokens=model_args.answer_limit,
         temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
         concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,

@@ -305,6 +305,7 @@ class BackboneConfig:
     pretrained: str | None = None  # open_clip pretrained tag or weights file; unused for hf
     model_config: dict | None = None  # inline architecture for locally built (tiny) models
     seed: int = 0  # initialisation seed when the weights are random
+    revision: str | None = None  # hf: the hub revision (commit, tag) of ``name``, so an export pins what it names
 
     @property
     def is_reloadable(self) -> bool:
@@ -333,7 +334,7 @@ def _create_hf(config: BackboneConfig):
             torch.manual_seed(config.seed)
             model = CLIPModel(CLIPConfig(**config.model_config))
     elif config.name is not None:
-        model = CLIPModel.from_pretrained(config.name)
+        model = CLIPModel.from_pretrained(config.name, revision=config.revision)
     else:
         raise ValueError("hf backbone needs a name (hub id or directory) or an inline model_config")
     model.eval()

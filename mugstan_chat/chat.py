@@ -35,12 +35,20 @@ from .prefix_cache import CacheBudget, ConversationCache, budget_for
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
 from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
                     encode_image, neutralise_image_token)
-from .video import VideoClips, VideoLimits, load_video_clips
+from .feature_cache import FeatureCache, FeatureKey, file_sha256, model_identity, session_key
+from .selection import (DEFAULT_CANDIDATES, CandidateEmbeddings, Selection, SelectionUnavailable, candidate_plan,
+                        embed_candidates, retriever_for, select)
+from .timeline import CLIP_TIMES_CHOICES, ClipSpan, label_images, make_spans, precise_times, times_shown
+from .video import VideoClips, VideoLimits, clip_spans, load_video_clips, plan_clips
 
 __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
            "VideoFeatures", "encode_image", "neutralise_image_token"]
 
 logger = logging.getLogger(__name__)
+
+AUTO_MAX_CLIPS = 64  # --clips auto never encodes more clips than this, whatever the context leaves room for
+SESSION_CACHE_BYTES = 256 * 2**20  # a session given no shared feature cache keeps its candidates in one this big
+QUESTION_RESERVE = 64  # tokens --clips auto keeps for a question not yet asked (a video loaded before it)
 
 
 class ChatSession:
@@ -50,7 +58,9 @@ class ChatSession:
         chat_model: from :func:`mugstan_chat.loader.load_chat_model`.
         video_path: the video file.
         frames: T frames per clip (default: the model's settings).
-        clips: C clips (default: the model's settings); each fills one ``<image>``.
+        clips: C clips (default: the model's settings); each fills one ``<image>``. ``"auto"``: as
+            many as the context leaves room for after the clip labels, the question and the answer
+            budget (:meth:`resolve_clips`; docs/design.md section 4c).
         generation: :class:`GenerationSettings` (greedy by default).
         temporal: "stan" or "mean" for this session's video features (default: the tower's mode);
             sessions sharing one model can differ without touching the shared tower.
@@ -68,6 +78,16 @@ class ChatSession:
             False recomputes the whole prompt every turn, for tests and benchmarks).
         cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
             (default: the one shared by all sessions on this model, :func:`prefix_cache.budget_for`).
+        clip_times: "auto" (default: each clip's time span before its ``<image>`` when there are
+            several clips, none for one clip, whose prompt stays stock LLaVA's), "on" or "off"
+            (:mod:`mugstan_chat.timeline`).
+        select: K: split the video into ``candidates`` (M) candidate clips, rank them against each
+            question with the model's own dual encoder and show the top K in temporal order
+            (:mod:`mugstan_chat.selection`; docs/design.md section 4c). None: C uniform clips.
+        candidates: M (default :data:`selection.DEFAULT_CANDIDATES`); only with ``select``.
+        feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
+            (shared by a server's requests; default: one of the session's own).
+        content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
 
     Raises (when preparing):
         ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
@@ -79,18 +99,43 @@ class ChatSession:
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
-                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False):
+                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
+                 clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
+                 feature_cache: FeatureCache | None = None, content_hash: str | None = None):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.text_only = text_only
         self.frames = frames or chat_model.settings.frames
-        self.clips = 1 if text_only else clips or chat_model.settings.clips
-        if self.frames < 1 or self.clips < 1:
+        clips = clips or chat_model.settings.clips
+        self.auto_clips = clips == "auto"
+        self.clips: int | None = None if self.auto_clips else int(clips)  # None until resolve_clips
+        if self.frames < 1 or (self.clips is not None and self.clips < 1):
             raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        if clip_times not in CLIP_TIMES_CHOICES:
+            raise ValueError(f"clip_times must be one of {', '.join(CLIP_TIMES_CHOICES)}, got {clip_times!r}")
+        self.clip_times = clip_times
         self.frames_as_images = frames_as_images
-        self.images = self.clips * self.frames if frames_as_images else self.clips  # <image> entries
-        if text_only:
-            self.clips = self.images = 0
+        self.select = select
+        self.candidates = (candidates or DEFAULT_CANDIDATES) if select is not None else None
+        if select is not None:
+            if self.auto_clips or frames_as_images:
+                raise ValueError("clip selection shows K clips: it combines with neither clips='auto' nor frames "
+                                 "as images")
+            if select < 1 or self.candidates < select:
+                raise ValueError(f"candidates (M={self.candidates}) must be at least select (K={select}) >= 1")
+            self.clips = select
+        elif candidates is not None:
+            raise ValueError("candidates apply to clip selection only (give select too)")
+        self.feature_cache = feature_cache
+        self.content_hash = content_hash
+        self.selection: Selection | None = None  # what the last question chose
+        self.selection_notice: str | None = None  # why this session shows uniform clips instead of selecting
+        self._candidates: CandidateEmbeddings | None = None
+        self._candidates_cached = False
+        self._selected_for: str | None = None
+        self._info = None  # video.VideoInfo once the header was read
+        if text_only:  # no video: no clips, no selection
+            self.clips, self.auto_clips, self.select, self.candidates = 0, False, None, None
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -114,6 +159,167 @@ class ChatSession:
     # ----------------------------------------------------------------- video features
 
     @property
+    def images(self) -> int:
+        """``<image>`` entries of the first user turn: C, or C x T for frames as images."""
+        clips = self.resolve_clips() if self.clips is None else self.clips
+        return clips * self.frames if self.frames_as_images else clips
+
+    def resolve_clips(self, question: str | None = None) -> int:
+        """The number of clips, choosing it now for ``clips="auto"`` (before any frame is decoded).
+
+        Auto: the largest C whose prompt (conversation so far, ``question``, C clips with their
+        labels) plus the answer budget (``generation.max_new_tokens``) fits the context, counted
+        with the tokenizer, and at most :data:`AUTO_MAX_CLIPS` and the number of T-frame clips the
+        video (or window) has distinct frames for; at least 1 (a turn that still does not fit
+        clips its answer or is refused as usual). Without ``question`` (a video loaded before
+        the first question) :data:`QUESTION_RESERVE` tokens are kept for it.
+        """
+        if self.clips is not None:
+            return self.clips
+        budget = self.generation.max_new_tokens + (QUESTION_RESERVE if question is None else 0)
+        room = self.chat_model.context_length - budget
+        info = self._probe()
+        start, end = self.window
+        from .video import seconds_to_frames
+
+        first, last = seconds_to_frames(info, start, end)
+        cap = max(1, min(AUTO_MAX_CLIPS, (last - first) // self.frames))
+        low, high = 1, cap  # the prompt grows with C: the largest C that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._prompt_tokens(question or "", middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        self.clips = low
+        logger.info("--clips auto: %d clip(s) of %d frames (context %d, answer budget %d, at most %d clips)",
+                    low, self.frames, self.chat_model.context_length, budget, cap)
+        return low
+
+    def _probe(self):
+        """The video's header (read once)."""
+        if self._info is None:
+            from .video import probe_video
+
+            self._info = probe_video(self.video_path, self.limits or VideoLimits())
+        return self._info
+
+    def _shows_times(self, clips: int) -> bool:
+        if self.frames_as_images or (self._video is not None and self._video.info is None):
+            return False  # the frames-as-images baseline and single images keep the stock prompt
+        return times_shown(self.clip_times, clips, self.select is not None)
+
+    @property
+    def clip_spans(self) -> list[ClipSpan]:
+        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`prepare`.
+
+        With selection, each span also names its candidate (index among the M).
+        """
+        video = self._video
+        if video is None or video.info is None:
+            return []
+        chosen = self.selection.chosen if self.selection is not None and self.selects else None
+        return make_spans(clip_spans(video.indices, video.info.fps), chosen)
+
+    # ----------------------------------------------------------------- clip selection (docs/design.md section 4c)
+
+    @property
+    def selects(self) -> bool:
+        """True when questions choose the clips (selection asked for and available)."""
+        return self.select is not None and self.selection_notice is None
+
+    @property
+    def candidate_embeddings(self) -> CandidateEmbeddings | None:
+        """The candidates' retrieval embeddings and their decode/encode cost; None before they are embedded."""
+        return self._candidates
+
+    @property
+    def candidate_spans(self) -> list[tuple[float, float]]:
+        """Every candidate's (start, end) seconds; [] before the candidates are embedded."""
+        return [] if self._candidates is None else list(self._candidates.times)
+
+    def _cache(self) -> FeatureCache:
+        if self.feature_cache is None:
+            self.feature_cache = FeatureCache(SESSION_CACHE_BYTES)
+        return self.feature_cache
+
+    def _content_hash(self) -> str:
+        if self.content_hash is None:
+            self.content_hash = file_sha256(self.video_path)
+        return self.content_hash
+
+    def prepare_candidates(self) -> bool:
+        """Embeds the M candidates (or takes them from the feature cache); True if the tower ran now.
+
+        Without a text side for retrieval (:class:`selection.SelectionUnavailable`) the session
+        falls back to K uniform clips, with a one-line :attr:`selection_notice`, and prepares those.
+        """
+        if not self.selects or self._candidates is not None:
+            return False
+        try:
+            retriever = retriever_for(self.chat_model)
+        except SelectionUnavailable as error:  # the caller prepares the uniform clips (prepare() goes on to them)
+            self.selection_notice = f"clip selection unavailable ({error}): {self.clips} uniform clip(s) instead"
+            logger.warning(self.selection_notice)
+            return False
+        start, end = self.window
+        info, indices = candidate_plan(self.video_path, self.frames, self.candidates, start, end, self.limits,
+                                       info=self._info)
+        self._info = info
+        key = FeatureKey(self._content_hash(), self.frames, self.candidates, f"candidates:{self.temporal}", start, end,
+                         f"{model_identity(self.chat_model)}|text={retriever.source}")
+        image_processor = self.chat_model.processor.image_processor
+        candidates, cached = self._cache().get_or_encode(key, lambda: embed_candidates(
+            retriever, self.video_path, indices, info, image_processor, self.temporal, self.limits))
+        self._candidates, self._candidates_cached = candidates, cached
+        logger.info("%s: %d candidate clips %s", self.video_path, self.candidates,
+                    "from the cache" if cached else f"embedded in {candidates.encode_ms:.0f} ms")
+        return not cached
+
+    def select_clips(self, question: str) -> Selection | None:
+        """Ranks the candidates against ``question`` and gives the session the top K clips' features.
+
+        The candidates' embeddings come from the feature cache after the first question, so a
+        follow-up re-ranks without the tower; the chosen clips' chat features are cached per
+        selection too, so asking again what was chosen before needs no tower at all. Returns the
+        :class:`Selection` (None when the session does not select).
+        """
+        if self.select is None:
+            return None
+        self.prepare_candidates()
+        if not self.selects:
+            return None
+        if self._selected_for == question and self._video is not None:
+            return self.selection
+        retriever = retriever_for(self.chat_model)
+        selection = select(retriever, self._candidates, question, self.clips, self.temporal, self.tokens_per_image,
+                           cached=self._candidates_cached)
+        self._candidates_cached = True  # every later question re-ranks the same embeddings
+        if self._video is None or self.selection is None or selection.chosen != self.selection.chosen:
+            key = dataclasses.replace(session_key(self, self._content_hash()),
+                                      selection=(self.candidates, tuple(selection.chosen)))
+            features, cached = self._cache().get_or_encode(key, lambda: self._encode_chosen(selection.chosen))
+            self.attach_features(features, cached=cached)
+        self.selection, self._selected_for = selection, question
+        return selection
+
+    def _encode_chosen(self, chosen: list[int]) -> VideoFeatures:
+        started = time.perf_counter()
+        candidates = self._candidates
+        decoded = load_video_clips(self.video_path, frames_per_clip=self.frames,
+                                   indices=[candidates.indices[c] for c in chosen], info=candidates.info,
+                                   limits=self.limits, image_processor=self.chat_model.processor.image_processor)
+        return self._encode(decoded, started)
+
+    def _spans_for(self, clips: int) -> list[ClipSpan]:
+        """The spans ``clips`` clips would have: the encoded ones, or planned from the header alone."""
+        if self._video is not None and len(self._video.indices) == clips:
+            return self.clip_spans
+        start, end = self.window
+        info, indices = plan_clips(self.video_path, self.frames, clips, start, end, self.limits, info=self._probe())
+        return make_spans(clip_spans(indices, info.fps))
+
+    @property
     def prepared(self) -> bool:
         return self._video is not None
 
@@ -132,7 +338,7 @@ class ChatSession:
     def video_info(self):
         """:class:`video.VideoInfo` of the video (displayed size, rotation); decodes it if needed."""
         self.prepare()
-        return self._video.info
+        return self._video.info if self._video is not None else self._candidates.info
 
     @property
     def frame_indices(self) -> list[list[int]]:
@@ -151,6 +357,7 @@ class ChatSession:
         (no decode/encode time); ``cached=False``: they were made for this session, and its
         first answer reports their decode/encode times.
         """
+        self.resolve_clips()
         if len(features.features) != self.clips:
             raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
         self.drop_prefix_cache()  # new features behind the same placeholder ids: the cache is stale
@@ -164,14 +371,29 @@ class ChatSession:
         """
         if self._video is not None:
             return False
+        if self.selects and decoded is None:  # the candidates now; the clips when a question chooses them
+            embedded = self.prepare_candidates()
+            if self.selects:
+                return embedded
+        self.resolve_clips()
         self.check_fits()  # before decoding a frame
-        processor, model = self.chat_model.processor, self.chat_model.model
+        processor = self.chat_model.processor
         t0 = time.perf_counter()
         start, end = self.window
         if decoded is None:
             decoded = load_video_clips(
                 self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
-                end=end, limits=self.limits, image_processor=processor.image_processor)
+                end=end, limits=self.limits, image_processor=processor.image_processor, info=self._info)
+        self.drop_prefix_cache()
+        self._video = self._encode(decoded, t0)
+        logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
+                    self.video_path, self.clips, self.frames, self.visual_tokens, self._video.decode_ms,
+                    self._video.encode_ms)
+        return True
+
+    def _encode(self, decoded: VideoClips, t0: float) -> VideoFeatures:
+        """Decoded clips -> projected features (tower + projector); ``t0``: when decoding began."""
+        model = self.chat_model.model
         clips, info, indices = decoded  # (C, T, 3, H, W)
         if tuple(clips.shape[:2]) != (self.clips, self.frames):
             raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
@@ -188,11 +410,7 @@ class ChatSession:
         if tower.device.type == "cuda":
             torch.cuda.synchronize(tower.device)
         t2 = time.perf_counter()
-        self.drop_prefix_cache()
-        self._video = VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
-        logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
-                    self.video_path, self.clips, self.frames, self.visual_tokens, (t1 - t0) * 1000, (t2 - t1) * 1000)
-        return True
+        return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
 
     # ----------------------------------------------------------------- conversation
 
@@ -249,7 +467,10 @@ class ChatSession:
 
         Scorers that append a continuation (an option's letter or text) tokenise
         ``prompt_text(q) + continuation`` against it; :meth:`build_prompt` tokenises it alone.
+        With selection the clips are those ``question`` chooses (unless :meth:`select_clips` ran already).
         """
+        if self.select is not None and self._video is None:
+            self.select_clips(question)
         self.prepare()
         return self._prompt_text(question, self.images)
 
@@ -270,6 +491,9 @@ class ChatSession:
         if text.count(image_token) != images:
             raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
                              f"for {images} images")
+        if self._shows_times(images):
+            info = self._video.info if self._video is not None else self._probe()
+            text = label_images(text, image_token, self._spans_for(images), precise_times(info.duration))
         return text.replace(image_token, image_token * self.tokens_per_image)
 
     def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
@@ -295,7 +519,7 @@ class ChatSession:
                 largest number of clips that fits (0 if not even one clip does).
         """
         context = self.chat_model.context_length
-        tokens = self._prompt_tokens(question, self.clips)
+        tokens = self._prompt_tokens(question, self.resolve_clips(question or None))
         if tokens < context:
             return tokens
         if self.text_only:
@@ -318,7 +542,10 @@ class ChatSession:
             raise ValueError("empty question")
         started = time.perf_counter()
         if not self.prepared:
+            self.resolve_clips(question.strip())
             self.check_fits(question.strip())  # refuse before decoding a frame
+        if self.select is not None:
+            self.select_clips(question.strip())  # this question's clips (a re-rank of cached candidates)
         self.prepare()
         inputs = self.build_prompt(question.strip())
         prompt_tokens = inputs["input_ids"].shape[1]
@@ -515,5 +742,7 @@ class ChatSession:
         return {
             "video": self.video_path, "model": settings.model, "temporal": self.temporal,
             "frames": self.frames, "clips": self.clips, "visual_tokens": self.visual_tokens,
-            "turns": len(self.history),
+            "turns": len(self.history), "clip_spans": [span.to_dict() for span in self.clip_spans],
+            "selection": None if self.selection is None else self.selection.to_dict(),
+            "selection_notice": self.selection_notice,
         }

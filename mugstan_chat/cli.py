@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from . import export, terminal
-from .entrypoints import configure_logging, run_reporting_errors
+from .entrypoints import ModelArgs, configure_logging, run_reporting_errors
 from .evaluation import cli as evaluation_cli
 from .server import cli as server_cli
 
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         return server_cli.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # the checks across flags (--select with --clips ...): usage errors, as in serve and app.py
+        ModelArgs.from_cli_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     configure_logging(args.debug)
     return run_reporting_errors(PROG, args.debug, args.run, args)
 

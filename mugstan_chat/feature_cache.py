@@ -34,6 +34,7 @@ class FeatureKey:
     start: float | None  # time window in seconds (None: the whole video)
     end: float | None
     model: str  # identity of the model and branch that encoded them
+    selection: tuple = ()  # clip selection: (M candidates, the chosen candidates' indices); () for uniform clips
 
 
 def model_identity(chat_model) -> str:
@@ -191,6 +192,15 @@ class FeatureCache:
         Raises:
             whatever ``before_decoding`` or ``ChatSession.prepare`` raise (``video.VideoDecodeError`` ...); nothing is stored then.
         """
+        if getattr(session, "selects", False):  # question-aware clips: the candidates' embeddings go through self
+            if before_decoding is not None:
+                before_decoding()
+            session.feature_cache = self
+            if content_hash is not None:
+                session.content_hash = content_hash
+            return not session.prepare()
+        if hasattr(session, "resolve_clips"):
+            session.resolve_clips()  # --clips auto: the key holds the number chosen
         key = session_key(session, content_hash or file_sha256(session.video_path))
 
         def encode():

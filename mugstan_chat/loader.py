@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,7 @@ class ChatSettings:
     dtype: str
     quantization: str | None  # None, "4bit" or "8bit"
     demo: bool
+    retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (--retrieval-clip)
 
 
 @dataclass
@@ -60,6 +62,9 @@ class ChatModel:
     settings: ChatSettings
     notices: list[str] = field(default_factory=list)
     llm: object = None  # a remote_llm.RemoteLLM answering instead of ``model``'s language model (--llm-url)
+    # clip selection's text side (selection.Retriever, or the SelectionUnavailable it met), loaded on first use
+    retrieval: object | None = None
+    retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def notice(self) -> str:

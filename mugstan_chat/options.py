@@ -37,6 +37,15 @@ class Range:
             raise ValueError(f"{self.name} must lie in [{self.low:g}, {self.high:g}], got {value:g}")
         return value
 
+    def parse_or_auto(self, text: str):
+        """argparse type: ``auto``, or a number in range (``--clips auto``)."""
+        if text.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return self.parse(text)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{AUTO!r} or {error}".replace("or must be", "or")) from None
+
     def parse(self, text: str) -> float:
         """argparse type: a number in range, else an ArgumentTypeError (usage error, exit 2)."""
         try:
@@ -54,6 +63,13 @@ class Range:
 FRAMES = Range("frames", 1, 64, integer=True)
 # Each clip fills one <image> of the prompt (576 tokens at 336 px): 8 already exceed LLaVA-1.5's 4096.
 CLIPS = Range("clips", 1, 8, integer=True)
+# --clips auto: as many clips as the context leaves room for (at most chat.AUTO_MAX_CLIPS and what the video holds)
+AUTO = "auto"
+# Clip selection (--select K of --candidates M): K is shown like --clips; M candidates are only ranked, never shown.
+SELECT = Range("select", 1, 8, integer=True)
+CANDIDATES = Range("candidates", 2, 256, integer=True)
+DEFAULT_CANDIDATES = 32
+CLIP_TIMES = ("auto", "on", "off")  # the clip time template (mugstan_chat.timeline): auto = on for C > 1 or --select
 # LLaVA-1.5's whole context; the session clips it further to what the prompt leaves.
 MAX_NEW_TOKENS = Range("max_new_tokens", 1, 4096, integer=True)
 TEMPERATURE = Range("temperature", 0.0, 2.0, step=0.05)  # 0 = greedy

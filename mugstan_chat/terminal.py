@@ -34,22 +34,48 @@ def add_commands(commands) -> None:
     ModelArgs.add_cli_args(ask)
     ask.add_argument("video", help="video file")
     ask.add_argument("question")
-    ask.add_argument("--json", action="store_true", help="print one JSON object (answer, settings, timings)")
+    ask.add_argument("--json", action="store_true",
+                     help="print one JSON object (answer, settings, clip spans, selection, timings)")
+    ask.add_argument("--verbose", action="store_true",
+                     help="print the clips shown (times; with --select, the candidates chosen and what ranking cost)")
     ask.set_defaults(run=run_ask)
     chat = commands.add_parser("chat", help="multi-turn chat about a video (/reset, /video, /exit)")
     ModelArgs.add_cli_args(chat)
     chat.add_argument("video", help="video file")
+    chat.add_argument("--verbose", action="store_true",
+                      help="after each answer, print the clips it was based on (times, selection and its cost)")
     chat.add_argument("--feature-cache-mb", type=non_negative_float, default=1024.0,
                       help="memory for encoded videos that /video returns to, least recently used out; "
                            "0 turns the cache off (default: %(default)s)")
     chat.set_defaults(run=run_chat)
 
 
-def _session(model_args: ModelArgs, chat_model, video: str):
+def _session(model_args: ModelArgs, chat_model, video: str, feature_cache=None):
     from .chat import ChatSession
 
-    return ChatSession(chat_model, video, frames=model_args.frames, clips=model_args.clips,
-                       generation=model_args.generation(), prepare=False)
+    return ChatSession(chat_model, video, **model_args.session_kwargs(), generation=model_args.generation(),
+                       feature_cache=feature_cache, prepare=False)
+
+
+def describe_clips(session) -> str:
+    """One line: the clips an answer was based on, with their times, and what selecting them cost."""
+    from .timeline import format_time, precise_times
+
+    spans = session.clip_spans
+    if not spans:
+        return "clips: none"
+    precise = precise_times(session.video_info.duration)
+    shown = ", ".join(f"{s.number} {format_time(s.start, precise)}-{format_time(s.end, precise)}"
+                      + (f" (candidate {s.candidate + 1})" if s.candidate is not None else "") for s in spans)
+    line = f"clips: {shown}"
+    selection = session.selection
+    if selection is not None:
+        embedded = "candidates from the cache" if selection.cached else f"embedding {selection.embed_ms:.0f} ms"
+        line += (f"; selected {len(spans)} of {selection.candidates} candidates by {selection.mode} "
+                 f"(ranking {selection.rank_ms:.0f} ms, {embedded}; {selection.tokens_saved} visual tokens saved)")
+    if session.selection_notice:
+        line += f"; {session.selection_notice}"
+    return line
 
 
 def check_video(path: str, debug: bool = False) -> None:
@@ -105,6 +131,10 @@ def run_ask(args: argparse.Namespace) -> int:
         print(json.dumps(_ask_json(session, chat_model, "".join(pieces))))
     else:
         sys.stdout.write("\n")
+        if args.verbose:
+            print(describe_clips(session), file=sys.stderr)
+        elif session.selection_notice:
+            print(f"note: {session.selection_notice}", file=sys.stderr)
     return 0
 
 
@@ -117,6 +147,10 @@ def _ask_json(session, chat_model, answer: str) -> dict:
         "stan": settings.stan if session.temporal == "stan" else None,
         "frames": session.frames,
         "clips": session.clips,
+        "clips_auto": session.auto_clips,
+        "clip_spans": [span.to_dict() for span in session.clip_spans],
+        "selection": None if session.selection is None else session.selection.to_dict(),
+        "selection_notice": session.selection_notice,
         "video": {"width": session.video_info.width, "height": session.video_info.height,
                   "rotation": session.video_info.rotation, "duration": round(session.video_info.duration, 3)},
         "prompt_tokens": stats.prompt_tokens,
@@ -189,15 +223,21 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if args.verbose:
+            print(describe_clips(session), file=sys.stderr)
     return 0
 
 
 def _open_chat(model_args: ModelArgs, chat_model, cache, path: str):
     """A new conversation about ``path``; its features come from ``cache`` when this video was seen."""
-    session = _session(model_args, chat_model, path)
+    session = _session(model_args, chat_model, path, feature_cache=cache)
     cached = cache.session_features(session)
     info = session.video_info
-    print(f"video: {path} ({info.width}x{info.height}, {info.duration:.1f} s; {session.clips} clip(s) x "
-          f"{session.frames} frames, {session.visual_tokens} visual tokens, temporal: {session.temporal}"
+    shown = (f"{session.clips} of {session.candidates} candidate clips chosen per question" if session.selects
+             else f"{session.clips} clip(s)")
+    if session.selection_notice:
+        print(f"note: {session.selection_notice}", file=sys.stderr)
+    print(f"video: {path} ({info.width}x{info.height}, {info.duration:.1f} s; {shown} x "
+          f"{session.frames} frames, {session.clips * session.tokens_per_image} visual tokens, temporal: {session.temporal}"
           + ("; features from the cache" if cached else "") + "); /help lists the commands", file=sys.stderr)
     return session

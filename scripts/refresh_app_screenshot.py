@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "img" / "app.png"), help="where to save (%(default)s)")
     args = parser.parse_args(argv)
     env = {**os.environ, "MUGSTAN_APP_SCREENSHOT": str(Path(args.out).resolve())}
-    test = "tests/test_app_browser.py::test_chat_in_browser"
+    test = "tests/test_app_browser.py::test_timeline_marks_the_selected_clips"
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env)
 
 

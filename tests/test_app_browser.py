@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mugstan_chat.synthetic import make_synthetic_videos
@@ -59,15 +60,15 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: fl
     pytest.fail(f"app.py did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`python app.py --demo` on a free port, run from the repository root (the file route's worst case)."""
+def _serve(tmp_path_factory, *flags: str):
+    """`python app.py --demo FLAGS` on a free port, run from the repository root (the file route's worst case)."""
     log = tmp_path_factory.mktemp("app") / "app.log"
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--max-new-tokens", "24"],
+        process = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--max-new-tokens", "24",
+                                    *flags],
                                    cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -82,6 +83,17 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def selecting_server(tmp_path_factory):
+    """The app choosing 2 of 8 candidate clips per question."""
+    yield from _serve(tmp_path_factory, "--select", "2", "--candidates", "8", "--frames", "4")
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +143,7 @@ def test_chat_in_browser(server, page, tmp_path):
     _ask(page, "and then?")
     expect(bot).to_have_count(2)
     expect(bot.nth(1)).to_contain_text("video features cached")
-    screenshot = Path(os.environ.get("MUGSTAN_APP_SCREENSHOT") or tmp_path / "app.png")
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(screenshot))
-    assert screenshot.stat().st_size > 0
+    expect(page.locator("#timeline figure.shown")).to_have_count(1)  # one uniform clip, shown
 
     # a new page is a new session: nothing of the previous conversation is visible
     page.goto(server + "/")
@@ -155,3 +164,33 @@ def test_file_route_serves_only_uploads_and_examples(server, page):
     for path in ("/etc/passwd", ROOT / "pyproject.toml", ROOT / "app.py", ROOT / "mugstan_chat" / "loader.py"):
         response = page.request.get(f"{server}/gradio_api/file={path}")
         assert response.status != 200, f"{path} must not be served"
+
+
+def test_timeline_marks_the_selected_clips(selecting_server, page, tmp_path):
+    """A 30-second video of six coloured segments; each answer says which 2 of 8 clips (and times) it used."""
+    from playwright.sync_api import expect
+
+    from mugstan_chat.video import write_video
+
+    colours = [(220, 40, 40), (40, 190, 70), (50, 80, 230), (235, 215, 50), (235, 235, 235), (160, 60, 200)]
+    video = tmp_path / "segments.mp4"
+    write_video(video, [np.full((96, 128, 3), c, dtype=np.uint8) for c in colours for _ in range(40)], fps=8)
+    page.goto(selecting_server + "/")
+    _upload(page, video)
+    expect(page.locator("#video-status")).to_contain_text("2 of 8 candidate clips chosen per question")
+    strip = page.locator("#timeline figure")
+    expect(strip).to_have_count(8)
+    expect(page.locator("#timeline")).to_contain_text("each question chooses 2")
+    _ask(page, "what happens after the green part?")
+    bot = _bot_messages(page)
+    expect(bot.first).to_contain_text("first token", timeout=TIMEOUT_MS)
+    expect(bot.first).to_contain_text("2 of 8 candidates chosen")
+    expect(page.locator("#timeline figure.shown")).to_have_count(2)
+    expect(page.locator("#timeline")).to_contain_text("2 of 8 candidates chosen for the last question")
+    times = page.locator("#timeline figure.shown figcaption").all_inner_texts()
+    assert all("–" in t for t in times) and times == sorted(times)
+    assert all(t in bot.first.inner_text() for t in times)  # the answer names the same clips and times
+    screenshot = Path(os.environ.get("MUGSTAN_APP_SCREENSHOT") or tmp_path / "app.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 0

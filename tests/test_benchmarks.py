@@ -109,3 +109,17 @@ def test_chat_benchmark_small_shape_is_clip_l_336_with_a_half_billion_lm(benchma
     assert config.text_config.num_hidden_layers == 24 and config.text_config.hidden_size == 896
     assert 0.4e9 < language + head < 0.6e9
     assert processor.image_processor.crop_size["height"] == 336
+
+
+def test_selection_benchmark_smoke(tmp_path):
+    """scripts/benchmark_selection.py on the demo model: the documented columns, and follow-ups ranked
+    on cached candidates."""
+    benchmark_selection = load_script("benchmark_selection", "benchlib")
+    out = tmp_path / "selection.json"
+    assert benchmark_selection.main(["--size", "demo", "--candidates", "4", "6", "--frames", "2", "--select", "2",
+                                     "--seconds", "60", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["candidates"] for r in rows] == [4, 6]
+    for row in rows:
+        assert row["embed_ms"] > 0 and row["first_rank_ms"] > 0 and row["followup_rank_ms"] > 0
+        assert row["tokens_saved"] == row["tokens_all_candidates"] - row["tokens_shown"] > 0

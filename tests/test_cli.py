@@ -94,3 +94,24 @@ def test_usage_errors_exit_2(video):
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["ask", str(tmp_path / "absent.mp4"), "q", "--demo", "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_ask_json_reports_spans_and_the_selection(video, capsys):
+    assert main(["ask", video, "what happens?", *FAST, "--select", "2", "--candidates", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spans, selection = result["clip_spans"], result["selection"]
+    assert result["clips"] == 2 and [s["number"] for s in spans] == [1, 2]
+    assert [s["candidate"] for s in spans] == selection["chosen"] and selection["candidates"] == 4
+    assert all(list(selection["candidate_spans"][s["candidate"]]) == [s["start"], s["end"]] for s in spans)
+    assert selection["tokens_saved"] == 2 * 16 and selection["rank_ms"] > 0 and selection["embed_ms"] > 0
+    assert main(["ask", video, "what happens?", *FAST, "--clips", "auto", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["clips_auto"] and result["clips"] == len(result["clip_spans"]) == 4  # 16 frames, T = 4
+
+
+def test_chat_verbose_prints_the_clips_each_answer_used(video, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what happens?\nwhat moves?\n"))
+    assert main(["chat", video, *FAST, "--select", "1", "--candidates", "3", "--verbose"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("clips: 1 ")]
+    assert len(lines) == 2 and "of 3 candidates" in lines[0] and "candidates from the cache" in lines[1]

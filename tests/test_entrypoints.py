@@ -24,6 +24,15 @@ MODEL_BAD_VALUES = [
     ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-0.5"), ("--temperature", "2.5"),
     ("--top-p", "0"), ("--top-p", "nan"), ("--repetition-penalty", "inf"),
     ("--llm-url", "127.0.0.1:8001"), ("--llm-url", "ftp://host/v1"), ("--llm-model", " "), ("--llm-api-key", ""),
+    ("--clips", "automatic"), ("--clip-times", "sometimes"), ("--select", "0"), ("--select", "9"),
+    ("--select", "nan"), ("--candidates", "1"), ("--candidates", "257"),
+]
+# (flags, words of the message): settings that are fine alone and refused together, the same way everywhere
+MODEL_BAD_COMBINATIONS = [
+    (["--candidates", "16"], "--candidates M needs --select K"),
+    (["--select", "4", "--candidates", "3"], "--select 4 needs at least as many --candidates"),
+    (["--select", "2", "--clips", "3"], "--select K shows K clips"),
+    (["--select", "2", "--clips", "auto"], "--select K shows K clips"),
 ]
 SERVING_BAD_VALUES = [
     ("--port", "0"), ("--port", "70000"), ("--port", "-1"), ("--port", "http"),
@@ -80,6 +89,26 @@ def test_every_front_end_refuses_a_bad_model_value_the_same_way(flag, value, tmp
                                                                 no_model_load):
     message = _same_refusal_everywhere(MODEL_FRONT_ENDS, flag, value, tmp_path, app_module, capsys)
     assert flag in message and value in message
+
+
+@pytest.mark.parametrize("flags, words", MODEL_BAD_COMBINATIONS)
+def test_every_front_end_refuses_a_bad_combination_the_same_way(flags, words, tmp_path, app_module, capsys,
+                                                                no_model_load):
+    seen = {front_end: _refusal(front_end, _argv(front_end, tmp_path, flags), app_module, capsys)
+            for front_end in MODEL_FRONT_ENDS}
+    assert {code for code, _ in seen.values()} == {2}, seen
+    messages = {message for _, message in seen.values()}
+    assert len(messages) == 1 and words in messages.pop(), seen
+
+
+def test_clip_flags_round_trip():
+    parser = ModelArgs.add_cli_args(argparse.ArgumentParser())
+    args = ModelArgs.from_cli_args(parser.parse_args(["--clips", "auto", "--clip-times", "off"]))
+    assert (args.clips, args.clip_times, args.select, args.candidate_count) == ("auto", "off", None, None)
+    assert args.session_kwargs()["clips"] == "auto"
+    args = ModelArgs.from_cli_args(parser.parse_args(["--select", "3"]))
+    assert args.candidate_count == 32 and args.session_kwargs() == {
+        "frames": 8, "clips": None, "clip_times": "auto", "select": 3, "candidates": 32}
 
 
 @pytest.mark.parametrize("flag, value", SERVING_BAD_VALUES)

@@ -357,7 +357,9 @@ def test_sliders_take_their_ranges_from_the_same_bounds(chat_model):
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     expected = {"Frames per clip (T)": options.FRAMES, "Clips (C)": options.CLIPS,
                 "Max new tokens": options.MAX_NEW_TOKENS, "Temperature (0 = greedy)": options.TEMPERATURE,
-                "Top-p": options.TOP_P}
+                "Top-p": options.TOP_P, "Candidate clips (M) to rank": options.CANDIDATES}
+    select = sliders.pop("Select K clips per question (0 = uniform clips)")  # K of SELECT, or 0: no selection
+    assert (select.minimum, select.maximum) == (0, options.SELECT.high)
     assert set(sliders) == set(expected)
     for label, allowed in expected.items():
         slider = sliders[label]

@@ -424,3 +424,43 @@ def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, 
         while client.get("/health").json()["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert client.get("/health").json()["running"] == 0
+
+
+# ----------------------------------------------------------------------------- clip times and selection
+
+
+def test_the_api_reports_clip_spans_and_a_selection_reranks_from_the_cache(chat_model):
+    service = _service(chat_model, cache_bytes=16 << 20)
+    _, outcome = _run(service, _request(mugstan={"clips": 3}))
+    spans = outcome.info["clip_spans"]
+    assert [s["number"] for s in spans] == [1, 2, 3] and all(s["start"] <= s["end"] for s in spans)
+    assert outcome.info["selection"] is None and "rank" not in outcome.info["timings_ms"]
+    selected = {"select": 2, "candidates": 6}
+    _, first = _run(service, _request(question="what grows?", mugstan=selected))
+    info = first.info
+    assert info["clips"] == 2 and info["selection"]["candidates"] == 6 and not info["selection"]["cached"]
+    assert [s["candidate"] for s in info["clip_spans"]] == info["selection"]["chosen"]
+    assert info["timings_ms"]["candidates"] > 0 and info["timings_ms"]["rank"] > 0
+    assert info["selection"]["tokens_saved"] == 4 * 16
+    encodes = chat_model.retrieval.encodes
+    _, again = _run(service, _request(question="what is red?", mugstan=selected))  # stateless: a new session
+    assert again.info["selection"]["cached"] and again.info["timings_ms"]["candidates"] == 0
+    assert chat_model.retrieval.encodes == encodes  # ranked on the cached candidate embeddings
+    _, auto = _run(service, _request(mugstan={"clips": "auto"}))
+    assert auto.info["clips"] == len(auto.info["clip_spans"]) >= 2
+
+
+def test_selection_plan_refusals(chat_model):
+    service = _service(chat_model)
+    cases = {
+        "mugstan.candidates": [{"candidates": 8}, {"select": 4, "candidates": 3}, {"select": 2, "candidates": 300}],
+        "mugstan.clips": [{"select": 2, "clips": 2}],
+        "mugstan.select": [{"select": 9}],
+    }
+    for param, options in cases.items():
+        for mugstan in options:
+            with pytest.raises(APIError) as caught:
+                service.plan(_request(mugstan=mugstan))
+            assert caught.value.status == 400 and caught.value.param == param, (mugstan, caught.value.message)
+    plan = service.plan(_request(mugstan={"select": 3, "clip_times": "off"}))
+    assert (plan.select, plan.candidates, plan.clips, plan.clip_times) == (3, 32, 3, "off")

@@ -3,6 +3,7 @@ kill, the summary, and ``mugstan-chat eval`` end to end on the demo model and th
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,3 +405,31 @@ def test_an_undecodable_video_stops_the_run_with_one_line_and_resume_continues(s
     (videos / rows[1]["video"]).write_bytes((root / rows[1]["video"]).read_bytes())
     assert main(argv + ["--resume"]) == 0
     assert len(read_predictions(tmp_path / "out" / PREDICTIONS)) == 2
+
+
+def test_cli_eval_compares_uniform_and_selected_clips_by_video_length(synthetic_set, tmp_path, capsys):
+    """A Video-MME file (its duration field) over the synthetic videos, with --select 1 --candidates 2:
+    every mode runs on K uniform clips and on K selected clips, and the summary splits by duration."""
+    questions_file, root = synthetic_set
+    plain = [json.loads(line) for line in questions_file.read_text().splitlines()]
+    videomme = [{"video_id": str(i), "duration": ("short", "long")[i % 2], "domain": "d", "sub_category": "s",
+                 "videoID": Path(q["video"]).stem, "question_id": q["id"], "task_type": q["task"],
+                 "question": q["question"], "options": [f"{'AB'[j]}. {o}" for j, o in enumerate(q["options"])],
+                 "answer": q["answer"]} for i, q in enumerate(plain)]
+    (tmp_path / "videomme.json").write_text(json.dumps(videomme))
+    out = tmp_path / "out"
+    argv = ["eval", str(tmp_path / "videomme.json"), "--video-root", str(root), "--demo", "--answer-format", "text",
+            "--frames", "2", "--modes", "stan", "mean", "--select", "1", "--candidates", "2", "--out", str(out),
+            "--no-progress", "--bootstrap", "50"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["modes"]) == ["stan", "mean", "stan+select", "mean+select"]
+    assert "stan+select - stan" in summary["comparisons"] or "stan - stan+select" in summary["comparisons"]
+    for entry in summary["modes"].values():
+        assert set(entry["durations"]) == {"short", "long"} and entry["visual_tokens_per_question"] == 16
+    assert "| duration |" in stdout and "| long |" in stdout
+    records = read_predictions(out / PREDICTIONS)
+    selected = [r for r in records if r["mode"].endswith("+select")]
+    assert len(selected) == 8 and all(r["selection"]["candidates"] == 2 and len(r["clip_spans"]) == 1
+                                      for r in selected)

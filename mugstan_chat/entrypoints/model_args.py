@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import CLIPS, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, TEMPERATURE, TOP_P, Range
+from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS,
+                       REPETITION_PENALTY, SELECT, TEMPERATURE, TOP_P, Range)
 
 from .values import llm_url, non_empty
 
@@ -46,7 +47,11 @@ class ModelArgs:
     load_4bit: bool = False  # bitsandbytes, language model only
     load_8bit: bool = False
     frames: int = 8  # T: frames per clip
-    clips: int = 1  # C: clips per video, one <image> each
+    clips: int | str = 1  # C: clips per video, one <image> each; "auto": as many as the context leaves room for
+    clip_times: str = "auto"  # each clip's time span before its <image>: auto (several clips or --select), on, off
+    select: int | None = None  # K: show the K candidates that best match the question (docs/design.md section 4c)
+    candidates: int | None = None  # M candidates to rank with --select (default options.DEFAULT_CANDIDATES)
+    retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (default: the branch's)
     max_new_tokens: int | None = None  # None: 512, or 48 with the demo model
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -90,8 +95,20 @@ class ModelArgs:
         video = parser.add_argument_group("video")
         video.add_argument("--frames", type=FRAMES.parse, default=8,
                            help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
-        video.add_argument("--clips", type=CLIPS.parse, default=1,
-                           help=f"clips per video, C, {span(CLIPS)}; each fills one <image> (default: %(default)s)")
+        video.add_argument("--clips", type=CLIPS.parse_or_auto, default=1,
+                           help=f"clips per video, C, {span(CLIPS)}, or 'auto': as many as the context leaves room for "
+                                "after the question and the answer budget; each fills one <image> (default: %(default)s)")
+        video.add_argument("--clip-times", choices=CLIP_TIMES, default="auto",
+                           help="write each clip's time span before its <image> ('Clip 2 (00:30-01:00): '); auto: "
+                                "for several clips or --select, never for one clip (default: %(default)s)")
+        video.add_argument("--select", type=SELECT.parse, default=None, metavar="K",
+                           help=f"show the K clips ({span(SELECT)}) that best match the question among --candidates, "
+                                "ranked with the branch's own dual encoder, in temporal order")
+        video.add_argument("--candidates", type=CANDIDATES.parse, default=None, metavar="M",
+                           help=f"candidate clips --select ranks, {span(CANDIDATES)} (default: {DEFAULT_CANDIDATES})")
+        video.add_argument("--retrieval-clip", default=None, metavar="CLIP",
+                           help="CLIP checkpoint (hub id or directory) whose text tower and projection rank clips "
+                                "(default: the one the STAN branch's export names; needed without a branch)")
         gen = parser.add_argument_group("generation")
         gen.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.parse, default=None,
                          help=f"answer length limit, {span(MAX_NEW_TOKENS)} "
@@ -115,9 +132,24 @@ class ModelArgs:
 
     def validate(self) -> ModelArgs:
         """Checks every field (the argparse types check the same ranges flag by flag); ValueError naming the flag."""
-        for name, allowed in (("frames", FRAMES), ("clips", CLIPS), ("temperature", TEMPERATURE), ("top_p", TOP_P),
+        for name, allowed in (("frames", FRAMES), ("temperature", TEMPERATURE), ("top_p", TOP_P),
                               ("repetition_penalty", REPETITION_PENALTY)):
             self._check(name, allowed, getattr(self, name))
+        if self.clips != AUTO:
+            self._check("clips", CLIPS, self.clips)
+        for name, allowed in (("select", SELECT), ("candidates", CANDIDATES)):
+            if getattr(self, name) is not None:
+                self._check(name, allowed, getattr(self, name))
+        if self.clip_times not in CLIP_TIMES:
+            raise ValueError(f"--clip-times must be one of {', '.join(CLIP_TIMES)}, got {self.clip_times!r}")
+        if self.candidates is not None and self.select is None:
+            raise ValueError("--candidates M needs --select K (the number of candidates to show)")
+        if self.select is not None:
+            if self.clips != 1:
+                raise ValueError("--select K shows K clips: leave --clips out")
+            if self.select > self.candidate_count:
+                raise ValueError(f"--select {self.select} needs at least as many --candidates "
+                                 f"(got {self.candidate_count})")
         if self.max_new_tokens is not None:
             self._check("max_new_tokens", MAX_NEW_TOKENS, self.max_new_tokens)
         for name, choices in (("temporal", TEMPORAL_CHOICES), ("device", DEVICE_CHOICES), ("dtype", DTYPE_CHOICES)):
@@ -147,6 +179,18 @@ class ModelArgs:
             raise ValueError(f"--{name.replace('_', '-')}: {error}") from None
 
     @property
+    def candidate_count(self) -> int | None:
+        """M with --select (the default when --candidates is left out); None without selection."""
+        if self.select is None:
+            return None
+        return self.candidates if self.candidates is not None else DEFAULT_CANDIDATES
+
+    def session_kwargs(self) -> dict:
+        """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes from these flags."""
+        return {"frames": self.frames, "clips": self.clips if self.select is None else None,
+                "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count}
+
+    @property
     def answer_limit(self) -> int:
         """``max_new_tokens``, or the default (shorter for the demo model, whose answers are noise)."""
         if self.max_new_tokens is not None:
@@ -172,10 +216,12 @@ class ModelArgs:
 
         settings = dict(
             model=self.model, stan=self.stan, temporal=self.temporal, device=self.device, dtype=self.dtype,
-            load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames, clips=self.clips,
+            load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames,
+            clips=self.clips if isinstance(self.clips, int) else 1,  # "auto" is chosen per session
             demo=self.demo, allow_resolution_mismatch=self.allow_resolution_mismatch)
         llm = self.remote_llm() if self.llm_url is not None else None  # unreachable: one line before minutes of loading
         chat_model = load_chat_model(**{**settings, **overrides})
+        chat_model.settings.retrieval_clip = self.retrieval_clip
         if llm is not None:
             chat_model.llm = llm
             chat_model.notices.append(f"language model: {llm.model} on {llm.url}")

@@ -18,7 +18,7 @@ import sys
 
 from ..entrypoints import ModelArgs
 from ..entrypoints.values import positive_int
-from .modes import MODES
+from .modes import MODES, SELECT_SUFFIX
 from .prompt import ANSWER_FORMATS, SCORINGS
 
 EVAL_MAX_NEW_TOKENS = 16  # generate scoring: room for "B" or "(B) the option text"
@@ -70,8 +70,14 @@ def run_eval(args) -> int:
     if args.limit:
         questions = questions[: args.limit]
     videos = resolve_videos(questions, args.video_root)
+    if args.clips == "auto":
+        raise ValueError("eval compares modes on the same clips: give --clips C (or --select K), not auto")
+    modes = list(dict.fromkeys(args.modes))
+    if args.select:  # uniform clips and selected clips side by side, K of each
+        modes += [f"{m}{SELECT_SUFFIX}" for m in modes if m != "concat"]
     settings = EvalSettings(
-        modes=list(dict.fromkeys(args.modes)), frames=args.frames, clips=args.clips, scoring=args.scoring,
+        modes=modes, frames=args.frames, clips=args.select or args.clips, scoring=args.scoring,
+        select=args.select, candidates=model_args.candidate_count,
         answer_format=args.answer_format, max_new_tokens=args.max_new_tokens or EVAL_MAX_NEW_TOKENS,
         bootstrap=args.bootstrap, seed=args.seed, model="demo" if args.demo else args.model, stan=args.stan)
     settings.validate()
@@ -80,7 +86,7 @@ def run_eval(args) -> int:
           f"scoring: {settings.scoring} ({settings.answer_format}); {len(done)} results already in {args.out}",
           file=sys.stderr)
 
-    chat_model = model_args.load(temporal="stan" if "stan" in settings.modes else "mean")
+    chat_model = model_args.load(temporal="stan" if "stan" in args.modes else "mean")
     if chat_model.notice:
         print(f"note: {chat_model.notice}", file=sys.stderr)
     run = EvalRun(chat_model, questions, videos, settings, args.out, done=done, progress=not args.no_progress)

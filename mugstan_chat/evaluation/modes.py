@@ -15,6 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("stan", "mean", "concat")
+SELECT_SUFFIX = "+select"  # "stan+select": the mode's tower, K of M candidate clips chosen per question
+
+
+def base_mode(mode: str) -> str:
+    """``stan`` for ``stan+select``: the tower mode a (possibly selecting) evaluation mode runs."""
+    return mode[: -len(SELECT_SUFFIX)] if mode.endswith(SELECT_SUFFIX) else mode
+
+
+def selecting(mode: str) -> bool:
+    """Whether ``mode`` chooses its clips per question (docs/design.md section 4c)."""
+    return mode.endswith(SELECT_SUFFIX) and base_mode(mode) in ("stan", "mean")
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ def session_shape(mode: str, frames: int, clips: int = 1) -> SessionShape:
 
     Every mode samples the same C x T frames; ``concat`` gives each of them its own ``<image>``.
     """
+    mode = base_mode(mode) if selecting(mode) else mode
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if frames < 1 or clips < 1:

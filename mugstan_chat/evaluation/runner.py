@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .modes import MODES, session_shape
+from .modes import MODES, selecting, session_shape
 from .readers import Question
 from .scoring import ANSWER_FORMATS, SCORINGS, score_question
 from .summary import summarize
@@ -39,7 +39,8 @@ PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
 RUN = "run.json"
 # settings a resumed run must share with the run it continues (modes and --limit may change)
-RESUME_KEYS = ("model", "stan", "frames", "clips", "scoring", "answer_format", "max_new_tokens")
+RESUME_KEYS = ("model", "stan", "frames", "clips", "scoring", "answer_format", "max_new_tokens", "select",
+               "candidates")
 
 
 class OutputError(ValueError):
@@ -60,9 +61,11 @@ class EvalSettings:
     seed: int = 0  # bootstrap seed
     model: str = ""  # recorded for --resume checks
     stan: str | None = None
+    select: int | None = None  # K: the "+select" modes choose K of ``candidates`` clips per question (clips = K)
+    candidates: int | None = None  # M
 
     def validate(self) -> None:
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in self.modes if m not in MODES and not (selecting(m) and self.select)]
         if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes must be distinct values of {', '.join(MODES)} (got {self.modes})")
         if self.scoring not in SCORINGS:
@@ -188,8 +191,9 @@ class EvalRun:
         from ..chat import ChatSession, GenerationSettings
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
-        return ChatSession(self.chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
-                           frames_as_images=shape.frames_as_images,
+        chosen = {"select": self.settings.select, "candidates": self.settings.candidates} if selecting(mode) else {}
+        return ChatSession(self.chat_model, video, frames=shape.frames, clips=None if chosen else shape.clips,
+                           temporal=shape.temporal, frames_as_images=shape.frames_as_images, **chosen,
                            generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
                            start=start, end=end, limits=self.limits, prepare=False)
 
@@ -234,10 +238,12 @@ class EvalRun:
                      sink, bar) -> None:
         session = self._session(video, start, end, mode)
         started = time.perf_counter()
-        session.prepare(decoded)  # encode once; every question below reuses the features
+        # encode once; every question below reuses the features (selecting: the candidates' embeddings)
+        session.prepare(None if session.select is not None else decoded)
         encode_ms = (time.perf_counter() - started) * 1000
         self.encodes[mode] += 1
         for i, q in enumerate(pending):
+            session.select_clips(q.question)  # selecting modes: ranked by the question alone, not its options
             score = score_question(session, q, self.settings.scoring, self.settings.answer_format)
             decode, encode = (decode_ms, encode_ms) if i == 0 else (0.0, 0.0)  # with the video's first question
             record = {
@@ -247,6 +253,9 @@ class EvalRun:
                 "option_scores": score.option_scores, "option_tokens": score.option_tokens,
                 "answer_text": score.answer_text, "prompt_tokens": score.prompt_tokens,
                 "visual_tokens": session.visual_tokens, **({"extra": q.extra} if q.extra else {}),
+                "clip_spans": [[round(s.start, 3), round(s.end, 3)] for s in session.clip_spans],
+                **({"selection": {k: session.selection.to_dict()[k] for k in ("candidates", "chosen", "rank_ms")}}
+                   if session.selection is not None else {}),
                 "timings_ms": {"decode": round(decode, 3), "encode": round(encode, 3),
                                "score": round(score.score_ms, 3), "total": round(encode + score.score_ms, 3)},
             }

@@ -58,6 +58,10 @@ def summarize(records: list[dict], questions: list[Question], modes: list[str], 
             sub = np.array([c for r, c in zip(recs, correct) if r["task"] == task])
             if sub.size:
                 entry["tasks"][task] = _accuracy(sub, resamples, _rng(seed, f"{mode}/{task}"))
+        entry["durations"] = {}  # Video-MME's short / medium / long (the record's extra.duration)
+        for duration in sorted({_duration(r) for r in recs} - {None}):
+            sub = np.array([c for r, c in zip(recs, correct) if _duration(r) == duration])
+            entry["durations"][duration] = _accuracy(sub, resamples, _rng(seed, f"{mode}/duration/{duration}"))
         entry["timing"] = _timing(recs)
         result["modes"][mode] = entry
     for i, first in enumerate(modes):
@@ -70,6 +74,11 @@ def summarize(records: list[dict], questions: list[Question], modes: list[str], 
                 result["comparisons"][f"{first} - {second}"] = {"n": len(shared), "delta": float(diff.mean()),
                                                                  "ci95": [low, high]}
     return result
+
+
+def _duration(record: dict) -> str | None:
+    duration = (record.get("extra") or {}).get("duration")
+    return None if duration is None else str(duration)
 
 
 def _accuracy(correct: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
@@ -117,6 +126,19 @@ def markdown_tables(summary: dict) -> str:
                 cells.append("-" if t is None else f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])})"
                              f" n={t['n']}")
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    durations = [d for d in ("short", "medium", "long") if any(d in e.get("durations", {})
+                                                             for e in summary["modes"].values())]
+    durations += sorted({d for e in summary["modes"].values() for d in e.get("durations", {})} - set(durations))
+    if durations:  # uniform and selected clips side by side, per video length
+        lines += ["", "| duration | " + " | ".join(f"{m} % (95% CI)" for m in modes) + " |",
+                  "|---|" + "---|" * len(modes)]
+        for duration in durations:
+            cells = []
+            for m in modes:
+                d = summary["modes"][m].get("durations", {}).get(duration)
+                cells.append("-" if d is None else f"{_pct(d['accuracy'])} ({_pct(d['ci95'][0])}-{_pct(d['ci95'][1])})"
+                             f" n={d['n']}")
+            lines.append(f"| {duration} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
         lines += ["", "| paired difference | questions | points | 95% CI |", "|---|---|---|---|"]
         for name, c in summary["comparisons"].items():

@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None):
     try:
         if args.api_key is not None and not args.api_key.strip():
             raise ValueError("--api-key must not be empty")
-        if args.frames > args.max_frames or args.clips > args.max_clips:
+        if args.frames > args.max_frames or (args.clips != "auto" and args.clips > args.max_clips):
             raise ValueError("--frames/--clips exceed --max-frames/--max-clips")
         model_args = ModelArgs.from_cli_args(args)
         model_args.generation()
@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     generation = model_args.generation()
     config = ServiceConfig(
         model_name=args.served_model_name or chat_model.settings.model, frames=model_args.frames,
-        clips=model_args.clips, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-        top_p=generation.top_p, repetition_penalty=generation.repetition_penalty,
-        max_frames=args.max_frames, max_clips=args.max_clips, limits=VideoLimits(max_seconds=serving.max_video_seconds))
+        clips=model_args.clips if model_args.select is None else 1, max_new_tokens=generation.max_new_tokens,
+        temperature=generation.temperature, top_p=generation.top_p, repetition_penalty=generation.repetition_penalty,
+        max_frames=args.max_frames, max_clips=args.max_clips, limits=VideoLimits(max_seconds=serving.max_video_seconds),
+        clip_times=model_args.clip_times, select=model_args.select,
+        candidates=model_args.candidate_count or ServiceConfig.candidates)
     service = ChatService(chat_model, config, MediaFetcher(policy), FeatureCache(serving.feature_cache_bytes))
     app = create_app(service, Gate(serving.concurrency, serving.queue_size), api_key=args.api_key,
                      max_body_bytes=megabytes_to_bytes(args.max_body_mb))

@@ -28,7 +28,11 @@ class ServiceConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     max_frames: int = 64  # largest num_frames a request may ask for
-    max_clips: int = 8  # largest mugstan.clips (options.CLIPS)
+    max_clips: int = 8  # largest mugstan.clips and mugstan.select (options.CLIPS)
+    clip_times: str = "auto"  # when mugstan.clip_times is absent
+    select: int | None = None  # K when mugstan.select is absent (and mugstan.clips too): the server's --select
+    candidates: int = 32  # M when mugstan.candidates is absent
+    max_candidates: int = 256  # largest mugstan.candidates (options.CANDIDATES)
     limits: VideoLimits = field(default_factory=VideoLimits)
 
 
@@ -48,7 +52,7 @@ class Plan:
     history: list[tuple[str, str]]
     question: str
     frames: int
-    clips: int
+    clips: int | str  # C, or "auto"
     temporal: str  # "stan", "mean", "image" or "text" (no media)
     start: float | None
     end: float | None
@@ -56,6 +60,9 @@ class Plan:
     stop: list[str]
     stream: bool
     include_usage: bool
+    clip_times: str = "auto"
+    select: int | None = None  # K of ``candidates`` chosen per question; None: uniform clips
+    candidates: int | None = None
 
 
 def _text(content, param: str, allow_media: bool):
@@ -121,8 +128,9 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
     if frames > config.max_frames:
         raise bad_request(f"num_frames={frames} exceeds this server's limit of {config.max_frames}",
                           "media_io_kwargs.video.num_frames")
-    if clips > config.max_clips:
+    if clips != "auto" and clips > config.max_clips:
         raise bad_request(f"clips={clips} exceeds this server's limit of {config.max_clips}", "mugstan.clips")
+    select, candidates = _selection(options, config)
     temporal = (options.temporal if options and options.temporal else None) or tower.mode
     if temporal not in tower.available_modes:
         raise bad_request(f"temporal mode {temporal!r} is not available with this model (available: "
@@ -130,11 +138,11 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
     start = options.start if options else None
     end = options.end if options else None
     if ref is None:  # the video settings (and mugstan's, for clients that always send them) do not apply
-        frames, clips, temporal, start, end = 0, 0, "text", None, None
+        frames, clips, temporal, start, end, select, candidates = 0, 0, "text", None, None, None, None
     elif ref.kind == "image":
-        if clips != 1 or start is not None or end is not None:
-            raise bad_request("mugstan.clips, start and end apply to videos, not to an image", "mugstan")
-        frames, clips, temporal = 1, 1, "image"
+        if clips != 1 or start is not None or end is not None or (options and options.select):
+            raise bad_request("mugstan.clips, select, start and end apply to videos, not to an image", "mugstan")
+        frames, clips, temporal, select, candidates = 1, 1, "image", None, None
     generation = GenerationSettings(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or config.max_new_tokens,
         temperature=config.temperature if request.temperature is None else request.temperature,
@@ -145,6 +153,33 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
     except ValueError as error:
         raise bad_request(str(error)) from error
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    clip_times = (options.clip_times if options and options.clip_times else None) or config.clip_times
     return Plan(ref, "\n".join(s for s in system if s.strip()) or None, history, turns[-1][1].strip(), frames,
-                clips, temporal, start, end, generation, request.stop_strings(), request.stream,
-                include_usage)
+                clips if select is None else select, temporal, start, end, generation, request.stop_strings(),
+                request.stream, include_usage, clip_times, select, candidates)
+
+
+def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None]:
+    """(K, M) of clip selection, or (None, None) for uniform clips.
+
+    The request's ``mugstan.select`` wins; a request that sets ``mugstan.clips`` alone asks for uniform
+    clips even on a server started with ``--select``.
+    """
+    asked = options.select if options else None
+    if options and options.candidates and not asked:
+        raise bad_request("mugstan.candidates needs mugstan.select (the number of candidates to show)",
+                          "mugstan.candidates")
+    if asked and options.clips:
+        raise bad_request("mugstan.select K shows K clips: leave mugstan.clips out", "mugstan.clips")
+    select = asked or (None if options and options.clips else config.select)
+    if select is None:
+        return None, None
+    candidates = (options.candidates if options and options.candidates else None) or config.candidates
+    if select > config.max_clips:
+        raise bad_request(f"select={select} exceeds this server's limit of {config.max_clips}", "mugstan.select")
+    if candidates > config.max_candidates:
+        raise bad_request(f"candidates={candidates} exceeds this server's limit of {config.max_candidates}",
+                          "mugstan.candidates")
+    if candidates < select:
+        raise bad_request(f"select={select} needs at least as many candidates (got {candidates})", "mugstan.candidates")
+    return select, candidates

@@ -113,7 +113,10 @@ class MediaIOKwargs(_Closed):
 class MugstanOptions(_Closed):
     """Our request extension: how the video is read and encoded."""
 
-    clips: int | None = Field(default=None, ge=1)  # C clips, each fills one <image>
+    clips: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None  # C clips, each fills one <image>; "auto"
+    clip_times: Literal["auto", "on", "off"] | None = None  # each clip's time span before its <image>
+    select: int | None = Field(default=None, ge=1)  # K: show the K candidate clips that best match the question
+    candidates: int | None = Field(default=None, ge=2)  # M candidates to rank (with select)
     temporal: Literal["stan", "mean"] | None = None  # default: the server's --temporal
     start: float | None = Field(default=None, ge=0)  # time window, seconds
     end: float | None = Field(default=None, gt=0)
@@ -202,6 +205,9 @@ class MugstanInfo(BaseModel):
     max_new_tokens: int  # the limit this answer ran with, after clipping to the context
     clipped: bool  # max_new_tokens was reduced to fit the context
     notice: str = ""
+    clip_spans: list[dict] = []  # the clips shown: number, start, end (seconds), candidate (with selection)
+    selection: dict | None = None  # with mugstan.select: candidates, chosen, scores, candidate_spans, costs
+    selection_notice: str | None = None  # why uniform clips were shown instead of selected ones
 
 
 class ResponseMessage(BaseModel):

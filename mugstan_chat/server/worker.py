@@ -13,6 +13,7 @@ random state. The worker frees its slot only when generation has really ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -192,12 +193,19 @@ class ChatService:
         (:meth:`FeatureCache.get_or_encode`); the others report their features as cached.
         """
         what = describe_url(plan.media.url)
-        session = ChatSession(self.chat_model, what, frames=plan.frames, clips=plan.clips,
-                              generation=plan.generation,
+        session = ChatSession(self.chat_model, what, frames=plan.frames,
+                              clips=None if plan.select else plan.clips, generation=plan.generation,
                               temporal=None if plan.media.kind == "image" else plan.temporal,
                               system=plan.system, start=plan.start, end=plan.end, limits=self.config.limits,
-                              prepare=False)
+                              prepare=False, clip_times=plan.clip_times, select=plan.select,
+                              candidates=plan.candidates, feature_cache=self.cache, content_hash=media.sha256)
         session.history = list(plan.history)
+        if plan.media.kind == "video" and (plan.select or plan.clips == "auto"):
+            # choosing the clips reads the file: the question's selection, or how many clips fit
+            with self._reading(plan, media, what, session):
+                if plan.select and session.select_clips(plan.question) is not None:
+                    return session, session.selection.cached
+                session.resolve_clips(plan.question)
         if plan.media.kind == "image":
             key = image_key(self.chat_model, media.sha256)
             features, cached = self.cache.get_or_encode(key, lambda: self._encode_image(plan, media, what))
@@ -215,9 +223,17 @@ class ChatService:
         return features
 
     def _encode_video(self, plan: Plan, media, what: str, session: ChatSession) -> VideoFeatures:
+        with self._reading(plan, media, what, session):
+            session.prepare()
+        self.count("video_encodes")
+        return session.video_features
+
+    @contextlib.contextmanager
+    def _reading(self, plan: Plan, media, what: str, session: ChatSession):
+        """The session reads the fetched file inside; its errors become 400s that never show the temp path."""
         session.video_path = media.local_path()
         try:
-            session.prepare()
+            yield
         except VideoDecodeError as error:
             message = str(error).replace(session.video_path, what)  # never show server-side temp paths
             raise bad_request(message, plan.media.param, "invalid_video") from error
@@ -225,8 +241,6 @@ class ChatService:
             raise bad_request(f"{what}: {error}", "mugstan", "invalid_video") from error
         finally:
             session.video_path = what  # the temporary file is closed after the request
-        self.count("video_encodes")
-        return session.video_features
 
     def _check_context(self, session: ChatSession, question: str) -> int:
         prompt_tokens = int(session.build_prompt(question)["input_ids"].shape[1])
@@ -260,22 +274,29 @@ class ChatService:
         finish = "stop" if assembler.stopped or stats.new_tokens < stats.max_new_tokens else "length"
         finished = time.perf_counter()
         first = None if stats.first_token_ms is None else (asked - started) * 1000 + stats.first_token_ms
+        timings = {
+            "fetch": round(fetch_ms, 2),
+            "decode": round(stats.decode_ms, 2),
+            "encode": round(stats.encode_ms, 2),
+            "first_token": None if first is None else round(first, 2),
+            "total": round((finished - started) * 1000, 2),
+        }
+        selection = session.selection
+        if selection is not None:  # what choosing the clips cost: embedding the candidates (0: cached), ranking
+            timings.update(candidates=round(selection.embed_ms, 2), rank=round(selection.rank_ms, 2))
         info = {
-            "timings_ms": {
-                "fetch": round(fetch_ms, 2),
-                "decode": round(stats.decode_ms, 2),
-                "encode": round(stats.encode_ms, 2),
-                "first_token": None if first is None else round(first, 2),
-                "total": round((finished - started) * 1000, 2),
-            },
+            "timings_ms": timings,
             "cached_features": cached,
             "visual_tokens": stats.visual_tokens,
             "frames": plan.frames,
-            "clips": plan.clips,
+            "clips": session.clips,
             "temporal": plan.temporal,
             "max_new_tokens": stats.max_new_tokens,
             "clipped": stats.clipped,
             "notice": self.chat_model.notice,
+            "clip_spans": [span.to_dict() for span in session.clip_spans],
+            "selection": None if selection is None else selection.to_dict(),
+            "selection_notice": session.selection_notice,
         }
         return Outcome("".join(pieces), finish, stats.prompt_tokens, stats.new_tokens, info)
 

@@ -24,7 +24,7 @@ seeded one for reproducible results.
 """
 
 from .backends import decord_available
-from .clips import VideoClips, load_video_clips
+from .clips import VideoClips, load_video_clips, plan_clips
 from .limits import BACKENDS, SUPPORTED_EXTENSIONS, VideoBytes, VideoDecodeError, VideoInfo, VideoLimits
 from .preprocessing import (
     CLIP_MEAN,
@@ -37,12 +37,13 @@ from .preprocessing import (
 )
 from .probing import probe_video
 from .reading import iter_frame_batches, read_frames
-from .sampling import clip_indices, sample_indices, seconds_to_frames
+from .sampling import clip_indices, clip_spans, sample_indices, seconds_to_frames
 from .writing import write_video
 
 __all__ = [
     "BACKENDS", "CLIP_MEAN", "CLIP_STD", "SUPPORTED_EXTENSIONS", "TRAIN_CROP_RATIO", "TRAIN_CROP_SCALE",
     "PreprocessSettings", "VideoBytes", "VideoClips", "VideoDecodeError", "VideoInfo", "VideoLimits",
-    "clip_indices", "decord_available", "iter_frame_batches", "load_video_clips", "preprocess_frames",
+    "clip_indices", "clip_spans", "decord_available", "iter_frame_batches", "load_video_clips", "plan_clips",
+    "preprocess_frames",
     "probe_video", "processor_settings", "read_frames", "sample_indices", "seconds_to_frames", "write_video",
 ]

@@ -27,6 +27,20 @@ class VideoClips(NamedTuple):
 
 
 
+def plan_clips(path: str | os.PathLike, frames_per_clip: int, num_clips: int, start: float | None = None,
+               end: float | None = None, limits: VideoLimits | None = None,
+               info: VideoInfo | None = None) -> tuple[VideoInfo, list[list[int]]]:
+    """(info, C lists of T frame indices) the evaluation-mode sampling would read, without decoding a frame.
+
+    Why: clip times (and the number of clips ``--clips auto`` can fit) must be known before
+    anything is decoded; only the container header is read (docs/design.md section 4c).
+    """
+    info = info or probe_video(path, limits or VideoLimits())
+    first, last = seconds_to_frames(info, start, end)
+    return info, clip_indices(info.num_frames, frames_per_clip, num_clips, mode="eval",
+                              start_frame=first, end_frame=last)
+
+
 def load_video_clips(
     path: str | os.PathLike | VideoBytes,
     frames_per_clip: int = 8,
@@ -43,6 +57,8 @@ def load_video_clips(
     max_seconds_per_clip: float | None = None,
     image_processor: Any = None,
     backend: str = "auto",
+    indices: list[list[int]] | None = None,
+    info: VideoInfo | None = None,
 ) -> VideoClips:
     """Open a video, sample C clips of T frames, decode and preprocess them.
 
@@ -58,6 +74,10 @@ def load_video_clips(
         limits: :class:`VideoLimits`.
         image_processor: a transformers CLIPImageProcessor whose settings to honour.
         backend: "auto", "decord" or "pyav".
+        indices: read exactly these clips (C lists of T frame indices, e.g. chosen by
+            :func:`plan_clips` or by clip selection) instead of sampling; ``num_clips``,
+            ``start``, ``end`` and ``max_seconds_per_clip`` are then unused.
+        info: the video's :func:`probe_video` result, when the caller has it already.
 
     Returns:
         VideoClips(clips=float tensor (C, T, 3, size, size), info, indices=C lists of T ints).
@@ -66,12 +86,15 @@ def load_video_clips(
         VideoDecodeError: for every failure to read the video.
     """
     limits = limits or VideoLimits()
-    info = probe_video(path, limits)
-    first, last = seconds_to_frames(info, start, end)
-    indices = clip_indices(
-        info.num_frames, frames_per_clip, num_clips, mode=mode, generator=generator,
-        max_seconds_per_clip=max_seconds_per_clip, fps=info.fps, start_frame=first, end_frame=last,
-    )
+    info = info or probe_video(path, limits)
+    if indices is None:
+        first, last = seconds_to_frames(info, start, end)
+        indices = clip_indices(
+            info.num_frames, frames_per_clip, num_clips, mode=mode, generator=generator,
+            max_seconds_per_clip=max_seconds_per_clip, fps=info.fps, start_frame=first, end_frame=last,
+        )
+    elif any(len(clip) != frames_per_clip for clip in indices):
+        raise ValueError(f"every clip must have {frames_per_clip} frame indices")
     flat = [i for clip in indices for i in clip]
     frames = read_frames(path, flat, backend=backend, limits=limits, info=info, as_tensor=True)
     settings = processor_settings(image_processor) if image_processor is not None else PreprocessSettings(

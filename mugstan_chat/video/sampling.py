@@ -100,3 +100,16 @@ def seconds_to_frames(info: VideoInfo, start: float | None, end: float | None) -
     if first >= last:
         raise ValueError(f"empty time window start={start} end={end} for a {info.duration:.2f} s video")
     return first, last
+
+
+def clip_spans(indices: list[list[int]], fps: float) -> list[tuple[float, float]]:
+    """(start, end) seconds of each clip: the timestamps of its first and last sampled frame.
+
+    Why the sampled frames and not the clip's nominal segment: the language model sees those
+    frames, so a time it reads is a time it saw (docs/design.md section 4c). A frame's time
+    is its index over the stream's average frame rate (``VideoInfo.fps``), the timestamp of
+    that frame in a constant-rate video (the index is what the readers decode by).
+    """
+    if not fps or fps <= 0:
+        raise ValueError(f"clip times need a positive frame rate, got {fps}")
+    return [(min(clip) / fps, max(clip) / fps) for clip in indices]

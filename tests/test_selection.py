@@ -1,0 +1,226 @@
+"""Question-aware clip selection for real (docs/design.md section 4c), through the chat's own loading path.
+
+A tiny dual encoder (CLIP at the demo tower's size, STAN fused at layer N-2 as a branch for LLaVA)
+is trained here on synthetic "a <colour> <shape>" clips: first as plain CLIP (Mug mode ``mean``,
+standing in for CLIP's own pretraining), then with the Mug head (``frame-token``, the
+post-pretraining). Six (colour, shape) objects are held out of training. Captions are short
+descriptions and questions ("when does the red circle appear?"). The trained CLIP is
+saved as a transformers checkpoint, the branch exported naming it, and its vision weights copied
+into a tiny LLaVA, which ``load_chat_model`` then loads with the branch: selection takes the text
+tower, projection and Mug mode from the branch's export, as it would for a real LLaVA.
+
+Long videos are made of six segments, each one held-out object, rendered fresh; asking about one
+object must choose a candidate inside its segment.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.demo import DemoSizes, build_demo_llava, save_demo_branch
+from mugstan_chat.feature_cache import FeatureCache
+from mugstan_chat.loader import load_chat_model
+from mugstan_chat.loss import mug_contrastive_loss
+from mugstan_chat.model import MugStan, MugStanConfig
+from mugstan_chat.mug import MugConfig
+from mugstan_chat.selection import rank, retriever_for
+from mugstan_chat.stan import StanConfig
+from mugstan_chat.synthetic.render import COLOURS, SHAPES, Canvas, shape_mask
+from mugstan_chat.video import preprocess_frames, write_video
+
+T = 4  # frames per clip, in training and in chat
+SIZE = 64  # rendered and written frame side; the tower reads 32 px
+OBJECTS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+HELD_OUT = [("red", "triangle"), ("green", "square"), ("blue", "circle"), ("yellow", "triangle"),
+            ("white", "square"), ("purple", "circle")]  # never in training; every colour once
+TRAIN_OBJECTS = [o for o in OBJECTS if o not in HELD_OUT]
+# captions and questions the training objects are described with (the held-out objects never are)
+TEMPLATES = ["a {} {}", "the {} {}", "when does the {} {} appear?", "where is the {} {}?", "what does the {} {} do?"]
+WARM_STEPS, MUG_STEPS = 150, 150  # plain CLIP, then the Mug head
+FPS, SEGMENT_FRAMES = 8, 16  # 2 s per segment
+CANDIDATES = 12  # two per segment: chance of picking inside the right segment is 2/12
+SHORT = GenerationSettings(max_new_tokens=4)
+
+
+def render(obj, rng: np.random.Generator, frames: int) -> np.ndarray:
+    """(frames, SIZE, SIZE, 3) uint8: one object drifting over a dark background."""
+    colour, shape = obj
+    canvas = Canvas(np.broadcast_to(np.array((30.0, 30.0, 30.0)), (SIZE, SIZE, 3)), frames)
+    r = SIZE * rng.uniform(0.15, 0.25)
+    x0, y0 = rng.uniform(r + 2, SIZE - r - 2, 2)
+    dx, dy = rng.uniform(-6, 6, 2)
+    for i in range(frames):
+        canvas.paint(i, shape_mask(shape, SIZE, x0 + dx * i / frames, y0 + dy * i / frames, r), COLOURS[colour])
+    return canvas.finish()
+
+
+def _train() -> MugStan:
+    config = MugStanConfig(backbone=tiny_backbone_config(layers=DemoSizes.vision_layers),
+                           stan=StanConfig(num_layers=2, fuse_layer=-2, drop_path=0.0),
+                           mug=MugConfig(mode="frame-token"), context_length=16)
+    torch.manual_seed(0)
+    model = MugStan(config)
+    model.text.text_model.embeddings.token_embedding.weight.requires_grad_(False)  # random word vectors suffice
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.01)
+    tokenizer, rng = model.build_tokenizer(), np.random.default_rng(0)
+    warm = MugConfig(mode="mean")
+    for step in range(WARM_STEPS + MUG_STEPS):  # one batch = every training object once (no false negatives)
+        video = torch.stack([preprocess_frames(render(o, rng, T), size=32, resize_to=32) for o in TRAIN_OBJECTS])
+        text = tokenizer([TEMPLATES[rng.integers(len(TEMPLATES))].format(*o) for o in TRAIN_OBJECTS])
+        frames, feats = model(video, text.input_ids, text.attention_mask)
+        loss = mug_contrastive_loss(frames, feats.tokens, feats.mask, feats.pooled,
+                                    config=warm if step < WARM_STEPS else config.mug)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def _export(model: MugStan, root) -> tuple[str, str]:
+    """(LLaVA directory, branch directory): the trained CLIP saved, the branch exported naming it,
+    LLaVA's tower given the trained vision weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig(**model.config.backbone.model_config))
+    clip.vision_model.load_state_dict(model.vision.vision_model.state_dict())
+    clip.visual_projection.load_state_dict(model.vision.projection.state_dict())
+    clip.text_model.load_state_dict(model.text.text_model.state_dict())
+    clip.text_projection.load_state_dict(model.text.projection.state_dict())
+    clip.save_pretrained(root / "clip")
+    branch_config = MugStanConfig(backbone=BackboneConfig(family="hf", name=str(root / "clip")),
+                                  stan=model.config.stan, mug=model.config.mug, freeze_backbone=True,
+                                  context_length=model.config.context_length)
+    branch = MugStan(branch_config)
+    branch.stan.load_state_dict(model.stan.state_dict())
+    branch.save_pretrained(root / "branch")
+    llava, processor = build_demo_llava(0)
+    llava.model.vision_tower.load_state_dict(model.vision.vision_model.state_dict())
+    llava.save_pretrained(root / "llava")
+    processor.save_pretrained(root / "llava")
+    return str(root / "llava"), str(root / "branch")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than two fighting over them
+    try:
+        started = time.perf_counter()
+        model = _train()
+        print(f"\ntiny dual encoder: {WARM_STEPS + MUG_STEPS} steps in {time.perf_counter() - started:.1f} s")
+        llava, branch = _export(model, tmp_path_factory.mktemp("selection"))
+        chat_model = load_chat_model(model=llava, stan=branch, device="cpu", frames=T)
+        yield chat_model
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    """Three videos of six 2 s segments, each a held-out object in a fresh order and rendering."""
+    root = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(7)
+    videos = []
+    for v in range(3):
+        order = [HELD_OUT[i] for i in rng.permutation(len(HELD_OUT))]
+        frames = np.concatenate([render(obj, rng, SEGMENT_FRAMES) for obj in order])
+        path = root / f"long{v}.mp4"
+        write_video(path, list(frames), fps=FPS, options={"crf": "12"})
+        videos.append((str(path), order))
+    return videos
+
+
+def _segment_of(seconds: float) -> int:
+    return int(round(seconds * FPS)) // SEGMENT_FRAMES
+
+
+def _binomial_threshold(trials: int, chance: float, alpha: float = 1e-3) -> int:
+    """Smallest k with P(Binomial(trials, chance) >= k) < alpha."""
+    for k in range(trials + 1):
+        tail = sum(math.comb(trials, j) * chance**j * (1 - chance) ** (trials - j) for j in range(k, trials + 1))
+        if tail < alpha:
+            return k
+    return trials + 1
+
+
+def test_asking_about_an_object_selects_its_segment(trained, long_videos):
+    """18 questions (3 videos x 6 objects) about held-out objects; K = 1 of M = 12 candidates.
+
+    Chance of choosing a candidate inside the right segment is 2/12. "Clearly above chance" is
+    derived from the numbers: at least the k hits that chance reaches with probability below
+    1e-3 (binomial tail; k = 10 of 18 here; the fixed seeds give 17). The selection must also carry the clip's time.
+    """
+    cache = FeatureCache(64 * 2**20)
+    hits, trials = 0, 0
+    for path, order in long_videos:
+        for target, obj in enumerate(order):
+            session = ChatSession(trained, path, frames=T, select=1, candidates=CANDIDATES, generation=SHORT,
+                                  feature_cache=cache, prepare=False)
+            session.ask(f"when does the {obj[0]} {obj[1]} appear?")
+            (span,) = session.clip_spans
+            chosen = session.selection.chosen[0]
+            assert (span.start, span.end) == session.selection.times[chosen] and span.candidate == chosen
+            assert f"Clip 1 (" in session.prompt_text("again")
+            hits += _segment_of(span.start) == _segment_of(span.end) == target
+            trials += 1
+    needed = _binomial_threshold(trials, 2 / CANDIDATES)
+    print(f"\nselection accuracy: {hits}/{trials} (chance {2 / CANDIDATES:.3f}; needed {needed})")
+    assert hits >= needed
+
+
+def test_selection_is_a_pure_function_and_shows_clips_in_time_order(trained, long_videos):
+    path, order = long_videos[0]
+    question = f"what does the {order[4][0]} {order[4][1]} do after the {order[1][0]} {order[1][1]}?"
+    chosen = []
+    for _ in range(2):  # separate sessions, separate caches: nothing shared but the inputs
+        session = ChatSession(trained, path, frames=T, select=3, candidates=CANDIDATES, generation=SHORT)
+        session.ask(question)
+        chosen.append((session.selection.chosen, session.selection.scores))
+        starts = [s.start for s in session.clip_spans]
+        assert starts == sorted(starts) and [s.number for s in session.clip_spans] == [1, 2, 3]
+    assert chosen[0] == chosen[1]
+    assert session.selection.tokens_saved == (CANDIDATES - 3) * session.tokens_per_image
+
+
+def test_ties_break_by_the_earlier_start():
+    times = [(4.0, 5.0), (0.0, 1.0), (2.0, 3.0), (6.0, 7.0)]
+    assert rank([0.5, 0.5, 0.1, 0.5], times, 2) == [1, 0]  # 0.5 three times: the two earliest, in time order
+    assert rank([0.1, 0.2, 0.9, 0.3], times, 2) == [2, 3]
+
+
+def test_a_follow_up_re_ranks_without_the_tower(trained, long_videos):
+    """The candidates are embedded once; later questions only score them (counted)."""
+    path, order = long_videos[1]
+    session = ChatSession(trained, path, frames=T, select=1, candidates=CANDIDATES, generation=SHORT, prepare=False)
+    retriever, tower = retriever_for(trained), trained.tower
+    before = retriever.encodes
+    session.ask(f"where is the {order[0][0]} {order[0][1]}?")
+    assert retriever.encodes - before == CANDIDATES and session.selection.embed_ms > 0
+    first = session.selection.chosen
+    encodes, calls = retriever.encodes, tower.calls
+    session.ask(f"where is the {order[5][0]} {order[5][1]}?")  # another object: other clips
+    assert retriever.encodes == encodes  # re-ranked on the cached candidate embeddings
+    assert session.selection.cached and session.selection.embed_ms == 0
+    assert session.selection.chosen != first and tower.calls == calls + 1  # only the chosen clip for the chat
+    session.ask(f"where is the {order[0][0]} {order[0][1]} again?")
+    calls = tower.calls
+    session.ask(f"where is the {order[0][0]} {order[0][1]}?")  # chosen before: its chat features are cached too
+    assert retriever.encodes == encodes and tower.calls == calls
+
+
+def test_a_branch_without_retrieval_falls_back_to_uniform_clips(tmp_path, long_videos):
+    """The demo branch's export records no text tower: one line says so, K uniform clips are shown."""
+    branch = save_demo_branch(tmp_path / "branch")
+    chat_model = load_chat_model(demo=True, stan=branch, device="cpu", frames=T)
+    session = ChatSession(chat_model, long_videos[0][0], frames=T, select=2, candidates=8, generation=SHORT)
+    session.ask("what happens?")
+    assert session.selection is None and len(session.clip_spans) == 2
+    assert "\n" not in session.selection_notice and "names no CLIP text tower" in session.selection_notice
+    assert "uniform" in session.selection_notice
