@@ -25,6 +25,7 @@ from .evaluation import cli as evaluation_cli
 from .server import cli as server_cli
 
 PROG = "mugstan-chat"
+MODEL_COMMANDS = ("ask", "chat", "eval")  # the subcommands that take ModelArgs' flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return server_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:  # the checks across flags (--select with --clips ...): usage errors, as in serve and app.py
-        ModelArgs.from_cli_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    if args.command in MODEL_COMMANDS:
+        try:  # the checks across flags (--select with --clips ...): usage errors, as in serve and app.py
+            ModelArgs.from_cli_args(args)
+        except ValueError as error:
+            parser.error(str(error))
     configure_logging(args.debug)
     return run_reporting_errors(PROG, args.debug, args.run, args)
 
