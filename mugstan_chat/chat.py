@@ -207,6 +207,10 @@ class ChatSession:
     def _shows_times(self, clips: int) -> bool:
         if self.frames_as_images or (self._video is not None and self._video.info is None):
             return False  # the frames-as-images baseline and single images keep the stock prompt
+        if self.chat_model.llm is not None:
+            # vLLM renders the conversation with its own chat template, which puts every image before the
+            # text: labels before each <image> cannot be sent, so neither route writes them (same prompt)
+            return False
         return times_shown(self.clip_times, clips, self.select is not None)
 
     @property

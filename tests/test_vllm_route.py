@@ -122,7 +122,8 @@ def engine(exported):
 
 
 def _reference(engine, video: str, question: str, clips: int = 1, temporal: str = "stan"):
-    session = ChatSession(engine, EXAMPLES / video, clips=clips, temporal=temporal,
+    """Our engine's answer to the prompt the vLLM route sends (no clip times: vLLM's template puts images first)."""
+    session = ChatSession(engine, EXAMPLES / video, clips=clips, temporal=temporal, clip_times="off",
                           generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
     return session.ask(question), session.last_stats
 
@@ -142,6 +143,7 @@ def test_greedy_answers_through_vllm_equal_our_engine(client, engine, temporal, 
     assert response.choices[0].message.content == expected
     assert response.usage.prompt_tokens == stats.prompt_tokens and response.usage.completion_tokens == stats.new_tokens
     assert response.model_extra["mugstan"]["visual_tokens"] == stats.visual_tokens
+    assert len(response.model_extra["mugstan"]["clip_spans"]) == clips  # the spans are reported all the same
     stream = client.chat.completions.create(model="demo", messages=_messages(video, question), stream=True,
                                             stream_options={"include_usage": True}, extra_body=options)
     chunks = list(stream)

@@ -142,6 +142,9 @@ class ModelArgs:
                 self._check(name, allowed, getattr(self, name))
         if self.clip_times not in CLIP_TIMES:
             raise ValueError(f"--clip-times must be one of {', '.join(CLIP_TIMES)}, got {self.clip_times!r}")
+        if self.clip_times == "on" and self.llm_url is not None:
+            raise ValueError("--clip-times on is not available with --llm-url: vLLM's chat template puts every "
+                             "image before the text, so clip times cannot stand before each clip")
         if self.candidates is not None and self.select is None:
             raise ValueError("--candidates M needs --select K (the number of candidates to show)")
         if self.select is not None:
