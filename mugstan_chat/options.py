@@ -63,7 +63,7 @@ class Range:
 FRAMES = Range("frames", 1, 64, integer=True)
 # Each clip fills one <image> of the prompt (576 tokens at 336 px): 8 already exceed LLaVA-1.5's 4096.
 CLIPS = Range("clips", 1, 8, integer=True)
-# --clips auto: as many clips as the context leaves room for (at most chat.AUTO_MAX_CLIPS and what the video holds)
+# --clips auto: as many clips as the context leaves room for (at most clip_planning.AUTO_MAX_CLIPS and what the video holds)
 AUTO = "auto"
 # Clip selection (--select K of --candidates M): K is shown like --clips; M candidates are only ranked, never shown.
 SELECT = Range("select", 1, 8, integer=True)

@@ -1,0 +1,195 @@
+"""Which clips a chat session shows: their number (``clips="auto"``), their times, and question-aware selection.
+
+:class:`ClipPlanning` is the part of :class:`mugstan_chat.chat.ChatSession` that decides the clips
+before any is decoded (docs/design.md section 4c): ``--clips auto`` counts the prompt with the
+tokenizer against the context; the spans come from the frames actually sampled; with ``select``
+the M candidates are embedded once (through the shared feature cache) and every question
+re-ranks them with the branch's own dual encoder (:mod:`mugstan_chat.selection`), the top K
+shown in temporal order. It is a mixin: it reads the session's settings (``chat_model``,
+``frames``, ``clips``, ``window``, ``limits`` ...) and calls its ``_encode``,
+``attach_features`` and ``_prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from .feature_cache import FeatureCache, FeatureKey, file_sha256, model_identity, session_key
+from .selection import CandidateEmbeddings, Selection, SelectionUnavailable, candidate_plan, embed_candidates, \
+    retriever_for, select
+from .timeline import ClipSpan, make_spans, times_shown
+from .turns import VideoFeatures
+from .video import VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video, seconds_to_frames
+
+logger = logging.getLogger(__name__)
+
+AUTO_MAX_CLIPS = 64  # --clips auto never encodes more clips than this, whatever the context leaves room for
+SESSION_CACHE_BYTES = 256 * 2**20  # a session given no shared feature cache keeps its candidates in one this big
+QUESTION_RESERVE = 64  # tokens --clips auto keeps for a question not yet asked (a video loaded before it)
+
+
+class ClipPlanning:
+    """The clips of a :class:`~mugstan_chat.chat.ChatSession`: how many, which, and when they are."""
+
+    @property
+    def images(self) -> int:
+        """``<image>`` entries of the first user turn: C, or C x T for frames as images."""
+        clips = self.resolve_clips() if self.clips is None else self.clips
+        return clips * self.frames if self.frames_as_images else clips
+
+    def resolve_clips(self, question: str | None = None) -> int:
+        """The number of clips, choosing it now for ``clips="auto"`` (before any frame is decoded).
+
+        Auto: the largest C whose prompt (conversation so far, ``question``, C clips with their
+        labels) plus the answer budget (``generation.max_new_tokens``) fits the context, counted
+        with the tokenizer, and at most :data:`AUTO_MAX_CLIPS` and the number of T-frame clips the
+        video (or window) has distinct frames for; at least 1 (a turn that still does not fit
+        clips its answer or is refused as usual). Without ``question`` (a video loaded before
+        the first question) :data:`QUESTION_RESERVE` tokens are kept for it.
+        """
+        if self.clips is not None:
+            return self.clips
+        budget = self.generation.max_new_tokens + (QUESTION_RESERVE if question is None else 0)
+        room = self.chat_model.context_length - budget
+        info = self._probe()
+        start, end = self.window
+        first, last = seconds_to_frames(info, start, end)
+        cap = max(1, min(AUTO_MAX_CLIPS, (last - first) // self.frames))
+        low, high = 1, cap  # the prompt grows with C: the largest C that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._prompt_tokens(question or "", middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        self.clips = low
+        logger.info("--clips auto: %d clip(s) of %d frames (context %d, answer budget %d, at most %d clips)",
+                    low, self.frames, self.chat_model.context_length, budget, cap)
+        return low
+
+    def _probe(self):
+        """The video's header (read once)."""
+        if self._info is None:
+            self._info = probe_video(self.video_path, self.limits or VideoLimits())
+        return self._info
+
+    def _shows_times(self, clips: int) -> bool:
+        if self.frames_as_images or (self._video is not None and self._video.info is None):
+            return False  # the frames-as-images baseline and single images keep the stock prompt
+        if self.chat_model.llm is not None:
+            # vLLM renders the conversation with its own chat template, which puts every image before the
+            # text: labels before each <image> cannot be sent, so neither route writes them (same prompt)
+            return False
+        return times_shown(self.clip_times, clips, self.select is not None)
+
+    @property
+    def clip_spans(self) -> list[ClipSpan]:
+        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`prepare`.
+
+        With selection, each span also names its candidate (index among the M).
+        """
+        video = self._video
+        if video is None or video.info is None:
+            return []
+        chosen = self.selection.chosen if self.selection is not None and self.selects else None
+        return make_spans(clip_spans(video.indices, video.info.fps), chosen)
+
+    # ----------------------------------------------------------------- clip selection (docs/design.md section 4c)
+
+    @property
+    def selects(self) -> bool:
+        """True when questions choose the clips (selection asked for and available)."""
+        return self.select is not None and self.selection_notice is None
+
+    @property
+    def candidate_embeddings(self) -> CandidateEmbeddings | None:
+        """The candidates' retrieval embeddings and their decode/encode cost; None before they are embedded."""
+        return self._candidates
+
+    @property
+    def candidate_spans(self) -> list[tuple[float, float]]:
+        """Every candidate's (start, end) seconds; [] before the candidates are embedded."""
+        return [] if self._candidates is None else list(self._candidates.times)
+
+    def _cache(self) -> FeatureCache:
+        if self.feature_cache is None:
+            self.feature_cache = FeatureCache(SESSION_CACHE_BYTES)
+        return self.feature_cache
+
+    def _content_hash(self) -> str:
+        if self.content_hash is None:
+            self.content_hash = file_sha256(self.video_path)
+        return self.content_hash
+
+    def prepare_candidates(self) -> bool:
+        """Embeds the M candidates (or takes them from the feature cache); True if the tower ran now.
+
+        Without a text side for retrieval (:class:`selection.SelectionUnavailable`) the session
+        falls back to K uniform clips, with a one-line :attr:`selection_notice`, and prepares those.
+        """
+        if not self.selects or self._candidates is not None:
+            return False
+        try:
+            retriever = retriever_for(self.chat_model)
+        except SelectionUnavailable as error:  # the caller prepares the uniform clips (prepare() goes on to them)
+            self.selection_notice = f"clip selection unavailable ({error}): {self.clips} uniform clip(s) instead"
+            logger.warning(self.selection_notice)
+            return False
+        start, end = self.window
+        info, indices = candidate_plan(self.video_path, self.frames, self.candidates, start, end, self.limits,
+                                       info=self._info)
+        self._info = info
+        key = FeatureKey(self._content_hash(), self.frames, self.candidates, f"candidates:{self.temporal}", start, end,
+                         f"{model_identity(self.chat_model)}|text={retriever.source}")
+        image_processor = self.chat_model.processor.image_processor
+        candidates, cached = self._cache().get_or_encode(key, lambda: embed_candidates(
+            retriever, self.video_path, indices, info, image_processor, self.temporal, self.limits))
+        self._candidates, self._candidates_cached = candidates, cached
+        logger.info("%s: %d candidate clips %s", self.video_path, self.candidates,
+                    "from the cache" if cached else f"embedded in {candidates.encode_ms:.0f} ms")
+        return not cached
+
+    def select_clips(self, question: str) -> Selection | None:
+        """Ranks the candidates against ``question`` and gives the session the top K clips' features.
+
+        The candidates' embeddings come from the feature cache after the first question, so a
+        follow-up re-ranks without the tower; the chosen clips' chat features are cached per
+        selection too, so asking again what was chosen before needs no tower at all. Returns the
+        :class:`Selection` (None when the session does not select).
+        """
+        if self.select is None:
+            return None
+        self.prepare_candidates()
+        if not self.selects:
+            return None
+        if self._selected_for == question and self._video is not None:
+            return self.selection
+        retriever = retriever_for(self.chat_model)
+        selection = select(retriever, self._candidates, question, self.clips, self.temporal, self.tokens_per_image,
+                           cached=self._candidates_cached)
+        self._candidates_cached = True  # every later question re-ranks the same embeddings
+        if self._video is None or self.selection is None or selection.chosen != self.selection.chosen:
+            key = dataclasses.replace(session_key(self, self._content_hash()),
+                                      selection=(self.candidates, tuple(selection.chosen)))
+            features, cached = self._cache().get_or_encode(key, lambda: self._encode_chosen(selection.chosen))
+            self.attach_features(features, cached=cached)
+        self.selection, self._selected_for = selection, question
+        return selection
+
+    def _encode_chosen(self, chosen: list[int]) -> VideoFeatures:
+        started = time.perf_counter()
+        candidates = self._candidates
+        decoded = load_video_clips(self.video_path, frames_per_clip=self.frames,
+                                   indices=[candidates.indices[c] for c in chosen], info=candidates.info,
+                                   limits=self.limits, image_processor=self.chat_model.processor.image_processor)
+        return self._encode(decoded, started)
+
+    def _spans_for(self, clips: int) -> list[ClipSpan]:
+        """The spans ``clips`` clips would have: the encoded ones, or planned from the header alone."""
+        if self._video is not None and len(self._video.indices) == clips:
+            return self.clip_spans
+        start, end = self.window
+        info, indices = plan_clips(self.video_path, self.frames, clips, start, end, self.limits, info=self._probe())
+        return make_spans(clip_spans(indices, info.fps))
