@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from .clip_planning import ClipPlanning
+from .clip_planning import AUTO_MAX_CLIPS, ClipPlanning
 from .feature_cache import FeatureCache
 from .likelihood import ContinuationScore, score_continuations
 from .loader import ChatModel
@@ -85,6 +85,7 @@ class ChatSession(ClipPlanning):
         feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
             (shared by a server's requests; default: one of the session's own).
         content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
+        max_auto_clips: the most clips ``clips="auto"`` may choose (a server's ``--max-clips``).
 
     Raises (when preparing):
         ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
@@ -98,7 +99,8 @@ class ChatSession(ClipPlanning):
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
                  reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
                  clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
-                 feature_cache: FeatureCache | None = None, content_hash: str | None = None):
+                 feature_cache: FeatureCache | None = None, content_hash: str | None = None,
+                 max_auto_clips: int = AUTO_MAX_CLIPS):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
         self.text_only = text_only
@@ -125,6 +127,7 @@ class ChatSession(ClipPlanning):
             raise ValueError("candidates apply to clip selection only (give select too)")
         self.feature_cache = feature_cache
         self.content_hash = content_hash
+        self.max_auto_clips = max_auto_clips
         self.selection: Selection | None = None  # what the last question chose
         self.selection_notice: str | None = None  # why this session shows uniform clips instead of selecting
         self._candidates: CandidateEmbeddings | None = None

@@ -44,8 +44,8 @@ class ClipPlanning:
 
         Auto: the largest C whose prompt (conversation so far, ``question``, C clips with their
         labels) plus the answer budget (``generation.max_new_tokens``) fits the context, counted
-        with the tokenizer, and at most :data:`AUTO_MAX_CLIPS` and the number of T-frame clips the
-        video (or window) has distinct frames for; at least 1 (a turn that still does not fit
+        with the tokenizer, and at most ``max_auto_clips`` (:data:`AUTO_MAX_CLIPS` by default) and
+        the number of T-frame clips the video (or window) has distinct frames for; at least 1 (a turn that still does not fit
         clips its answer or is refused as usual). Without ``question`` (a video loaded before
         the first question) :data:`QUESTION_RESERVE` tokens are kept for it.
         """
@@ -56,7 +56,7 @@ class ClipPlanning:
         info = self._probe()
         start, end = self.window
         first, last = seconds_to_frames(info, start, end)
-        cap = max(1, min(AUTO_MAX_CLIPS, (last - first) // self.frames))
+        cap = max(1, min(self.max_auto_clips, (last - first) // self.frames))
         low, high = 1, cap  # the prompt grows with C: the largest C that fits, by bisection
         while low < high:
             middle = (low + high + 1) // 2

@@ -119,3 +119,10 @@ def test_auto_clips_never_exceed_what_the_video_holds(chat_model, segmented):
     session.ask("what happens?")
     indices = [i for clip in session.frame_indices for i in clip]
     assert len(set(indices)) == len(indices) == 48
+
+
+def test_auto_clips_never_exceed_the_given_limit(chat_model, segmented):
+    """A server passes its --max-clips: auto stops there even when the video and the context hold more."""
+    session = ChatSession(chat_model, segmented, frames=8, clips="auto", generation=SHORT, prepare=False,
+                          max_auto_clips=4)
+    assert session.resolve_clips("what happens?") == 4
