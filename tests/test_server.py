@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from live_process import free_port, stop, wait_until_up
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.loader import load_chat_model
 
@@ -26,12 +27,6 @@ KEY = "test-key-123"
 FRAMES = 4
 MAX_TOKENS = 12
 STARTUP_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(media, tmp_path_factory):
     """Base URL of a live server: --concurrency 1 --queue-size 0 (a second request while one runs gets 429)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
@@ -63,26 +58,10 @@ def server(media, tmp_path_factory):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start within {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
-            time.sleep(0.2)
+        wait_until_up(process, f"{base}/health", log_path, STARTUP_TIMEOUT_S)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
     assert "Traceback" not in log_path.read_text(), log_path.read_text()  # nothing crashed inside
 
 

