@@ -86,7 +86,7 @@ class ClipPlanning:
 
     @property
     def clip_spans(self) -> list[ClipSpan]:
-        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`prepare`.
+        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`.chat.ChatSession.prepare`.
 
         With selection, each span also names its candidate (index among the M).
         """

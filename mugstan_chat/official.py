@@ -2,7 +2,7 @@
 
 The authors' mmaction2 model (farewellthree/STAN, ``clip_stan_hf.py``) keeps the
 vision embeddings directly on the backbone and builds its cross-frame layers from
-CLIP's attention class. This module maps that layout onto :class:`MugStan`:
+CLIP's attention class. This module maps that layout onto :class:`.model.MugStan`:
 
 ==================================================  ==============================================
 authors' key (``state_dict``, ``module.`` stripped)  ours

@@ -111,7 +111,7 @@ _budgets_lock = threading.Lock()
 def budget_for(model) -> CacheBudget:
     """The budget shared by every session on ``model`` (created with the default size on first use).
 
-    A web app or server sets its own size with ``budget_for(chat_model.model).max_bytes = ...``.
+    Its size is ``MUGSTAN_KV_BUDGET_MB`` (read once, when the budget is made).
     """
     with _budgets_lock:
         budget = _budgets.get(model)

@@ -137,7 +137,7 @@ def encode_image(chat_model: ChatModel, image) -> VideoFeatures:
         image: a PIL image (RGB).
     Returns:
         :class:`VideoFeatures` with one entry: (tokens per image, text width); attach it to a
-        session with ``clips=1`` (:meth:`ChatSession.attach_features`).
+        session with ``clips=1`` (:meth:`.chat.ChatSession.attach_features`).
     """
     t0 = time.perf_counter()
     pixels = chat_model.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, H, W)

@@ -25,7 +25,7 @@ Warm-up first, then medians of ``--runs``; all modes in one process on the same 
 ``--size 7b`` builds LLaVA-1.5-7B's shapes (Llama-2-7B, CLIP-L/14-336, 2-layer MLP projector)
 plus a random STAN branch straight on the GPU in bf16, with random weights: no download. ``--size small``
 keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide); on a CPU in bf16 where it computes bf16 natively, else fp32.
-The follow-up table (:mod:`chat_followups`) times turns 2, 5 and 10 of one conversation with
+The follow-up table (``scripts/chat_followups.py``) times turns 2, 5 and 10 of one conversation with
 conversation KV reuse on and off.
 Timing definitions (also in the JSON under ``definitions``) are in :data:`DEFINITIONS`.
 """

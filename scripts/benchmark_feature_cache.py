@@ -1,6 +1,6 @@
 """Time to first token of a repeated video in a new web-app session (shared feature cache) vs a follow-up's.
 
-Each round, through the web app's own callbacks (app.py's :class:`ChatApp`, no server
+Each round, through the web app's own callbacks (:class:`app.ChatApp`, no server
 and no browser), with a fresh app so its feature cache starts empty:
 
 * visitor A loads the video (a miss: probe, hash, decode, encode), asks a question, then a

@@ -6,7 +6,8 @@
   plain layout, all read into the same :class:`.readers.Question` record;
 * :mod:`.modes`: the three ways of feeding a video to LLaVA (STAN tower, temporal mean,
   frame concatenation), shared with ``scripts/benchmark_chat.py``;
-* :mod:`.scoring`: the prompt template and the likelihood / generate scorers;
+* :mod:`.prompt`: the one prompt template, the same for every mode;
+* :mod:`.scoring`: the likelihood / generate scorers;
 * :mod:`.runner`: the loop (features once per video and mode), the per-question JSONL, resume;
 * :mod:`.summary`: accuracy with bootstrap intervals, the markdown tables.
 

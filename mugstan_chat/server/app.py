@@ -79,8 +79,8 @@ def create_app(service, gate, api_key: str | None = None, max_body_bytes: int = 
     """The FastAPI app: routes, auth, body limit, error rendering.
 
     Args:
-        service: :class:`.service.ChatService`.
-        gate: :class:`.service.Gate` (concurrency and queue).
+        service: :class:`.worker.ChatService`.
+        gate: :class:`.jobs.Gate` (concurrency and queue).
         api_key: required as ``Authorization: Bearer KEY`` on /v1/* when set.
         max_body_bytes: larger request bodies get 413.
     """

@@ -1,6 +1,6 @@
 """The wire format of the OpenAI-compatible API: requests, responses, stream chunks, errors.
 
-Only data and its validation live here; what a request means is :mod:`.service`'s job.
+Only data and its validation live here; what a request means is the job of :mod:`.planning` and :mod:`.worker`.
 
 Rules for fields a client may send:
 
