@@ -46,6 +46,22 @@ CSS = (".turn-notice {color: #92400e} footer {display: none !important} "
        "#timeline figure.shown {opacity: 1; border-color: #2563eb} "
        "#timeline img {width: 56px; height: 42px; object-fit: cover; display: block; border-radius: 2px}")
 THUMB_SIDE = 96  # px of the longer side of a timeline thumbnail
+# A moment link (``[01:23](#t=83.0)``, :func:`link_moments`) seeks the player instead of following the anchor.
+SEEK_JS = """
+<script>
+document.addEventListener("click", (event) => {
+  const link = event.target.closest && event.target.closest('a[href*="#t="]');
+  if (!link) return;
+  const seconds = parseFloat(link.getAttribute("href").split("#t=")[1]);
+  const player = document.querySelector("#video video");
+  if (!player || !isFinite(seconds)) return;
+  event.preventDefault();
+  event.stopPropagation();
+  player.currentTime = seconds;
+  player.scrollIntoView({block: "nearest"});
+}, true);
+</script>
+"""
 
 
 class UploadRejected(Exception):
@@ -100,6 +116,23 @@ def _error(text: str) -> dict:
     return {"role": "assistant", "content": f"⚠️ {text}"}
 
 
+def moment_link(text: str, seconds: float) -> str:
+    """A markdown link the page's :data:`SEEK_JS` turns into a seek of the player to ``seconds``."""
+    return f"[{text}](#t={seconds:.3f})"
+
+
+def link_moments(text: str, references) -> str:
+    """``text`` with every moment it names (:meth:`mugstan_chat.chat.ChatSession.references`) as a
+    :func:`moment_link` to the moment's start."""
+    out, position = [], 0
+    for ref in sorted(references, key=lambda r: r.offset):
+        if ref.offset < position:
+            continue  # overlapping matches: the first one wins
+        out += [text[position:ref.offset], moment_link(ref.text, ref.start)]
+        position = ref.offset + len(ref.text)
+    return "".join(out) + text[position:]
+
+
 def format_stats(stats, chat=None) -> str:
     """One line under an answer: visual tokens and timings of a ``TurnStats`` (and the clips' times, the
     selection and its cost, given the ``ChatSession``)."""
@@ -108,8 +141,9 @@ def format_stats(stats, chat=None) -> str:
         from mugstan_chat.timeline import format_time, precise_times
 
         precise = precise_times(chat.video_info.duration)
-        parts.append("clips " + ", ".join(f"{format_time(s.start, precise)}–{format_time(s.end, precise)}"
-                                           for s in chat.clip_spans))
+        parts.append("clips " + ", ".join(
+            moment_link(f"{format_time(s.start, precise)}–{format_time(s.end, precise)}", s.start)
+            for s in chat.clip_spans))
     selection = chat.selection if chat is not None else None
     if selection is not None:
         parts.append(f"{len(selection.chosen)} of {selection.candidates} candidates chosen in "
@@ -231,7 +265,7 @@ class ChatApp:
         spans = chat.candidate_spans if chat.selects else [(s.start, s.end) for s in chat.clip_spans]
         info = chat.video_info
         precise = precise_times(info.duration)
-        self._thumbnails(state, chat.video_path, spans, info)
+        self._thumbnails(state, chat.video_path, spans, chat.frame_times())
         figures = []
         for i, (start, end) in enumerate(spans):
             css = "clip shown" if (start, end) in shown else "clip"
@@ -248,7 +282,7 @@ class ChatApp:
         return f'<div class="timeline-head">Timeline · {what}</div><div class="strip">{"".join(figures)}</div>'
 
     @staticmethod
-    def _thumbnails(state: UserSession, path: str, spans, info) -> None:
+    def _thumbnails(state: UserSession, path: str, spans, times) -> None:
         """Adds the middle frame of every span not drawn yet, as a small inline PNG."""
         import base64
         import io
@@ -260,7 +294,7 @@ class ChatApp:
         missing = [span for span in spans if span not in state.thumbnails]
         if not missing:
             return
-        middles = [min(info.num_frames - 1, int(round((a + b) / 2 * info.fps))) for a, b in missing]
+        middles = [times.frame_at((a + b) / 2) for a, b in missing]  # by presentation time
         frames = read_frames(path, middles)
         for span, frame in zip(missing, frames):
             image = Image.fromarray(frame)
@@ -385,7 +419,8 @@ class ChatApp:
                         break
             stopped = state.stop.is_set()
             state.last_recorded = len(chat.turns) > turns_before
-            text = "".join(pieces).strip() or "(no answer)"
+            text = "".join(pieces).strip()
+            text = link_moments(text, chat.references(text)) if text else "(no answer)"
             if stopped:
                 text += " *(stopped)*"
             answer["content"] = (text + "\n\n" + format_stats(chat.last_stats, chat) if state.last_recorded
@@ -577,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_file_size=settings.max_upload_bytes, state_session_capacity=settings.max_sessions,
                     allowed_paths=[str(examples_dir)] if examples_dir else [],
                     blocked_paths=_blocked_paths(model_args), show_error=False, ssr_mode=False, footer_links=[],
-                    css=CSS, quiet=False)
+                    css=CSS, head=SEEK_JS, quiet=False)
     except OSError as error:  # the port was taken while the model loaded
         if model_args.debug:
             raise

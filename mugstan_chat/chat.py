@@ -35,6 +35,7 @@ from .clip_planning import AUTO_MAX_CLIPS, ClipPlanning
 from .feature_cache import FeatureCache
 from .likelihood import ContinuationScore, score_continuations
 from .loader import ChatModel
+from .moments import Reference, find_references
 from .prefix_cache import CacheBudget, ConversationCache, budget_for
 from .selection import DEFAULT_CANDIDATES, CandidateEmbeddings, Selection
 from .timeline import CLIP_TIMES_CHOICES, label_images, precise_times
@@ -134,6 +135,7 @@ class ChatSession(ClipPlanning):
         self._candidates_cached = False
         self._selected_for: str | None = None
         self._info = None  # video.VideoInfo once the header was read
+        self._frame_times = None  # video.FrameTimes once the timestamps were read (clip spans)
         if text_only:  # no video: no clips, no selection
             self.clips, self.auto_clips, self.select, self.candidates = 0, False, None, None
         self.generation = generation or GenerationSettings()
@@ -574,6 +576,17 @@ class ChatSession(ClipPlanning):
             prompt = self.prompt_text(question)
             return score_continuations(self.chat_model.model, self.chat_model.processor.tokenizer, prompt,
                                        continuations, self._cached_outputs(), self.chat_model.context_length)
+
+    def references(self, answer: str) -> list[Reference]:
+        """The moments ``answer`` names (``01:23``, ``1:23-1:40``, ``Clip 3``: :mod:`mugstan_chat.moments`).
+
+        Only when this session's prompt showed clip times: without them the model was never told
+        when anything happens, so a time it writes points at nothing. [] otherwise.
+        """
+        spans = self.clip_spans
+        if self.text_only or not spans or not self._shows_times(len(spans)):
+            return []
+        return find_references(answer, spans, self.video_info.duration)
 
     def summary(self) -> dict:
         """Session facts for logs and JSON output."""

@@ -21,7 +21,8 @@ from .selection import CandidateEmbeddings, Selection, SelectionUnavailable, can
     retriever_for, select
 from .timeline import ClipSpan, make_spans, times_shown
 from .turns import VideoFeatures
-from .video import VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video, seconds_to_frames
+from .video import (FrameTimes, VideoDecodeError, VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video,
+                    read_frame_times, seconds_to_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,21 @@ class ClipPlanning:
             self._info = probe_video(self.video_path, self.limits or VideoLimits())
         return self._info
 
+    def frame_times(self) -> FrameTimes:
+        """Every frame's presentation time (read once; demux only): the clips' spans come from these.
+
+        A file whose timestamps cannot be read falls back to ``index / fps`` (logged), as a
+        constant-rate video's times.
+        """
+        if self._frame_times is None:
+            try:
+                self._frame_times = read_frame_times(self.video_path, self.limits)
+            except VideoDecodeError as error:
+                info = self._probe()
+                logger.info("frame times from the frame rate (%s)", error)
+                self._frame_times = FrameTimes.constant_rate(info.num_frames, info.fps)
+        return self._frame_times
+
     def _shows_times(self, clips: int) -> bool:
         if self.frames_as_images or (self._video is not None and self._video.info is None):
             return False  # the frames-as-images baseline and single images keep the stock prompt
@@ -94,7 +110,7 @@ class ClipPlanning:
         if video is None or video.info is None:
             return []
         chosen = self.selection.chosen if self.selection is not None and self.selects else None
-        return make_spans(clip_spans(video.indices, video.info.fps), chosen)
+        return make_spans(clip_spans(video.indices, self.frame_times()), chosen)
 
     # ----------------------------------------------------------------- clip selection (docs/design.md section 4c)
 
@@ -145,7 +161,8 @@ class ClipPlanning:
                          f"{model_identity(self.chat_model)}|text={retriever.source}")
         image_processor = self.chat_model.processor.image_processor
         candidates, cached = self._cache().get_or_encode(key, lambda: embed_candidates(
-            retriever, self.video_path, indices, info, image_processor, self.temporal, self.limits))
+            retriever, self.video_path, indices, info, image_processor, self.temporal, self.limits,
+            self.frame_times()))
         self._candidates, self._candidates_cached = candidates, cached
         logger.info("%s: %d candidate clips %s", self.video_path, self.candidates,
                     "from the cache" if cached else f"embedded in {candidates.encode_ms:.0f} ms")
@@ -192,4 +209,4 @@ class ClipPlanning:
             return self.clip_spans
         start, end = self.window
         info, indices = plan_clips(self.video_path, self.frames, clips, start, end, self.limits, info=self._probe())
-        return make_spans(clip_spans(indices, info.fps))
+        return make_spans(clip_spans(indices, self.frame_times()))

@@ -178,8 +178,11 @@ def candidate_plan(path, frames: int, candidates: int, start: float | None, end:
 
 
 def embed_candidates(retriever: Retriever, path, indices: list[list[int]], info, image_processor, temporal: str,
-                     limits=None) -> CandidateEmbeddings:
-    """Decodes and embeds every candidate, :data:`FRAMES_PER_BATCH` frames at a time."""
+                     limits=None, times=None) -> CandidateEmbeddings:
+    """Decodes and embeds every candidate, :data:`FRAMES_PER_BATCH` frames at a time.
+
+    ``times``: the video's :class:`.video.FrameTimes` for the candidates' spans (default: index / fps).
+    """
     from .video import clip_spans, load_video_clips
 
     frames = len(indices[0])
@@ -197,7 +200,7 @@ def embed_candidates(retriever: Retriever, path, indices: list[list[int]], info,
         t2 = time.perf_counter()
         decode_ms += (t1 - t0) * 1000
         encode_ms += (t2 - t1) * 1000
-    return CandidateEmbeddings([torch.cat(out).cpu()], indices, clip_spans(indices, info.fps), info, decode_ms,
+    return CandidateEmbeddings([torch.cat(out).cpu()], indices, clip_spans(indices, times or info.fps), info, decode_ms,
                                encode_ms)
 
 

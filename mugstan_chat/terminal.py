@@ -149,6 +149,7 @@ def _ask_json(session, chat_model, answer: str) -> dict:
         "clips": session.clips,
         "clips_auto": session.auto_clips,
         "clip_spans": [span.to_dict() for span in session.clip_spans],
+        "references": [ref.to_dict() for ref in session.references(answer.strip())],
         "selection": None if session.selection is None else session.selection.to_dict(),
         "selection_notice": session.selection_notice,
         "video": {"width": session.video_info.width, "height": session.video_info.height,

@@ -190,6 +190,15 @@ def test_timeline_marks_the_selected_clips(selecting_server, page, tmp_path):
     times = page.locator("#timeline figure.shown figcaption").all_inner_texts()
     assert all("–" in t for t in times) and times == sorted(times)
     assert all(t in bot.first.inner_text() for t in times)  # the answer names the same clips and times
+    # each time under the answer links to its moment: clicking it seeks the player there
+    links = bot.first.locator('a[href*="#t="]')
+    expect(links).to_have_count(2)
+    target = float(links.nth(1).get_attribute("href").split("#t=")[1])
+    assert target > 0
+    links.nth(1).click()
+    player = page.locator("#video video")
+    page.wait_for_function("([el, t]) => Math.abs(el.currentTime - t) < 0.05", arg=[player.element_handle(), target])
+    assert page.url.endswith("/")  # the anchor was not followed
     screenshot = Path(os.environ.get("MUGSTAN_APP_SCREENSHOT") or tmp_path / "app.png")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot), full_page=True)

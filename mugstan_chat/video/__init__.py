@@ -13,7 +13,10 @@ reading and, for synthetic data and benchmarks, for writing). Its modules:
 * :mod:`.probing`: metadata from the container header (:func:`probe_video`);
 * :mod:`.reading`: frames by index (:func:`read_frames`) and whole videos in
   batches (:func:`iter_frame_batches`);
-* :mod:`.sampling`: sparse sampling (:func:`sample_indices`, :func:`clip_indices`);
+* :mod:`.sampling`: sparse sampling (:func:`sample_indices`, :func:`clip_indices`) and the clips'
+  spans (:func:`clip_spans`);
+* :mod:`.timestamps`: every frame's presentation time (:func:`read_frame_times`), so spans are
+  right for variable-frame-rate and edited videos;
 * :mod:`.preprocessing`: batched CLIP preprocessing (:func:`preprocess_frames`,
   :func:`processor_settings`);
 * :mod:`.clips`: the high-level entry point :func:`load_video_clips`;
@@ -38,12 +41,13 @@ from .preprocessing import (
 from .probing import probe_video
 from .reading import iter_frame_batches, read_frames
 from .sampling import clip_indices, clip_spans, sample_indices, seconds_to_frames
+from .timestamps import FrameTimes, read_frame_times
 from .writing import write_video
 
 __all__ = [
     "BACKENDS", "CLIP_MEAN", "CLIP_STD", "SUPPORTED_EXTENSIONS", "TRAIN_CROP_RATIO", "TRAIN_CROP_SCALE",
-    "PreprocessSettings", "VideoBytes", "VideoClips", "VideoDecodeError", "VideoInfo", "VideoLimits",
+    "FrameTimes", "PreprocessSettings", "VideoBytes", "VideoClips", "VideoDecodeError", "VideoInfo", "VideoLimits",
     "clip_indices", "clip_spans", "decord_available", "iter_frame_batches", "load_video_clips", "plan_clips",
     "preprocess_frames",
-    "probe_video", "processor_settings", "read_frames", "sample_indices", "seconds_to_frames", "write_video",
+    "probe_video", "processor_settings", "read_frame_times", "read_frames", "sample_indices", "seconds_to_frames", "write_video",
 ]

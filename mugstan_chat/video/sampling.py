@@ -102,14 +102,18 @@ def seconds_to_frames(info: VideoInfo, start: float | None, end: float | None) -
     return first, last
 
 
-def clip_spans(indices: list[list[int]], fps: float) -> list[tuple[float, float]]:
+def clip_spans(indices: list[list[int]], times) -> list[tuple[float, float]]:
     """(start, end) seconds of each clip: the timestamps of its first and last sampled frame.
 
     Why the sampled frames and not the clip's nominal segment: the language model sees those
-    frames, so a time it reads is a time it saw (docs/design.md section 4c). A frame's time
-    is its index over the stream's average frame rate (``VideoInfo.fps``), the timestamp of
-    that frame in a constant-rate video (the index is what the readers decode by).
+    frames, so a time it reads is a time it saw (docs/design.md section 4c). ``times`` is the
+    video's :class:`.timestamps.FrameTimes` (presentation timestamps: right for variable-rate
+    and edited videos too), or a frame rate for a source whose timestamps are not at hand
+    (``index / fps``, a constant-rate video's times).
     """
-    if not fps or fps <= 0:
-        raise ValueError(f"clip times need a positive frame rate, got {fps}")
-    return [(min(clip) / fps, max(clip) / fps) for clip in indices]
+    if isinstance(times, (int, float)):
+        if not times or times <= 0:
+            raise ValueError(f"clip times need a positive frame rate, got {times}")
+        fps = float(times)
+        return [(min(clip) / fps, max(clip) / fps) for clip in indices]
+    return [(times[min(clip)], times[max(clip)]) for clip in indices]
