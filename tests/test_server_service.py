@@ -464,3 +464,26 @@ def test_selection_plan_refusals(chat_model):
             assert caught.value.status == 400 and caught.value.param == param, (mugstan, caught.value.message)
     plan = service.plan(_request(mugstan={"select": 3, "clip_times": "off"}))
     assert (plan.select, plan.candidates, plan.clips, plan.clip_times) == (3, 32, 3, "off")
+
+
+def test_references_of_the_answer_reach_the_response(chat_model, monkeypatch):
+    """The answer's moments come back in mugstan.references (the model's own tokens run; its text is replaced
+    by one that names times, as the demo model's random text names none)."""
+    real = ChatSession.ask_stream
+    said = "It grows at 00:01, and in Clip 2 it is large; 59:00 is past the end."
+
+    def naming_times(self, question, stop=None):
+        for _ in real(self, question, stop=stop):
+            pass
+        yield said
+
+    monkeypatch.setattr(ChatSession, "ask_stream", naming_times)
+    service = _service(chat_model)
+    events, outcome = _run(service, _request(mugstan={"clips": 3}))
+    info = outcome.info
+    assert "".join(v for k, v in events if k == "text") == said
+    spans = info["clip_spans"]
+    assert [r["text"] for r in info["references"]] == ["00:01", "Clip 2"]
+    assert info["references"][1]["start"] == spans[1]["start"] and info["references"][1]["clip"] == 2
+    one_clip = _run(service, _request(mugstan={"clips": 1}))[1].info  # no times in the prompt: no references
+    assert one_clip["references"] == []

@@ -206,6 +206,7 @@ class MugstanInfo(BaseModel):
     clipped: bool  # max_new_tokens was reduced to fit the context
     notice: str = ""
     clip_spans: list[dict] = []  # the clips shown: number, start, end (seconds), candidate (with selection)
+    references: list[dict] = []  # moments the answer names (with clip times shown): start, end, clip, text, offset
     selection: dict | None = None  # with mugstan.select: candidates, chosen, scores, candidate_spans, costs
     selection_notice: str | None = None  # why uniform clips were shown instead of selected ones
 

@@ -296,6 +296,7 @@ class ChatService:
             "clipped": stats.clipped,
             "notice": self.chat_model.notice,
             "clip_spans": [span.to_dict() for span in session.clip_spans],
+            "references": [ref.to_dict() for ref in session.references("".join(pieces))],
             "selection": None if selection is None else selection.to_dict(),
             "selection_notice": session.selection_notice,
         }
