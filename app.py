@@ -30,6 +30,7 @@ from typing import Iterator
 from mugstan_chat.entrypoints import ModelArgs, ServingArgs, configure_logging, load_model_or_report, port_message
 from mugstan_chat.entrypoints.serving_args import ServingDefaults
 from mugstan_chat.entrypoints.values import megabytes_to_bytes, positive_float, positive_int
+from mugstan_chat.options import DEFAULT_SELECTION
 
 logger = logging.getLogger("mugstan_chat.app")
 
@@ -77,6 +78,7 @@ class AppSettings:
     clip_times: str = "auto"  # each clip's time span before its <image> (docs/chat.md)
     select: int | None = None  # K: default clips chosen per question; None: uniform clips
     candidates: int = 32  # M: candidate clips ranked when selecting
+    selection: str = DEFAULT_SELECTION  # how K are picked from the ranked M: topk or coverage (options.SELECTIONS)
     max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -203,11 +205,11 @@ class ChatApp:
 
     def load_video(self, video: str | None, frames: int, clips: int, temporal: str,
                    state: UserSession | None, select: int | None = None, candidates: int | None = None,
-                   auto_clips: bool = False) -> tuple[UserSession, list[dict], str]:
+                   auto_clips: bool = False, selection: str | None = None) -> tuple[UserSession, list[dict], str]:
         """A new video (upload, example, removal) or new video settings: a new session.
 
-        ``select`` K > 0 chooses K of ``candidates`` clips per question (0 or None: ``clips`` uniform
-        clips, or as many as fit with ``auto_clips``). Returns (state, chatbot messages, video status markdown).
+        ``select`` K > 0 chooses K of ``candidates`` clips per question by ``selection`` (topk or coverage;
+        default the app's) (0 or None: ``clips`` uniform clips, or as many as fit with ``auto_clips``). Returns (state, chatbot messages, video status markdown).
         """
         from mugstan_chat.video import VideoDecodeError
 
@@ -224,7 +226,8 @@ class ChatApp:
             select = int(select) if select else None
             chat, cached = self._new_chat(path, int(frames), "auto" if auto_clips and not select else int(clips),
                                           temporal, before_decoding=lambda: self._check_header(path), select=select,
-                                          candidates=int(candidates or self.settings.candidates) if select else None)
+                                          candidates=int(candidates or self.settings.candidates) if select else None,
+                                          selection=(selection or self.settings.selection) if select else None)
             info = chat.video_info
         except (UploadRejected, VideoDecodeError, ValueError) as error:
             message = str(error).replace(path, name)  # never show server paths
@@ -372,7 +375,7 @@ class ChatApp:
         probe_video(path, self.video_limits)
 
     def _new_chat(self, path: str, frames: int, clips: int | str, temporal: str, before_decoding=None,
-                  select: int | None = None, candidates: int | None = None):
+                  select: int | None = None, candidates: int | None = None, selection: str | None = None):
         """A ChatSession with its own temporal mode, and whether its features came from the shared cache.
 
         On a miss it decodes and encodes the video now and stores the features for the next visitor.
@@ -383,7 +386,8 @@ class ChatApp:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
         chat = ChatSession(self.chat_model, path, frames=frames, clips=None if select else clips, temporal=temporal,
                            limits=self.video_limits, prepare=False, clip_times=self.settings.clip_times,
-                           select=select, candidates=candidates, feature_cache=self.feature_cache)
+                           select=select, candidates=candidates, selection_strategy=selection,
+                           feature_cache=self.feature_cache)
         return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
 
     @property
@@ -455,7 +459,7 @@ def build_demo(chat_model, settings: AppSettings | None = None):
     """
     import gradio as gr
 
-    from mugstan_chat.options import CANDIDATES, CLIPS, FRAMES, MAX_NEW_TOKENS, SELECT, TEMPERATURE, TOP_P
+    from mugstan_chat.options import CANDIDATES, CLIPS, FRAMES, MAX_NEW_TOKENS, SELECT, SELECTIONS, TEMPERATURE, TOP_P
 
     def slider(allowed, value, label):  # the ranges argparse checked the defaults against
         return gr.Slider(allowed.low, allowed.high, value=value, step=allowed.step, label=label)
@@ -497,6 +501,9 @@ def build_demo(chat_model, settings: AppSettings | None = None):
                 select = gr.Slider(0, SELECT.high, value=settings.select or 0, step=1, elem_id="select",
                                    label="Select K clips per question (0 = uniform clips)")
                 candidates = slider(CANDIDATES, settings.candidates, "Candidate clips (M) to rank")
+                selection = gr.Radio(list(SELECTIONS), value=settings.selection, elem_id="selection",
+                                     label="Pick the K by", info="topk: the K best matches; coverage: relevance "
+                                     "balanced with coverage of the video")
                 temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
                                     interactive=len(app.temporal_modes) > 1,
                                     info="changing frames, clips or mode re-encodes the video and starts a new chat")
@@ -507,13 +514,13 @@ def build_demo(chat_model, settings: AppSettings | None = None):
 
         model_job = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
         hidden = {"api_visibility": "undocumented"}  # duplicates of a documented endpoint
-        video_inputs = [video, frames, clips, temporal, state, select, candidates, auto_clips]
+        video_inputs = [video, frames, clips, temporal, state, select, candidates, auto_clips, selection]
         video_outputs = [state, chatbot, video_status]
         draw = {"fn": app.timeline, "inputs": [state], "outputs": [timeline], "queue": False, **hidden}
         video.change(app.load_video, video_inputs, video_outputs, api_name="load_video", **model_job).then(**draw)
         for control in (frames, clips, select, candidates):
             control.release(app.load_video, video_inputs, video_outputs, **model_job, **hidden).then(**draw)
-        for control in (temporal, auto_clips):
+        for control in (temporal, auto_clips, selection):
             control.input(app.load_video, video_inputs, video_outputs, **model_job, **hidden).then(**draw)
         ask = {"inputs": [question, state, max_new, temperature, top_p], "outputs": [chatbot, state, question],
                "show_progress": "minimal", **model_job}
@@ -599,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
     settings = AppSettings(
         frames=model_args.frames, clips=model_args.clips, clip_times=model_args.clip_times, select=model_args.select,
-        candidates=model_args.candidate_count or AppSettings.candidates, max_new_tokens=model_args.answer_limit,
+        candidates=model_args.candidate_count or AppSettings.candidates,
+        selection=model_args.selection or AppSettings.selection, max_new_tokens=model_args.answer_limit,
         temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
         concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,

@@ -37,12 +37,13 @@ from .likelihood import ContinuationScore, score_continuations
 from .loader import ChatModel
 from .moments import Reference, find_references
 from .prefix_cache import CacheBudget, ConversationCache, budget_for
+from .options import DEFAULT_SELECTION, SELECTIONS
 from .selection import DEFAULT_CANDIDATES, CandidateEmbeddings, Selection
 from .timeline import CLIP_TIMES_CHOICES, label_images, precise_times
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
 from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
                     encode_image, neutralise_image_token)
-from .video import VideoClips, VideoLimits, load_video_clips
+from .video import VideoClips, VideoLimits, clip_spans, load_video_clips
 
 __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
            "VideoFeatures", "encode_image", "neutralise_image_token"]
@@ -83,6 +84,9 @@ class ChatSession(ClipPlanning):
             question with the model's own dual encoder and show the top K in temporal order
             (:mod:`mugstan_chat.selection`; docs/design.md section 4c). None: C uniform clips.
         candidates: M (default :data:`selection.DEFAULT_CANDIDATES`); only with ``select``.
+        selection_strategy: how the K shown are picked from the ranked candidates: ``"topk"`` (the K
+            best) or ``"coverage"`` (relevance balanced with coverage of the video,
+            :func:`mugstan_chat.selection.cover`); only with ``select``.
         feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
             (shared by a server's requests; default: one of the session's own).
         content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
@@ -100,7 +104,7 @@ class ChatSession(ClipPlanning):
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
                  reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
                  clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
-                 feature_cache: FeatureCache | None = None, content_hash: str | None = None,
+                 selection_strategy: str | None = None, feature_cache: FeatureCache | None = None, content_hash: str | None = None,
                  max_auto_clips: int = AUTO_MAX_CLIPS):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
@@ -124,8 +128,11 @@ class ChatSession(ClipPlanning):
             if select < 1 or self.candidates < select:
                 raise ValueError(f"candidates (M={self.candidates}) must be at least select (K={select}) >= 1")
             self.clips = select
-        elif candidates is not None:
-            raise ValueError("candidates apply to clip selection only (give select too)")
+        elif candidates is not None or selection_strategy is not None:
+            raise ValueError("candidates and selection_strategy apply to clip selection only (give select too)")
+        self.selection_strategy = selection_strategy or DEFAULT_SELECTION
+        if self.selection_strategy not in SELECTIONS:
+            raise ValueError(f"selection_strategy must be one of {', '.join(SELECTIONS)}, got {selection_strategy!r}")
         self.feature_cache = feature_cache
         self.content_hash = content_hash
         self.max_auto_clips = max_auto_clips
@@ -251,7 +258,8 @@ class ChatSession(ClipPlanning):
         if tower.device.type == "cuda":
             torch.cuda.synchronize(tower.device)
         t2 = time.perf_counter()
-        return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000,
+                             spans=clip_spans(indices, self.frame_times()))
 
     # ----------------------------------------------------------------- conversation
 

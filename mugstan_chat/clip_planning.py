@@ -77,7 +77,8 @@ class ClipPlanning:
         return self._info
 
     def frame_times(self) -> FrameTimes:
-        """Every frame's presentation time (read once; demux only): the clips' spans come from these.
+        """Every frame's presentation time (read once, while the file can be read; demux only): the clips'
+        spans come from these and travel with the encoded features (``VideoFeatures.spans``).
 
         A file whose timestamps cannot be read falls back to ``index / fps`` (logged), as a
         constant-rate video's times.
@@ -110,7 +111,8 @@ class ClipPlanning:
         if video is None or video.info is None:
             return []
         chosen = self.selection.chosen if self.selection is not None and self.selects else None
-        return make_spans(clip_spans(video.indices, self.frame_times()), chosen)
+        times = video.spans if video.spans is not None else clip_spans(video.indices, video.info.fps)
+        return make_spans(times, chosen)
 
     # ----------------------------------------------------------------- clip selection (docs/design.md section 4c)
 
@@ -185,7 +187,7 @@ class ClipPlanning:
             return self.selection
         retriever = retriever_for(self.chat_model)
         selection = select(retriever, self._candidates, question, self.clips, self.temporal, self.tokens_per_image,
-                           cached=self._candidates_cached)
+                           cached=self._candidates_cached, strategy=self.selection_strategy)
         self._candidates_cached = True  # every later question re-ranks the same embeddings
         if self._video is None or self.selection is None or selection.chosen != self.selection.chosen:
             key = dataclasses.replace(session_key(self, self._content_hash()),

@@ -69,6 +69,10 @@ AUTO = "auto"
 SELECT = Range("select", 1, 8, integer=True)
 CANDIDATES = Range("candidates", 2, 256, integer=True)
 DEFAULT_CANDIDATES = 32
+# how --select picks its K from the ranked candidates (mugstan_chat.selection.STRATEGIES): the top K, or
+# relevance balanced with coverage of the video
+SELECTIONS = ("topk", "coverage")
+DEFAULT_SELECTION = "coverage"  # measured: docs/performance.md, "Which clips: topk or coverage"
 CLIP_TIMES = ("auto", "on", "off")  # the clip time template (mugstan_chat.timeline): auto = on for C > 1 or --select
 # LLaVA-1.5's whole context; the session clips it further to what the prompt leaves.
 MAX_NEW_TOKENS = Range("max_new_tokens", 1, 4096, integer=True)

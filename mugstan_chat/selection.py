@@ -36,13 +36,14 @@ from torch import nn
 from .backbone import BackboneConfig, TextBackbone, TextFeatures, VisionBackbone, create_backbone
 from .checkpoint import CheckpointError, load_checkpoint
 from .mug import MugConfig, score_matrix
-from .options import DEFAULT_CANDIDATES
+from .options import DEFAULT_CANDIDATES, DEFAULT_SELECTION, SELECTIONS
 from .stan import STAN, encode_video_tokens
 from .tokenizer import CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 
 FRAMES_PER_BATCH = 64  # candidate frames decoded and encoded at once: bounds memory on long videos
+COVERAGE_SHARPEN = 1.0  # exponent on the normalised scores in :func:`cover` (BOLT's default: none)
 
 
 class SelectionUnavailable(Exception):
@@ -148,10 +149,11 @@ class Selection:
     embed_ms: float  # decoding + embedding the candidates (0 when they came from the cache)
     cached: bool  # candidate embeddings came from the feature cache (no tower work)
     tokens_saved: int  # visual tokens of the M - K candidates not shown
+    strategy: str = DEFAULT_SELECTION  # how the K were chosen from the scores (STRATEGIES)
 
     def to_dict(self) -> dict:
         return {
-            "candidates": self.candidates, "chosen": list(self.chosen), "mode": self.mode,
+            "candidates": self.candidates, "chosen": list(self.chosen), "mode": self.mode, "strategy": self.strategy,
             "scores": [round(s, 5) for s in self.scores],
             "candidate_spans": [[round(a, 3), round(b, 3)] for a, b in self.times],
             "rank_ms": round(self.rank_ms, 2), "embed_ms": round(self.embed_ms, 2), "cached": self.cached,
@@ -164,6 +166,50 @@ def rank(scores: torch.Tensor | list[float], times: list[tuple[float, float]], k
     values = [float(s) for s in scores]
     best = sorted(range(len(values)), key=lambda i: (-values[i], times[i][0], i))[:keep]
     return sorted(best, key=lambda i: (times[i][0], i))
+
+
+def cover(scores: torch.Tensor | list[float], times: list[tuple[float, float]], keep: int,
+          sharpen: float = COVERAGE_SHARPEN) -> list[int]:
+    """``keep`` candidates that balance relevance with coverage of the video, in temporal order.
+
+    Why: the top K by similarity cluster on one scene (its neighbouring candidates score alike), so a
+    question about two moments, or one that recurs, sees only one of them. Following BOLT's inverse
+    transform sampling (Liu et al., CVPR 2025), relevance is a density over time: scores are min-max
+    normalised and raised to ``sharpen``, and the video (in temporal order) is cut where the
+    cumulative relevance crosses 1/K, 2/K, ...: K bins of equal relevance mass, narrow where the
+    question matches much, wide where it matches little. Each bin shows its best candidate (not the
+    bin's quantile point, so K = 1 shows the best candidate and a bin never shows its least
+    relevant clip); a candidate belongs to the bin holding the middle of its mass. A candidate heavier
+    than a bin leaves bins empty; those picks go to the best candidates not yet shown. Equal scores
+    give the middle candidate of each of K equal stretches of the video: uniform clips.
+    """
+    values = [float(s) for s in scores]
+    order = sorted(range(len(values)), key=lambda i: (times[i][0], i))
+    low, high = min(values), max(values)
+    if high - low <= 1e-12:
+        weights = [1.0] * len(values)
+    else:
+        weights = [((v - low) / (high - low)) ** sharpen for v in values]
+    total = sum(weights[i] for i in order) or 1.0
+    bins: dict[int, list[int]] = {}
+    mass = 0.0
+    for i in order:
+        middle = (mass + weights[i] / 2) / total
+        mass += weights[i]
+        bins.setdefault(min(keep - 1, int(middle * keep)), []).append(i)
+    def best(group: list[int]) -> int:  # ties: the candidate nearest the bin's middle
+        centre = (len(group) - 1) / 2
+        return min(range(len(group)), key=lambda j: (-values[group[j]], abs(j - centre), j))
+
+    chosen = {group[best(group)] for group in bins.values()}
+    for i in sorted(range(len(values)), key=lambda i: (-values[i], times[i][0], i)):
+        if len(chosen) >= keep:
+            break
+        chosen.add(i)
+    return sorted(chosen, key=lambda i: (times[i][0], i))
+
+
+STRATEGIES = dict(zip(SELECTIONS, (rank, cover)))  # --selection: how the K shown clips are chosen from the scores
 
 
 def candidate_plan(path, frames: int, candidates: int, start: float | None, end: float | None, limits, info=None):
@@ -205,17 +251,18 @@ def embed_candidates(retriever: Retriever, path, indices: list[list[int]], info,
 
 
 def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str, keep: int, temporal: str,
-           tokens_per_clip: int, cached: bool) -> Selection:
-    """Scores ``question`` against the candidates and keeps the top ``keep`` (:func:`rank`)."""
+           tokens_per_clip: int, cached: bool, strategy: str = DEFAULT_SELECTION) -> Selection:
+    """Scores ``question`` against the candidates and keeps ``keep`` of them by ``strategy``
+    (:data:`STRATEGIES`: :func:`rank`, the top K, or :func:`cover`, relevance and coverage)."""
     started = time.perf_counter()
     scores = retriever.scores(question, candidates.frames, temporal)
-    chosen = rank(scores, candidates.times, keep)
+    chosen = STRATEGIES[strategy](scores, candidates.times, keep)
     rank_ms = (time.perf_counter() - started) * 1000
     total = len(candidates.indices)
     return Selection(total, chosen, [float(s) for s in scores], list(candidates.times),
                      retriever.mug_for(temporal).mode, rank_ms,
                      0.0 if cached else candidates.decode_ms + candidates.encode_ms, cached,
-                     (total - len(chosen)) * tokens_per_clip)
+                     (total - len(chosen)) * tokens_per_clip, strategy)
 
 
 # ------------------------------------------------------------------------------ the text side for LLaVA

@@ -127,6 +127,9 @@ class VideoFeatures:
     decode_ms: float
     encode_ms: float
     reported: bool = False  # decode/encode times already shown in a turn's stats
+    # (start, end) seconds of each clip from its frames' presentation timestamps, found while the file could be
+    # read (a server's cached features outlive its temporary file); None: index / fps (images have no times)
+    spans: list[tuple[float, float]] | None = None
 
 
 def encode_image(chat_model: ChatModel, image) -> VideoFeatures:

@@ -30,7 +30,7 @@ from mugstan_chat.loader import load_chat_model
 from mugstan_chat.loss import mug_contrastive_loss
 from mugstan_chat.model import MugStan, MugStanConfig
 from mugstan_chat.mug import MugConfig
-from mugstan_chat.selection import rank, retriever_for
+from mugstan_chat.selection import cover, rank, retriever_for
 from mugstan_chat.stan import StanConfig
 from mugstan_chat.synthetic.render import COLOURS, SHAPES, Canvas, shape_mask
 from mugstan_chat.video import preprocess_frames, write_video
@@ -224,3 +224,83 @@ def test_a_branch_without_retrieval_falls_back_to_uniform_clips(tmp_path, long_v
     assert session.selection is None and len(session.clip_spans) == 2
     assert "\n" not in session.selection_notice and "names no CLIP text tower" in session.selection_notice
     assert "uniform" in session.selection_notice
+
+
+# ------------------------------------------------------------------------------ coverage (--selection coverage)
+
+
+def test_cover_is_the_best_clip_for_one_and_uniform_for_equal_scores():
+    times = [(2.0 * i, 2.0 * i + 1) for i in range(12)]
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scores = rng.normal(size=12).tolist()
+        assert cover(scores, times, 1) == rank(scores, times, 1)  # one clip: the best one
+        for keep in range(1, 13):
+            chosen = cover(scores, times, keep)
+            assert len(set(chosen)) == keep and chosen == sorted(chosen)  # K distinct, in temporal order
+            assert max(range(12), key=scores.__getitem__) in chosen  # the best match is always shown
+    assert cover([0.5] * 12, times, 4) == [1, 4, 7, 10]  # no preference: the middle of four equal stretches
+    assert cover([0.5] * 12, times, 12) == list(range(12))
+
+
+def test_cover_reaches_a_second_moment_that_top_k_misses():
+    """Two moments far apart, each two candidates long, the second a little weaker; and a long one against a
+    short one, where the picks follow each moment's share of the relevance (BOLT's density)."""
+    times = [(float(i), i + 1.0) for i in range(12)]
+    scores = [0.1, 0.9, 0.92, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.88, 0.87, 0.1]
+    assert rank(scores, times, 2) == [1, 2]  # both from the first moment
+    assert cover(scores, times, 2) == [2, 9]  # the best of each
+    long_and_short = [0.9, 0.92, 0.91, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.85, 0.1]
+    assert cover(long_and_short, times, 2) == [1, 2]  # 76% of the relevance: both bins start in the long one
+    assert cover(long_and_short, times, 4) == [0, 1, 2, 10]  # with more clips the short one gets its share
+
+
+def _recurring_video(root, rng) -> tuple[str, tuple]:
+    """Six 2 s segments; one held-out object in the first and the last, others between."""
+    recurring, others = HELD_OUT[0], HELD_OUT[1:5]
+    order = [recurring, *others, recurring]
+    frames = np.concatenate([render(obj, rng, SEGMENT_FRAMES) for obj in order])
+    path = root / "recurring.mp4"
+    write_video(path, list(frames), fps=FPS, options={"crf": "12"})
+    return str(path), recurring
+
+
+def test_coverage_shows_both_moments_of_a_recurring_object(trained, tmp_path):
+    path, obj = _recurring_video(tmp_path, np.random.default_rng(11))
+    question = f"when does the {obj[0]} {obj[1]} appear?"
+    segments = {}
+    for strategy in ("topk", "coverage"):
+        session = ChatSession(trained, path, frames=T, select=2, candidates=CANDIDATES, generation=SHORT,
+                              selection_strategy=strategy, prepare=False)
+        session.ask(question)
+        assert session.selection.strategy == strategy and session.summary()["selection"]["strategy"] == strategy
+        segments[strategy] = sorted(_segment_of(span.start) for span in session.clip_spans)
+    print(f"\nrecurring object, K=2 of {CANDIDATES}: segments shown topk {segments['topk']}, "
+          f"coverage {segments['coverage']}")
+    assert segments["coverage"] == [0, 5]
+
+
+def test_coverage_finds_as_many_asked_objects_as_top_k(trained, long_videos):
+    """Questions about two held-out objects at once, K = 2 of M = 12: the objects whose segment a shown clip
+    lies in, counted for both strategies over every pair in every long video (3 x 15 questions, 90 objects)."""
+    cache = FeatureCache(64 * 2**20)
+    found = {"topk": 0, "coverage": 0}
+    asked = uniform = 0
+    for path, order in long_videos:
+        plain = ChatSession(trained, path, frames=T, clips=2, generation=SHORT)
+        plain_shown = {_segment_of(s.start) for s in plain.clip_spans}  # two uniform clips, for the record
+        for a in range(len(order)):
+            for b in range(a + 1, len(order)):
+                question = (f"what do the {order[a][0]} {order[a][1]} and the {order[b][0]} {order[b][1]} do?")
+                asked += 2
+                uniform += (a in plain_shown) + (b in plain_shown)
+                for strategy in found:
+                    session = ChatSession(trained, path, frames=T, select=2, candidates=CANDIDATES,
+                                          selection_strategy=strategy, generation=SHORT, feature_cache=cache,
+                                          prepare=False)
+                    session.select_clips(question)
+                    shown = {_segment_of(s.start) for s in session.clip_spans}
+                    found[strategy] += (a in shown) + (b in shown)
+    print(f"\nasked objects found with K=2: topk {found['topk']}/{asked}, coverage {found['coverage']}/{asked}, "
+          f"2 uniform clips {uniform}/{asked}")
+    assert found["coverage"] >= found["topk"]

@@ -13,8 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, FRAMES, MAX_NEW_TOKENS,
-                       REPETITION_PENALTY, SELECT, TEMPERATURE, TOP_P, Range)
+from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, DEFAULT_SELECTION, FRAMES,
+                       MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, TEMPERATURE, TOP_P, Range)
 
 from .values import llm_url, non_empty
 
@@ -51,6 +51,7 @@ class ModelArgs:
     clip_times: str = "auto"  # each clip's time span before its <image>: auto (several clips or --select), on, off
     select: int | None = None  # K: show the K candidates that best match the question (docs/design.md section 4c)
     candidates: int | None = None  # M candidates to rank with --select (default options.DEFAULT_CANDIDATES)
+    selection: str | None = None  # how --select picks its K: topk or coverage (default options.DEFAULT_SELECTION)
     retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (default: the branch's)
     max_new_tokens: int | None = None  # None: 512, or 48 with the demo model
     temperature: float = 0.0  # 0: greedy
@@ -106,6 +107,9 @@ class ModelArgs:
                                 "ranked with the branch's own dual encoder, in temporal order")
         video.add_argument("--candidates", type=CANDIDATES.parse, default=None, metavar="M",
                            help=f"candidate clips --select ranks, {span(CANDIDATES)} (default: {DEFAULT_CANDIDATES})")
+        video.add_argument("--selection", choices=SELECTIONS, default=None,
+                           help="how --select picks its K clips: topk (the K best matches) or coverage (relevance "
+                                f"balanced with coverage of the video; docs/chat.md) (default: {DEFAULT_SELECTION})")
         video.add_argument("--retrieval-clip", default=None, metavar="CLIP",
                            help="CLIP checkpoint (hub id or directory) whose text tower and projection rank clips "
                                 "(default: the one the STAN branch's export names; needed without a branch)")
@@ -147,6 +151,11 @@ class ModelArgs:
                              "image before the text, so clip times cannot stand before each clip")
         if self.candidates is not None and self.select is None:
             raise ValueError("--candidates M needs --select K (the number of candidates to show)")
+        if self.selection is not None:
+            if self.selection not in SELECTIONS:
+                raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+            if self.select is None:
+                raise ValueError("--selection needs --select K (the number of candidates to show)")
         if self.select is not None:
             if self.clips != 1:
                 raise ValueError("--select K shows K clips: leave --clips out")
@@ -191,7 +200,8 @@ class ModelArgs:
     def session_kwargs(self) -> dict:
         """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes from these flags."""
         return {"frames": self.frames, "clips": self.clips if self.select is None else None,
-                "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count}
+                "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count,
+                "selection_strategy": self.selection}
 
     @property
     def answer_limit(self) -> int:

@@ -77,7 +77,7 @@ def run_eval(args) -> int:
         modes += [f"{m}{SELECT_SUFFIX}" for m in modes if m != "concat"]
     settings = EvalSettings(
         modes=modes, frames=args.frames, clips=args.select or args.clips, scoring=args.scoring,
-        select=args.select, candidates=model_args.candidate_count,
+        select=args.select, candidates=model_args.candidate_count, selection=model_args.selection,
         answer_format=args.answer_format, max_new_tokens=args.max_new_tokens or EVAL_MAX_NEW_TOKENS,
         bootstrap=args.bootstrap, seed=args.seed, model="demo" if args.demo else args.model, stan=args.stan)
     settings.validate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..options import DEFAULT_SELECTION
 from ..turns import GenerationSettings
 from ..video import VideoLimits
 from .protocol import APIError, ChatCompletionRequest, bad_request
@@ -33,6 +34,7 @@ class ServiceConfig:
     remote_llm: bool = False  # answers come from vLLM (--llm-url): no clip times in the prompt
     select: int | None = None  # K when mugstan.select is absent (and mugstan.clips too): the server's --select
     candidates: int = 32  # M when mugstan.candidates is absent
+    selection: str = DEFAULT_SELECTION  # how K are picked when mugstan.selection is absent: the server's --selection
     max_candidates: int = 256  # largest mugstan.candidates (options.CANDIDATES)
     limits: VideoLimits = field(default_factory=VideoLimits)
 
@@ -64,6 +66,7 @@ class Plan:
     clip_times: str = "auto"
     select: int | None = None  # K of ``candidates`` chosen per question; None: uniform clips
     candidates: int | None = None
+    selection: str | None = None  # with select: "topk" or "coverage"
 
 
 def _text(content, param: str, allow_media: bool):
@@ -131,7 +134,7 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           "media_io_kwargs.video.num_frames")
     if clips != "auto" and clips > config.max_clips:
         raise bad_request(f"clips={clips} exceeds this server's limit of {config.max_clips}", "mugstan.clips")
-    select, candidates = _selection(options, config)
+    select, candidates, selection = _selection(options, config)
     temporal = (options.temporal if options and options.temporal else None) or tower.mode
     if temporal not in tower.available_modes:
         raise bad_request(f"temporal mode {temporal!r} is not available with this model (available: "
@@ -160,11 +163,11 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           "vLLM, whose chat template puts every image before the text", "mugstan.clip_times")
     return Plan(ref, "\n".join(s for s in system if s.strip()) or None, history, turns[-1][1].strip(), frames,
                 clips if select is None else select, temporal, start, end, generation, request.stop_strings(),
-                request.stream, include_usage, clip_times, select, candidates)
+                request.stream, include_usage, clip_times, select, candidates, selection if select else None)
 
 
-def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None]:
-    """(K, M) of clip selection, or (None, None) for uniform clips.
+def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, str | None]:
+    """(K, M, how K are picked) of clip selection, or (None, None, None) for uniform clips.
 
     The request's ``mugstan.select`` wins; a request that sets ``mugstan.clips`` alone asks for uniform
     clips even on a server started with ``--select``.
@@ -173,11 +176,14 @@ def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None]:
     if options and options.candidates and not asked:
         raise bad_request("mugstan.candidates needs mugstan.select (the number of candidates to show)",
                           "mugstan.candidates")
+    if options and options.selection and not asked and config.select is None:
+        raise bad_request("mugstan.selection needs mugstan.select (the number of candidates to show)",
+                          "mugstan.selection")
     if asked and options.clips:
         raise bad_request("mugstan.select K shows K clips: leave mugstan.clips out", "mugstan.clips")
     select = asked or (None if options and options.clips else config.select)
     if select is None:
-        return None, None
+        return None, None, None
     candidates = (options.candidates if options and options.candidates else None) or config.candidates
     if select > config.max_clips:
         raise bad_request(f"select={select} exceeds this server's limit of {config.max_clips}", "mugstan.select")
@@ -186,4 +192,4 @@ def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None]:
                           "mugstan.candidates")
     if candidates < select:
         raise bad_request(f"select={select} needs at least as many candidates (got {candidates})", "mugstan.candidates")
-    return select, candidates
+    return select, candidates, (options.selection if options and options.selection else None) or config.selection
