@@ -59,7 +59,8 @@ def test_export_refuses_a_folder_that_is_not_empty_before_building(tmp_path, cap
     taken.mkdir()
     (taken / "config.json").write_text('{"mine": true}')
     (tmp_path / "file").write_text("x")
-    for target, needle in [(taken, "is not empty; pass --overwrite"), (tmp_path / "file", "exists and is not a folder")]:
+    for target, needle in [(taken, "is not empty; pass --overwrite"),
+                           (tmp_path / "file", "exists and is not a folder")]:
         assert cli_main(["export-llava", str(target), "--demo"]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
