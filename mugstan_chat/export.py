@@ -11,6 +11,10 @@ config, generation config, tokenizer, processor and chat template. Our loader re
 directory back (``--model DIR``), so both sides run the same weights. The STAN branch is not
 exported: vLLM never runs the tower on our requests.
 
+The export is written into a hidden temporary folder beside DIR that takes DIR's place once
+complete (an interrupted export leaves nothing half-written); a DIR that is not empty is refused
+(exit 2, before the model is built) unless ``--overwrite``.
+
 Usage::
 
     mugstan-chat export-llava runs/demo-llava --demo                 # the demo model (+ its STAN branch in stan/)
@@ -21,7 +25,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from .output_dir import atomic_output_dir, output_dir_problem
 
 PREFIXES = (  # transformers 5 name -> vLLM's (the pre-4.52 llava-hf layout)
     ("model.language_model.", "language_model.model."),
@@ -100,7 +107,7 @@ def build_source(args):
 def add_export_command(commands) -> None:
     """Adds ``export-llava`` to the ``mugstan-chat`` subcommands."""
     export = commands.add_parser("export-llava", help="write a LLaVA directory vLLM loads (docs/serve.md)")
-    export.add_argument("directory", help="output directory (created)")
+    export.add_argument("directory", help="output directory (created; refused if not empty, see --overwrite)")
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--demo", action="store_true", help="the tiny demo model")
     which.add_argument("--size", choices=("small", "7b"), help="LLaVA-1.5 shapes with random weights")
@@ -108,6 +115,7 @@ def add_export_command(commands) -> None:
     export.add_argument("--dtype", choices=EXPORT_DTYPES, default="auto",
                         help="stored dtype (default: as built or as the checkpoint stores it)")
     export.add_argument("--seed", type=int, default=0, help="seed of --demo and --size weights (default: 0)")
+    export.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     export.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
     export.set_defaults(run=run_export)
 
@@ -115,15 +123,20 @@ def add_export_command(commands) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from .loader import DTYPES
 
+    problem = output_dir_problem(args.directory, args.overwrite, "DIR")
+    if problem:  # a usage error, before the model is built
+        print(f"mugstan-chat export-llava: error: {problem}", file=sys.stderr)
+        return 2
     llava, processor = build_source(args)
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    directory = export_llava(args.directory, llava, processor, dtype)
-    ours = f"--model {directory}"
-    if args.demo:  # our side needs the demo's STAN branch too; it is ours, vLLM never reads it
-        from .demo import save_demo_branch
+    directory = Path(args.directory)
+    with atomic_output_dir(directory) as tmp:
+        export_llava(tmp, llava, processor, dtype)
+        if args.demo:  # our side needs the demo's STAN branch too; it is ours, vLLM never reads it
+            from .demo import save_demo_branch
 
-        save_demo_branch(directory / "stan", args.seed, _vllm_demo_sizes())
-        ours += f" --stan {directory / 'stan'}"
+            save_demo_branch(tmp / "stan", args.seed, _vllm_demo_sizes())
+    ours = f"--model {directory}" + (f" --stan {directory / 'stan'}" if args.demo else "")
     print(f"wrote {directory}\n  vLLM: vllm serve {directory} --enable-mm-embeds (docs/serve.md)\n"
           f"  ours: mugstan-chat serve {ours} --llm-url http://127.0.0.1:PORT/v1")
     return 0

@@ -8,6 +8,10 @@ txt and json but no mp4, as video2dataset keeps its failed downloads. Beside eac
 the trainer takes its epoch length. (video2dataset's ``.parquet`` metadata files are
 not written: the trainer does not read them.)
 
+The shards are written into a hidden temporary folder beside ``--out`` that takes its
+place once complete, so an interrupted run leaves no partial set; an existing ``--out``
+that is not empty is refused (exit 2) unless ``--overwrite``, and a file there always is.
+
     python scripts/make_shards.py --data videos.csv --video-root videos --out shards --samples-per-shard 1000
     python scripts/make_shards.py --data webvid.csv --preset webvid --video-root webvid/videos --out shards
 """
@@ -23,6 +27,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from mugstan_chat.entrypoints.reporting import run_reporting_errors
+from mugstan_chat.output_dir import atomic_output_dir, output_dir_problem
 from mugstan_chat.video import VideoDecodeError, probe_video
 
 from training.data import PRESETS, Columns, DataError, read_annotations
@@ -36,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-column", default=None)
     p.add_argument("--caption-column", default=None)
     p.add_argument("--video-template", default=None)
-    p.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ...")
+    p.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ... (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder that is not empty")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     return p
 
@@ -84,13 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples_per_shard < 1:
         parser.error("--samples-per-shard must be positive")
+    problem = output_dir_problem(args.out, args.overwrite, "--out")
+    if problem:
+        parser.error(problem)
     columns = Columns.preset(args.preset, video_column=args.video_column, caption_column=args.caption_column,
                              video_template=args.video_template)
     try:
         records = read_annotations(args.data, columns)
     except DataError as error:
         parser.error(str(error))
-    stats = write_shards(records, args.video_root, args.out, args.samples_per_shard)
+    return run_reporting_errors(parser.prog, args.debug, _write_and_report, args, records)
+
+
+def _write_and_report(args: argparse.Namespace, records) -> int:
+    with atomic_output_dir(args.out) as tmp:
+        stats = write_shards(records, args.video_root, tmp, args.samples_per_shard)
     print(f"{len(stats)} shards in {args.out}: {sum(s['successes'] for s in stats)} videos, "
           f"{sum(s['failed_to_download'] for s in stats)} failed")
     return 0

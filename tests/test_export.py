@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
+
+from mugstan_chat import export
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.cli import main as cli_main
@@ -36,3 +39,68 @@ def test_export_writes_vllm_layout_and_loads_back_as_the_same_model(tmp_path, ca
     answers = [ChatSession(m, VIDEO, generation=GenerationSettings(max_new_tokens=8)).ask("what happens ?")
                for m in (demo, exported)]
     assert answers[0] == answers[1]  # the same weights; only the attention's head split differs
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model is what a refused export must not reach."""
+    def forbidden(args):
+        raise AssertionError("the model was built before the output folder was checked")
+
+    monkeypatch.setattr(export, "build_source", forbidden)
+
+
+def test_export_refuses_a_folder_that_is_not_empty_before_building(tmp_path, capsys, no_model):
+    taken = tmp_path / "llava"
+    taken.mkdir()
+    (taken / "config.json").write_text('{"mine": true}')
+    (tmp_path / "file").write_text("x")
+    for target, needle in [(taken, "is not empty; pass --overwrite"),
+                           (tmp_path / "file", "exists and is not a folder")]:
+        assert cli_main(["export-llava", str(target), "--demo"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"mugstan-chat export-llava: error: DIR {target} {needle}")
+    assert _tree(taken) == {"config.json": b'{"mine": true}'} and (tmp_path / "file").read_text() == "x"
+
+
+def _fake_export(fail: bool):
+    def write(directory, llava, processor, dtype=None):
+        (Path(directory) / "config.json").write_text('{"new": true}')
+        (Path(directory) / "model.safetensors").write_bytes(b"half a file")
+        if fail:
+            raise OSError("No space left on device")
+        return Path(directory)
+
+    return write
+
+
+def test_export_overwrite_replaces_the_folder_whole(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "llava"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    (target / "stale.bin").write_text("from an older export")
+    monkeypatch.setattr(export, "build_source", lambda args: (None, None))
+    monkeypatch.setattr(export, "export_llava", _fake_export(fail=False))
+    assert cli_main(["export-llava", str(target), "--model", "some/llava", "--overwrite"]) == 0
+    assert _tree(target) == {"config.json": b'{"new": true}', "model.safetensors": b"half a file"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]  # no temporary or old folder left
+
+
+def test_interrupted_export_leaves_the_old_folder(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "llava"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    monkeypatch.setattr(export, "build_source", lambda args: (None, None))
+    monkeypatch.setattr(export, "export_llava", _fake_export(fail=True))
+    assert cli_main(["export-llava", str(target), "--model", "some/llava", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "mugstan-chat: error: No space left on device"
+    assert _tree(target) == {"config.json": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
+    assert cli_main(["export-llava", str(tmp_path / "new"), "--model", "some/llava"]) == 1
+    assert not (tmp_path / "new").exists()  # a fresh export that fails leaves nothing

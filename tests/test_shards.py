@@ -17,8 +17,8 @@ from mugstan_chat.video import write_video
 from scriptload import load_script
 from training.data import ClipSettings, DataError
 from training.params import parse_args
-from training.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, count_samples,
-                             expand_shards, is_shard_spec)
+from training.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, StreamAccount,
+                             count_samples, expand_shards, is_shard_spec)
 
 CLIP = ClipSettings(frames=4, size=32)
 
@@ -85,7 +85,7 @@ def _keys_of_epoch(source, monkeypatch, *, epoch, resampled=False, workers=2, wo
         monkeypatch.setenv("WORLD_SIZE", str(world))
         data = ShardTrainData(source, CLIP, batch_size=batch, world_size=world, workers=workers,
                               num_samples=samples, resampled=resampled, seed=7)
-        batches = list(islice(data.loader(epoch), data.batches_per_epoch))
+        batches = list(islice(StreamAccount(Counter()).batches(data.loader(epoch)), data.batches_per_epoch))
         per_rank.append([key for b in batches for key in b["keys"]])
     return per_rank
 
@@ -184,3 +184,54 @@ def test_data_benchmark_smoke(tmp_path, capsys):
     for row in rows:
         assert row["clips_per_s"] > 0 and row["workers_per_gpu"] == -(-11 // row["clips_per_s_per_worker"])
     assert "| source | workers |" in capsys.readouterr().out
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _make_shards_args(corpus, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(corpus["root"] / "videos" / "annotations.csv"), "--video-root",
+            str(corpus["root"] / "videos"), "--out", str(out), "--samples-per-shard", "4", *extra]
+
+
+def test_make_shards_refuses_an_existing_file_or_full_folder(corpus, tmp_path, capsys):
+    make_shards = load_script("make_shards")
+    existing = tmp_path / "taken"
+    existing.write_text("not shards")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("keep me")
+    for out, needle in [(existing, "exists and is not a folder"), (full, "is not empty; pass --overwrite")]:
+        with pytest.raises(SystemExit) as stopped:
+            make_shards.main(_make_shards_args(corpus, out))
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"--out {out} {needle}" in err.strip().splitlines()[-1]
+    assert existing.read_text() == "not shards" and _tree(full) == {"notes.txt": b"keep me"}
+    with pytest.raises(SystemExit):  # --overwrite replaces folders only, never a file
+        make_shards.main(_make_shards_args(corpus, existing, "--overwrite"))
+    assert existing.read_text() == "not shards"
+    assert make_shards.main(_make_shards_args(corpus, full, "--overwrite")) == 0
+    assert sorted(_tree(full)) == [f"0000{i}{suffix}" for i in (0, 1) for suffix in (".tar", "_stats.json")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "taken"]  # no temporary folder left
+
+
+def test_make_shards_interrupted_leaves_the_old_output(corpus, tmp_path, capsys, monkeypatch):
+    make_shards = load_script("make_shards")
+    out = tmp_path / "shards"
+    assert make_shards.main(_make_shards_args(corpus, out)) == 0
+    before = _tree(out)
+    real, calls = make_shards.probe_video, []
+
+    def failing(path):
+        calls.append(path)
+        if len(calls) == 6:  # the second shard, half written
+            raise RuntimeError("the disk went away")
+        return real(path)
+
+    monkeypatch.setattr(make_shards, "probe_video", failing)
+    assert make_shards.main(_make_shards_args(corpus, out, "--overwrite", "--samples-per-shard", "2")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("the disk went away")
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["shards"]

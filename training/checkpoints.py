@@ -6,16 +6,24 @@ Layout under ``OUTPUT/checkpoints``::
     step_00001000/optimizer.safetensors  AdamW moments, keyed "<param index>.<name>"
     step_00001000/rng.safetensors        torch RNG states of every rank
     step_00001000/state.json             step, epoch, data position, schedule, scaler, counters, ...
+    step_00001000/manifest.json          size and SHA-256 of each file above, written last
     latest                               name of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary folder that is renamed into
-place only once complete, and ``latest`` is replaced (write + rename) after
-that: a process killed mid-write leaves the previous checkpoint as ``latest``.
-Only the last ``keep`` checkpoints are kept.
+A checkpoint is written into a hidden temporary folder (files flushed to disk)
+that is renamed into place only once complete, and ``latest`` is replaced
+(write + rename) after that: a process killed mid-write leaves the previous
+checkpoint as ``latest``. Only the last ``keep`` checkpoints are kept.
+
+Damage after the write (a truncated or altered file, a disk that lost blocks) is
+found by the manifest, before anything is parsed: ``--resume auto``/``latest``
+names each damaged checkpoint and resumes from the newest intact one, and refuses
+(never starts afresh) when every checkpoint is damaged. A checkpoint written before
+manifests existed is taken as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "mugstan-train-checkpoint"
 LATEST = "latest"
 PREFIX = "step_"
+MANIFEST = "manifest.json"
 
 
 class TrainingCheckpointError(Exception):
@@ -56,6 +65,60 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _write_json(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    """Flushes every file of ``directory`` to disk and records its size and SHA-256 in ``manifest.json``."""
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST):
+        _fsync(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _write_json({"format": FORMAT, "files": files}, directory / MANIFEST)
+    _fsync(directory / MANIFEST)
+
+
+def checkpoint_damage(directory: str | os.PathLike) -> str | None:
+    """Why the checkpoint in ``directory`` cannot be trusted (a file missing, of the wrong size or hash, an
+    unreadable manifest), or None when it is intact. Without a manifest (older checkpoints) only state.json's
+    presence is checked."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None if (directory / "state.json").is_file() else "no state.json and no manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__})"
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, size, digest in entries:
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size}"
+        if _sha256(path) != digest:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
 
 
 def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,7 +152,8 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and ((p / "state.json").is_file() or (p / MANIFEST).is_file())]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -113,6 +177,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model_state: di
         _write_tensors(opt_tensors, tmp / "optimizer.safetensors")
         _write_tensors(rng, tmp / "rng.safetensors")
         _write_json({"format": FORMAT, **state, "step": step, "optimizer": opt_rest}, tmp / "state.json")
+        write_manifest(tmp)
         if final.exists():  # the same step saved again (e.g. epoch end on a save interval)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -129,23 +194,45 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model_state: di
 
 
 def resolve_resume(spec: str, root: str | os.PathLike) -> Path | None:
-    """``latest`` or ``auto`` -> the newest complete checkpoint under ``root`` (None when there is none); else a path."""
+    """``latest`` or ``auto`` -> the newest intact checkpoint under ``root`` (None when there is none); else a path.
+
+    A damaged checkpoint (see :func:`checkpoint_damage`) is named in a warning and passed over for the one
+    before it; when checkpoints exist but all are damaged, or a named one is, this raises rather than let the
+    run start from scratch.
+    """
     root = Path(root)
     if spec not in ("latest", "auto"):
         path = Path(spec)
         if path.is_dir() and path.name == "checkpoints" and (path / LATEST).is_file():
             return resolve_resume("latest", path)
-        if not (path / "state.json").is_file():
+        if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
             raise TrainingCheckpointError(f"--resume {spec}: not a training checkpoint (no state.json)")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise TrainingCheckpointError(f"--resume {spec}: the checkpoint is damaged: {damage}")
         return path
+    candidates = checkpoint_dirs(root)[::-1]  # newest first
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if (target / "state.json").is_file():
-            return target
-        logger.warning("%s points at missing %s; using the newest complete checkpoint", pointer, target)
-    found = checkpoint_dirs(root)
-    return found[-1] if found else None
+        if target in candidates:
+            candidates.remove(target)
+            candidates.insert(0, target)
+        else:
+            logger.warning("%s points at missing %s; using the newest complete checkpoint", pointer, target)
+    damaged = []
+    for candidate in candidates:
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            if damaged:
+                logger.warning("--resume %s: resuming from %s, the newest intact checkpoint", spec, candidate.name)
+            return candidate
+        damaged.append(f"{candidate.name}: {damage}")
+        logger.warning("checkpoint %s is damaged (%s); trying the one before it", candidate, damage)
+    if damaged:
+        raise TrainingCheckpointError(f"--resume {spec}: every checkpoint in {root} is damaged ("
+                                      f"{'; '.join(damaged)}); remove them to start afresh, or resume from a copy")
+    return None
 
 
 def load_training_checkpoint(directory: str | os.PathLike) -> TrainingCheckpoint:

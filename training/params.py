@@ -13,9 +13,11 @@ from mugstan_chat.model import MugStanConfig
 from mugstan_chat.mug import MODES, MugConfig
 from mugstan_chat.stan import StanConfig
 
+from mugstan_chat.entrypoints.values import positive_int
+
 from training.data import PRESETS, Columns, DataError
 from training.optim import OPTIMIZERS
-from training.shards import count_samples, expand_shards, is_shard_spec
+from training.shards import MAX_CONSECUTIVE_SKIPS, count_samples, expand_shards, is_shard_spec
 
 
 def backbone_from_spec(spec: str, seed: int = 0) -> BackboneConfig:
@@ -149,7 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(e, "eval-")
     e.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: at the end)")
     e.add_argument("--eval-batch-size", type=int, default=32)
+    add_fault_arguments(p)
     return p
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the run bounds and reports its faults (docs/training.md, "Errors")."""
+    f = parser.add_argument_group("faults")
+    f.add_argument("--max-consecutive-skips", type=positive_int, default=MAX_CONSECUTIVE_SKIPS, metavar="N",
+                   help="shards: a reader that skips N samples or unreadable shards in a row without one usable "
+                        "clip stops the run, naming the last (default %(default)s; with --dataset-resampled a "
+                        "stream of broken shards would otherwise never end)")
+    f.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,13 +177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if is_shard_spec(args.train_data):
         try:
             source = expand_shards(args.train_data, args.train_data_upsampling_factors)
+            if args.train_num_samples is None:
+                args.train_num_samples = count_samples(source)
         except DataError as error:
             parser.error(str(error))
         if args.train_num_samples is None:
-            args.train_num_samples = count_samples(source)
-            if args.train_num_samples is None:
-                parser.error(f"--train-data {args.train_data}: give --train-num-samples (no sizes.json or "
-                             f"*_stats.json beside every shard to count them)")
+            parser.error(f"--train-data {args.train_data}: give --train-num-samples (no sizes.json or "
+                         f"*_stats.json beside every shard to count them)")
         if args.train_num_samples < 1:
             parser.error("--train-num-samples must be positive")
         if args.train_data_upsampling_factors and not args.dataset_resampled:

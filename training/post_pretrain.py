@@ -15,11 +15,20 @@ See docs/training.md for every setting, resume and evaluation.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
+from mugstan_chat.entrypoints.reporting import run_reporting_errors
+
+from training.checkpoints import TrainingCheckpointError
+from training.data import DataError
 from training.params import parse_args
-from training.train import TrainResult, run
+from training.train import TrainingDiverged, TrainResult, run
+
+PROG = "mugstan-train"
+#: The trainer's own errors whose message is for users (printed as one line, exit 1; --debug: the traceback).
+EXPECTED_ERRORS = (DataError, TrainingCheckpointError, TrainingDiverged)
 
 
 def train(argv: list[str] | None = None) -> TrainResult:
@@ -28,11 +37,18 @@ def train(argv: list[str] | None = None) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Trains; bad arguments exit 2 (before any work), errors print one line and exit 1, Ctrl-C 130."""
+    args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    result = train(argv)
-    if rank == 0 and result.final_dir is not None:
+    prog = PROG if "RANK" not in os.environ else f"{PROG} [rank {rank}]"
+    return run_reporting_errors(prog, args.debug, _train_and_report, args, expected=EXPECTED_ERRORS)
+
+
+def _train_and_report(args: argparse.Namespace) -> int:
+    result = run(args)
+    if int(os.environ.get("RANK", 0)) == 0 and result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     return 0
 

@@ -15,7 +15,13 @@ or the caption with ``caption_key``).
   download), without a caption, whose mp4 does not decode, or that is shorter
   than the frames asked for, and a shard that cannot be read, are logged
   (rate-limited, naming shard and key), skipped and counted per reason; the
-  counts travel with the batches to the trainer's logs.
+  counts travel with the batches to the trainer's logs, and a reader's last counts
+  (after its last batch) in a final tally item, so a stream that gives no batch
+  still says what it skipped (:class:`StreamAccount`).
+* A loop that can fail forever has a bound: a reader that skips
+  ``max_consecutive_skips`` samples (or unreadable shards) in a row without one
+  usable clip gives up, and the trainer stops with the last shard and reason named
+  (with ``--dataset-resampled`` a stream of broken shards never ends otherwise).
 """
 
 from __future__ import annotations
@@ -80,7 +86,10 @@ def expand_shards(spec: str, factors: str | None = None, flag: str = "--train-da
     Raises:
         DataError: naming ``flag``, the number of shards missing and the first of them.
     """
-    parts = [wds.shardlists.expand_urls(part) for part in spec.split("::")]
+    try:
+        parts = [wds.shardlists.expand_urls(part) for part in spec.split("::")]
+    except ValueError as error:  # braceexpand's UnbalancedBracesError
+        raise DataError(f"{flag} {spec}: {error} (braces list shards as {{00000..00099}} or {{a,b}})") from None
     if any(not part for part in parts):
         raise DataError(f"{flag} {spec}: an empty shard list")
     if factors is None:
@@ -112,44 +121,95 @@ def count_samples(source: ShardSource) -> int | None:
         folder = path.parent
         if folder not in sizes_cache:
             sizes_file = folder / "sizes.json"
-            sizes_cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+            sizes_cache[folder] = _read_count_file(sizes_file, None) if sizes_file.is_file() else {}
         if path.name in sizes_cache[folder]:
-            total += int(sizes_cache[folder][path.name])
+            total += _count(sizes_cache[folder][path.name], folder / "sizes.json", path.name)
             continue
         stats = path.with_name(path.name[:-len(".tar")] + "_stats.json") if path.name.endswith(".tar") else None
         if stats is None or not stats.is_file():
             return None
-        total += int(json.loads(stats.read_text())["successes"])
+        total += _count(_read_count_file(stats, "successes")["successes"], stats, "successes")
     return total
+
+
+def _read_count_file(path: Path, key: str | None) -> dict:
+    """A ``sizes.json`` or ``*_stats.json`` as a dict; a truncated or wrong one is a :class:`DataError`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read {path} ({type(error).__name__}: {error}); fix or remove it, or give "
+                        f"--train-num-samples") from None
+    if not isinstance(data, dict) or (key is not None and key not in data):
+        raise DataError(f"{path} has no {key!r} count" if key else f"{path} is not a JSON object of counts")
+    return data
+
+
+def _count(value, path: Path, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{path}: {field} is {value!r}, not a count of samples")
+    return value
+
+
+#: Default of ``--max-consecutive-skips``: well above a dead shard or two of video2dataset's 1,000-10,000
+#: samples in a row, well below "forever" (at ~250 failed decodes/s, 40 s).
+MAX_CONSECUTIVE_SKIPS = 10000
 
 
 class SkipCounter:
     """Counts skipped samples per reason in one reader process and logs them, rate-limited.
 
-    ``take`` hands the counts gathered since its last call to the next sample, so
-    they reach the trainer inside the batches whatever process read them.
+    ``take`` hands the counts gathered since its last call to the next batch (or to the
+    reader's final tally), so they reach the trainer whatever process read them. The
+    first skip of each reason is kept as an example for error messages. After
+    ``max_in_a_row`` skips without a usable clip between them, ``gave_up`` holds why
+    and the reader stops.
     """
 
-    def __init__(self):
+    def __init__(self, max_in_a_row: int | None = None):
         self.total: Counter = Counter()
         self.pending: Counter = Counter()
         self.decodes = [0, 0]  # attempted, failed since the last take
+        self.clips = 0  # usable clips since the last take
         self.last_log: dict[str, float] = {}
+        self.examples: dict[str, str] = {}  # reason -> the first "shard:key: detail"
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+        self.gave_up: str | None = None
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         self.total[reason] += 1
         self.pending[reason] += 1
+        self.examples.setdefault(reason, f"{where}: {detail}" if detail else where)
+        self.in_a_row += 1
+        if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row and self.gave_up is None:
+            self.gave_up = (f"{self.in_a_row} skips in a row (samples or unreadable shards) without one usable "
+                            f"clip (limit --max-consecutive-skips {self.max_in_a_row}); the last: {where} ({reason}"
+                            f"{': ' + detail if detail else ''})")
         now = time.monotonic()
         if self.total[reason] <= 3 or now - self.last_log.get(reason, 0.0) >= LOG_EVERY_S:
             self.last_log[reason] = now
             logger.warning("skipping %s (%s, %d so far in this reader)%s", where, reason, self.total[reason],
                            f": {detail}" if detail else "")
 
-    def take(self) -> tuple[dict[str, int], int, int]:
-        pending, attempts, failures = dict(self.pending), *self.decodes
+    def used(self) -> None:
+        """A usable clip: the run of skips is broken."""
+        self.in_a_row = 0
+        self.clips += 1
+
+    def take(self) -> dict:
+        """What was counted since the last call: ``skipped`` per reason, decode ``attempts`` and ``failures``."""
+        taken = {"skipped": dict(self.pending), "attempts": self.decodes[0], "failures": self.decodes[1],
+                 "clips": self.clips}
         self.pending.clear()
         self.decodes = [0, 0]
-        return pending, attempts, failures
+        self.clips = 0
+        return taken
+
+
+def describe_skips(counts: dict[str, int], examples: dict[str, str]) -> str:
+    """``no_video 5 (first: a.tar:0001), shard_error 1 (first: b.tar: IsADirectoryError ...)``, or ``nothing``."""
+    parts = [f"{reason} {counts[reason]}" + (f" (first: {examples[reason]})" if reason in examples else "")
+             for reason in SKIP_REASONS if counts.get(reason)]
+    return ", ".join(parts) or "nothing (the shards hold no samples)"
 
 
 class ShardErrorHandler:
@@ -161,9 +221,11 @@ class ShardErrorHandler:
     def __call__(self, error: Exception) -> bool:
         where = next((a for a in reversed(error.args) if isinstance(a, str) and (".tar" in a or "pipe:" in a)),
                      "a shard")
-        self.counter.skip("shard_error", where, f"{type(error).__name__}: {str(error.args[0])[:200]}"
-                          if error.args else type(error).__name__)
-        return True
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else \
+            (str(error.args[0]) if error.args else "")
+        self.counter.skip("shard_error", where, f"{type(error).__name__}: {cause[:200]}" if cause
+                          else type(error).__name__)
+        return self.counter.gave_up is None  # False ends the stream (webdataset's "stop" answer)
 
 
 def sample_caption(sample: dict, caption_key: str | None) -> str:
@@ -193,6 +255,8 @@ class DecodeSamples:
             url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
             where = f"{url}:{key}"
             caption = sample_caption(sample, self.caption_key)
+            if self.counter.gave_up is not None:
+                return
             if not sample.get("mp4"):
                 self.counter.skip("no_video", where)
                 continue
@@ -213,24 +277,77 @@ class DecodeSamples:
             if clips.info.num_frames < self.clip.frames:
                 self.counter.skip("too_short", where, f"{clips.info.num_frames} frames, {self.clip.frames} asked for")
                 continue
-            skipped, attempts, failures = self.counter.take()
-            yield {"video": clips.clips[0], "caption": caption, "key": key, "url": url, "skipped": skipped,
-                   "attempts": attempts, "failures": failures}
+            self.counter.used()
+            yield {"video": clips.clips[0], "caption": caption, "key": key, "url": url}
 
 
 def collate_shards(items: list[dict]) -> dict:
-    skipped: Counter = Counter()
-    for item in items:
-        skipped.update(item["skipped"])
     return {
         "video": torch.stack([item["video"] for item in items]),
         "captions": [item["caption"] for item in items],
         "keys": [item["key"] for item in items],
         "urls": [item["url"] for item in items],
-        "skipped": dict(skipped),
-        "attempts": sum(item["attempts"] for item in items),
-        "failures": sum(item["failures"] for item in items),
     }
+
+
+class TallyBatches:
+    """The last pipeline stage: each batch carries the reader's counts since the previous one, and the
+    stream ends with one tally item (``"tally": True``) holding the rest, the examples and ``gave_up``.
+
+    Counting after batching (all stages run in the reader's process) also counts the samples
+    of a dropped partial last batch, and the skips of a reader that never fills a batch.
+    """
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            yield {**batch, **self.counter.take()}
+        yield {"tally": True, **self.counter.take(), "examples": dict(self.counter.examples),
+               "gave_up": self.counter.gave_up}
+
+
+class StreamAccount:
+    """The trainer's side of :class:`TallyBatches`: adds every reader's counts to ``skipped`` (this rank's
+    per-reason counter), hands the batches on and keeps the tallies out of the training loop.
+
+    The decode counts of a tally go with the next batch (so the failure monitor sees them);
+    a reader that gave up ends this rank's stream, and ``gave_up`` says why.
+    """
+
+    def __init__(self, skipped: Counter):
+        self.skipped = skipped
+        self.examples: dict[str, str] = {}
+        self.gave_up: str | None = None
+        self.clips = 0  # usable clips the readers produced this epoch, batched or not
+        self.pending = [0, 0]
+
+    def batches(self, items) -> Iterator[dict]:
+        """One epoch's stream: its batches, with every tally taken out."""
+        self.clips = 0
+        for item in items:
+            self.skipped.update(item["skipped"])
+            self.clips += item["clips"]
+            if not item.get("tally"):
+                item["attempts"] += self.pending[0]
+                item["failures"] += self.pending[1]
+                self.pending = [0, 0]
+                yield item
+                continue
+            self.pending[0] += item["attempts"]
+            self.pending[1] += item["failures"]
+            for reason, example in item["examples"].items():
+                self.examples.setdefault(reason, example)
+            if item["gave_up"]:
+                self.gave_up = self.gave_up or item["gave_up"]
+                return
+
+    def no_batch_message(self, epoch: int, batch_size: int, world_size: int) -> str:
+        where = " on some rank" if world_size > 1 else ""
+        counts = {reason: self.skipped.get(reason, 0) for reason in SKIP_REASONS}
+        return (f"epoch {epoch}: the shards gave no batch of {batch_size} usable clips{where}; this rank's readers "
+                f"found {self.clips} usable clips and skipped (so far): {describe_skips(counts, self.examples)}")
 
 
 def epoch_seed(seed: int, epoch: int, restart: int = 0) -> int:
@@ -239,13 +356,15 @@ def epoch_seed(seed: int, epoch: int, restart: int = 0) -> int:
 
 
 def shard_pipeline(source: ShardSource, clip: ClipSettings, batch_size: int, *, epoch: int, seed: int,
-                   resampled: bool, caption_key: str | None = None, restart: int = 0) -> wds.DataPipeline:
-    """One epoch of batches of this rank (the rank and worker come from the environment, as webdataset reads them).
+                   resampled: bool, caption_key: str | None = None, restart: int = 0,
+                   max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS) -> wds.DataPipeline:
+    """One epoch of batches of this rank (the rank and worker come from the environment, as webdataset reads them),
+    each reader's stream ending with its tally (:class:`TallyBatches`).
 
     ``restart`` > 0 re-deals the epoch's shards in a new order: a resumed run
     cannot tell which samples of a partly read shard were used (see docs/training.md).
     """
-    counter = SkipCounter()
+    counter = SkipCounter(max_consecutive_skips)
     handler = ShardErrorHandler(counter)
     order_seed = epoch_seed(seed, epoch, restart)
     if resampled:
@@ -261,7 +380,8 @@ def shard_pipeline(source: ShardSource, clip: ClipSettings, batch_size: int, *, 
         stages = [wds.SimpleShardList(urls), wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=order_seed),
                   wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
     return wds.DataPipeline(*stages, DecodeSamples(clip, caption_key, seed, epoch, counter),
-                            wds.batched(batch_size, collation_fn=collate_shards, partial=False))
+                            wds.batched(batch_size, collation_fn=collate_shards, partial=False),
+                            TallyBatches(counter))
 
 
 def shard_loader(pipeline: wds.DataPipeline, workers: int, seed: int, pin_memory: bool = False) -> wds.WebLoader:
@@ -284,8 +404,10 @@ class ShardTrainData:
     """The trainer's view of a shard stream: a fixed epoch length and one loader per (epoch, restart)."""
 
     def __init__(self, source: ShardSource, clip: ClipSettings, *, batch_size: int, world_size: int, workers: int,
-                 num_samples: int, resampled: bool, seed: int, caption_key: str | None = None):
+                 num_samples: int, resampled: bool, seed: int, caption_key: str | None = None,
+                 max_consecutive_skips: int | None = MAX_CONSECUTIVE_SKIPS):
         readers_check(source, world_size, workers, resampled)
+        self.max_consecutive_skips = max_consecutive_skips
         self.source, self.clip, self.batch_size = source, clip, batch_size
         self.workers, self.resampled, self.seed, self.caption_key = workers, resampled, seed, caption_key
         self.batches_per_epoch = num_samples // (batch_size * world_size)
@@ -294,8 +416,10 @@ class ShardTrainData:
                             f"({batch_size} x {world_size} ranks)")
 
     def loader(self, epoch: int, restart: int = 0, pin_memory: bool = False) -> wds.WebLoader:
+        """The epoch's batches and, per reader, a final tally item: read it through :class:`StreamAccount`."""
         pipeline = shard_pipeline(self.source, self.clip, self.batch_size, epoch=epoch, seed=self.seed,
-                                  resampled=self.resampled, caption_key=self.caption_key, restart=restart)
+                                  resampled=self.resampled, caption_key=self.caption_key, restart=restart,
+                                  max_consecutive_skips=self.max_consecutive_skips)
         return shard_loader(pipeline, self.workers, epoch_seed(self.seed, epoch, restart), pin_memory)
 
 
@@ -317,5 +441,6 @@ def read_shard_records(source: ShardSource, caption_key: str | None = None,
         if limit is not None and len(records) >= limit:
             break
     if not records:
-        raise DataError(f"{source.spec}: no sample with a video and a caption")
+        raise DataError(f"{source.spec}: no sample with a video and a caption; skipped: "
+                        f"{describe_skips(counter.total, counter.examples)}")
     return records

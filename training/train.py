@@ -39,8 +39,8 @@ from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, ba
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
 from training.params import columns_from_args, config_from_args
-from training.shards import (SKIP_REASONS, ShardTrainData, expand_shards, is_shard_spec, read_shard_records,
-                             readers_check)
+from training.shards import (SKIP_REASONS, ShardTrainData, StreamAccount, expand_shards, is_shard_spec,
+                             read_shard_records, readers_check)
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     else:
         stream = ShardTrainData(shards, clip, batch_size=args.batch_size, world_size=env.world_size,
                                 workers=args.workers, num_samples=args.train_num_samples,
-                                resampled=args.dataset_resampled, seed=args.seed, caption_key=args.caption_key)
+                                resampled=args.dataset_resampled, seed=args.seed, caption_key=args.caption_key,
+                                max_consecutive_skips=args.max_consecutive_skips)
         batches_per_epoch = stream.batches_per_epoch
     total = args.max_steps or args.epochs * batches_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * total)
@@ -321,6 +322,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     global_batch = args.batch_size * env.world_size
     stop = False
     pin = env.device.type == "cuda"
+    account = StreamAccount(skipped)  # shards: the readers' skip counts and tallies, into ``skipped``
     try:
         while state.step < total and not stop:
             if state.batch_in_epoch >= batches_per_epoch:
@@ -329,7 +331,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 sampler.set_epoch(state.epoch, state.batch_in_epoch)
                 loader = build_train_loader(dataset, sampler, args.workers, pin_memory=pin)
             else:  # a resumed pass (batch_in_epoch > 0) re-deals the epoch's shards in a new order
-                loader = synchronized(islice(stream.loader(state.epoch, state.batch_in_epoch, pin),
+                loader = synchronized(islice(account.batches(stream.loader(state.epoch, state.batch_in_epoch, pin)),
                                              batches_per_epoch - state.batch_in_epoch), env)
             tick = time.perf_counter()
             ran = 0
@@ -362,7 +364,6 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                 tick = now
                 show = state.step % args.log_interval == 0 or state.step == total
                 if stream is not None:
-                    skipped.update(batch["skipped"])
                     if show:  # collective: every rank shows the same steps
                         counts = all_reduce_sum([float(skipped[r]) for r in SKIP_REASONS], env)
                         record.update({f"skipped_{r}": int(c) for r, c in zip(SKIP_REASONS, counts)})
@@ -385,9 +386,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                     break
             else:
                 if stream is not None and state.batch_in_epoch < batches_per_epoch:
+                    _check_stream_end(account, env)
                     if ran == 0:
-                        raise DataError(f"epoch {state.epoch}: the shards gave no batch on some rank (skipped so "
-                                        f"far on this rank: {dict(skipped)}); see the warnings above")
+                        raise DataError(account.no_batch_message(state.epoch, args.batch_size, env.world_size))
                     logger.info("epoch %d: the shards ran out after %d of %d batches on some rank; next epoch",
                                 state.epoch, state.batch_in_epoch, batches_per_epoch)
                     state.batch_in_epoch = batches_per_epoch
@@ -440,6 +441,13 @@ def _check_failures(monitor: DecodeFailureMonitor, batch: dict, env: DistEnv) ->
     if over and not message:
         message = "another rank exceeded the video decode failure limit (see its log)"
     return message
+
+
+def _check_stream_end(account: StreamAccount, env: DistEnv) -> None:
+    """Collective, at the end of a shard stream: raises on every rank when a reader of any rank gave up."""
+    if all_reduce_sum([1.0 if account.gave_up else 0.0], env)[0]:
+        raise DataError(account.gave_up or "a reader on another rank skipped too many samples in a row "
+                                           "(see its log)")
 
 
 def synchronized(batches, env: DistEnv):

@@ -34,11 +34,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
             OSError)
 
 
-def run_reporting_errors(prog: str, debug: bool, command, *args) -> int:
+def run_reporting_errors(prog: str, debug: bool, command, *args,
+                         expected: tuple[type[BaseException], ...] = ()) -> int:
     """Runs ``command(*args)`` and returns its exit status; errors become one line on stderr (exit 1).
 
     Ctrl-C exits 130. ``debug`` prints the traceback too. Usage errors (argparse, exit 2)
-    happen before this is called.
+    happen before this is called. ``expected``: the caller's own errors whose message is for
+    users (e.g. the trainer's data and checkpoint errors), besides :func:`expected_errors`.
     """
     try:
         return command(*args)
@@ -48,7 +50,7 @@ def run_reporting_errors(prog: str, debug: bool, command, *args) -> int:
     except Exception as error:  # one line for users; the traceback with --debug
         if debug:
             traceback.print_exc()
-        known = isinstance(error, expected_errors())
+        known = isinstance(error, expected_errors() + tuple(expected))
         message = " ".join(str(error).split()) or type(error).__name__
         prefix = "" if known else f"unexpected {type(error).__name__}: "
         print(f"{prog}: error: {prefix}{message}", file=sys.stderr)

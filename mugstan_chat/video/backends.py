@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import sys
+import threading
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -35,6 +39,42 @@ def load_decord():
         except Exception:  # an old decord without the logging module
             pass
     return decord
+
+
+_stderr_lock = threading.Lock()
+_stderr_state = {"users": 0, "saved": -1}
+
+
+@contextmanager
+def decord_log_silenced(path: Any) -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null while decord works on in-memory bytes (``path`` a VideoBytes).
+
+    Why: decord's C++ logger prints the input's *name* when it cannot open it, and for
+    bytes that name is the whole video ("ERROR opening: <the mp4 bytes>"), which
+    ``set_level(QUIET)`` does not stop (megabytes a minute on a shard of broken videos).
+    Enter it in the thread that waits on the read (around ``run_guarded``), so stderr comes
+    back even when a read is abandoned. Other threads' stderr is lost for that moment;
+    a counter keeps overlapping users (threads) right. Off with debug logging of this module.
+    """
+    if not isinstance(path, VideoBytes) or logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    with _stderr_lock:
+        if _stderr_state["users"] == 0:
+            sys.stderr.flush()
+            _stderr_state["saved"] = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _stderr_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _stderr_state["users"] -= 1
+            if _stderr_state["users"] == 0:
+                os.dup2(_stderr_state["saved"], 2)
+                os.close(_stderr_state["saved"])
 
 
 def decord_available() -> bool:

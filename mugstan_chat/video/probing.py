@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .backends import load_decord, open_av, PacketIndex, to_numpy, decord_reader, read_rotation
+from .backends import (load_decord, open_av, PacketIndex, to_numpy, decord_log_silenced, decord_reader,
+                       read_rotation)
 from .guard import Progress, run_guarded
 from .limits import (VideoBytes, VideoDecodeError, VideoInfo, VideoLimits, check_file, check_limits, describe_error,
                      video_source)
@@ -77,7 +78,8 @@ def probe_video(path: str | os.PathLike | VideoBytes, limits: VideoLimits | None
         raise
     except Exception as av_exc:  # noqa: BLE001
         try:
-            info = run_guarded(lambda p: _probe_decord(path, p), limits.timeout_s, "decord-probe")
+            with decord_log_silenced(path):
+                info = run_guarded(lambda p: _probe_decord(path, p), limits.timeout_s, "decord-probe")
         except Exception as dec_exc:  # noqa: BLE001
             raise VideoDecodeError(
                 f"{path}: not a video, or a truncated/corrupted container "

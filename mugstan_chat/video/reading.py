@@ -39,7 +39,8 @@ def _read_with_backend(backend: str, path: str, wanted: list[int], limits: Video
     else:
         seek = info.container not in SEQUENTIAL_CONTAINERS
         fn = lambda p: backends._pyav_read(path, wanted, p, info.num_frames, info.rotation, seek)  # noqa: E731
-    return run_guarded(fn, limits.timeout_s, backend)
+    with backends.decord_log_silenced(path if backend == "decord" else None):
+        return run_guarded(fn, limits.timeout_s, backend)
 
 
 def read_frames(
@@ -166,7 +167,8 @@ def _iter_decord_batches(path: str, batch_size: int, limits: VideoLimits, count:
     decord = load_decord()
     if decord is None:
         raise VideoDecodeError(f"{path}: decord is not installed")
-    reader = run_guarded(lambda p: decord_reader(decord, path), limits.timeout_s, "decord-open")
+    with backends.decord_log_silenced(path):
+        reader = run_guarded(lambda p: decord_reader(decord, path), limits.timeout_s, "decord-open")
     total = min(count, len(reader))
 
     def next_batch(progress: Progress, size: int) -> np.ndarray:
