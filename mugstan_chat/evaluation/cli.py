@@ -17,6 +17,7 @@ import json
 import sys
 
 from ..entrypoints import ModelArgs
+from ..entrypoints.progress import add_progress_flag
 from ..entrypoints.values import positive_int
 from .modes import MODES, SELECT_SUFFIX
 from .prompt import ANSWER_FORMATS, SCORINGS
@@ -50,7 +51,7 @@ def add_eval_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N questions")
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(parser)
     parser.set_defaults(run=run_eval)
     return parser
 
