@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..video.limits import SUPPORTED_EXTENSIONS
-
 logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
@@ -364,6 +362,8 @@ def resolve_video(question: Question, root: str | os.PathLike) -> Path | None:
     (:data:`mugstan_chat.video.limits.SUPPORTED_EXTENSIONS`, lower and upper case) in place of its
     own (Video-MME and EgoSchema ship some .MP4 / .mkv files).
     """
+    from ..video import SUPPORTED_EXTENSIONS  # here: the video package imports torch, and --help must not
+
     root = Path(root)
     for candidate in question.videos:
         path = Path(candidate) if os.path.isabs(candidate) else root / candidate
