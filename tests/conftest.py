@@ -1,4 +1,4 @@
-"""Test setup: no test ever touches the network."""
+"""Test setup: no test ever touches the network; tests needing an outside program skip or fail by one rule."""
 
 import os
 
@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from app_import import import_app  # noqa: E402
+from outside_programs import pytest_configure, pytest_runtest_setup  # noqa: E402,F401  (hooks: requires(...) marks)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The web app in a real browser: `python app.py --demo` driven by headless Chromium (Playwright).
 
-Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); the
-test fails, not skips, when it is missing. The screenshot goes to the test's
+Needs Debian's Chromium (`apt-get install -y chromium`; on PATH, or $CHROMIUM): without it the tests
+skip, saying so, and fail when MUGSTAN_REQUIRE names chromium (tests/outside_programs.py). The screenshot goes to the test's
 temporary folder (tests never modify tracked files); `scripts/refresh_app_screenshot.py`
 sets MUGSTAN_APP_SCREENSHOT to refresh docs/img/app.png from this test.
 """
@@ -9,7 +9,6 @@ sets MUGSTAN_APP_SCREENSHOT to refresh docs/img/app.png from this test.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,20 +22,14 @@ import numpy as np
 import pytest
 
 from mugstan_chat.synthetic import make_synthetic_videos
+from outside_programs import require
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.requires("chromium")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 30_000
-
-
-def _chromium() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(path):
-        pytest.fail("Chromium is missing: apt-get install -y chromium (README, 'Tests')")
-    return path
 
 
 def _free_port() -> int:
@@ -101,7 +94,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=require("chromium"), headless=True, args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1100, "height": 800})
             page = context.new_page()

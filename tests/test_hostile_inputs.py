@@ -135,8 +135,7 @@ def test_rotated_video_is_the_same_through_both_backends(rotated, case):
     assert np.array_equal(batches[[0, 5, 23]], pyav)
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                    reason="ffmpeg/ffprobe not installed (apt-get install -y ffmpeg)")
+@pytest.mark.requires("ffmpeg")
 @pytest.mark.parametrize("case", ROTATIONS, ids=lambda c: f"{c[0]}deg-{c[2]}x{c[1]}")
 def test_rotated_video_matches_ffmpeg(rotated, case):
     """The outside reference: ffprobe's rotation, and the frames the ffmpeg binary displays (autorotate)."""
@@ -156,9 +155,8 @@ def test_rotated_video_matches_ffmpeg(rotated, case):
     assert np.abs(shown.astype(np.int16) - ours).max() <= 2
 
 
-def test_bare_rotate_tag_is_ignored_as_ffmpeg_ignores_it(tmp_path):
-    """A Matroska ROTATE tag without a display matrix: PyAV's FFmpeg reports no rotation, so neither do we."""
-    path = tmp_path / "tagged.mkv"
+def _rotate_tagged_mkv(path: Path) -> Path:
+    """A Matroska file with a ROTATE tag of 90 and no display matrix (48x96 stored)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=24, options=X264)
         stream.height, stream.width, stream.pix_fmt = 48, 96, "yuv420p"
@@ -166,15 +164,26 @@ def test_bare_rotate_tag_is_ignored_as_ffmpeg_ignores_it(tmp_path):
         for rgb in _quadrants(6, 48, 96):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode(None))
+    return path
+
+
+def test_bare_rotate_tag_is_ignored_as_ffmpeg_ignores_it(tmp_path):
+    """A Matroska ROTATE tag without a display matrix: PyAV's FFmpeg reports no rotation, so neither do we."""
+    path = _rotate_tagged_mkv(tmp_path / "tagged.mkv")
     with av.open(str(path)) as container:
         assert "90" in container.streams.video[0].metadata.values()  # the tag is there
         assert next(container.decode(video=0)).rotation == 0  # and FFmpeg does not turn the frame for it
     info = V.probe_video(path)
     assert (info.width, info.height, info.rotation) == (96, 48, 0)
-    if shutil.which("ffmpeg"):
-        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
-                              "-pix_fmt", "rgb24", "-"], capture_output=True, timeout=60, check=True).stdout
-        assert len(raw) == 48 * 96 * 3 and np.frombuffer(raw, np.uint8).reshape(48, 96, 3)[0, 0, 0] > 150
+
+
+@pytest.mark.requires("ffmpeg")
+def test_bare_rotate_tag_is_ignored_by_the_ffmpeg_binary(tmp_path):
+    """The outside reference for the case above: the ffmpeg binary outputs the stored 96x48 frame, unturned."""
+    path = _rotate_tagged_mkv(tmp_path / "tagged.mkv")
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, timeout=60, check=True).stdout
+    assert len(raw) == 48 * 96 * 3 and np.frombuffer(raw, np.uint8).reshape(48, 96, 3)[0, 0, 0] > 150
 
 
 def test_rotated_video_size_in_cli_and_app(rotated, web, capsys):

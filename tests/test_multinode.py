@@ -19,6 +19,7 @@ from mugstan_chat.model import MugStan
 from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.video import write_video
 
+from outside_programs import require
 from test_shards import write_v2d_shards
 from test_train import assert_weights_match_reference
 from training.post_pretrain import train
@@ -129,22 +130,20 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(shards, tmp
 
 
 def _video2dataset_writer():
-    """video2dataset's own ``WebDatasetSampleWriter``, or a skip when the package is absent.
+    """video2dataset's own ``WebDatasetSampleWriter`` (absent package: skip, or fail under MUGSTAN_REQUIRE).
 
     Its ``data_writer`` module needs only fsspec, pyarrow and webdataset; the package's
     ``__init__`` pulls in its downloader (pinned torch 2.1, yt-dlp ...), so the module is loaded
     from its file. CI installs the package with ``pip install --no-deps video2dataset`` (.ci/run).
     """
-    spec = importlib.util.find_spec("video2dataset")
-    if spec is None:
-        pytest.skip("video2dataset is not installed (pip install --no-deps video2dataset==1.3.0)")
-    path = Path(spec.submodule_search_locations[0]) / "data_writer.py"
+    path = Path(require("video2dataset")) / "data_writer.py"
     module_spec = importlib.util.spec_from_file_location("video2dataset_data_writer", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.WebDatasetSampleWriter
 
 
+@pytest.mark.requires("video2dataset")
 def test_shards_written_by_video2dataset_train_to_the_end_on_two_processes(videos, tmp_path):
     """Shards from video2dataset's writer, with failed downloads (txt + json, no mp4) and a truncated mp4
     in every shard: two torchrun workers train one epoch over the usable clips to the end."""

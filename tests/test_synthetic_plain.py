@@ -75,3 +75,24 @@ def test_rendered_pixels_are_pinned():
                for m in MOTIONS}
     assert digests == {"horizontal": "b115083f0a7b2d85", "vertical": "c1ae696af3e8e177",
                        "scale": "919a10a2a78023d8", "fade": "8c47279b36751502"}
+
+
+def _digests(videos):
+    return [hashlib.sha256(path.read_bytes()).hexdigest() for path, _ in videos]
+
+
+def test_videos_of_one_run_are_pairwise_distinct(tmp_path):
+    """`videos OUT --num 32 --seed 1` once wrote pair0015_a.mp4 byte-identical to pair0003_a.mp4 (a centred
+    growing shape has 12 shape-colour choices); 120 small videos need more growing/fading clips than that."""
+    videos = make_synthetic_videos(tmp_path / "s1", num=32, seed=1)
+    assert len(set(_digests(videos))) == 32
+    many = make_synthetic_videos(tmp_path / "many", num=120, seed=0, size=32, frames=6)
+    assert len(set(_digests(many))) == 120
+    captions = [c for _, c in many]
+    assert sum(c.endswith("growing") for c in captions) == 15 > 12  # more than the centred choices
+
+
+def test_no_distinct_videos_left_is_one_error(tmp_path):
+    """At 8 px the shapes are too small to move apart; the generator stops after a bounded number of draws."""
+    with pytest.raises(ValueError, match="cannot draw 400 distinct videos at size 8"):
+        make_synthetic_videos(tmp_path, num=400, seed=0, size=8, frames=2)

@@ -6,11 +6,18 @@ record, the values are illustrative and say so.
 """
 
 import json
+import shutil
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from mugstan_chat.cli import main
 from mugstan_chat.evaluation.readers import (
-    QuestionFileError, detect_layout, read_questions, resolve_video, resolve_videos)
+    QUESTION_SUFFIXES, QuestionFileError, detect_layout, read_questions, resolve_video, resolve_videos)
+from mugstan_chat.synthetic import make_synthetic_mc
+from mugstan_chat.video import SUPPORTED_EXTENSIONS
 
 
 def _write(path, data):
@@ -67,6 +74,86 @@ VIDEOMME_ROW = {
     "options": ["A. Apples.", "B. Candles.", "C. Berries.", "D. The three kinds are of the same number."],
     "answer": "C",
 }
+
+
+# The parquet's schema as the dataset card lists it: every column a string, options a list of strings.
+VIDEOMME_SCHEMA = pa.schema([(name, pa.list_(pa.string()) if name == "options" else pa.string())
+                             for name in VIDEOMME_ROW])
+
+
+def _videomme_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows, schema=VIDEOMME_SCHEMA), path)
+    return path
+
+
+def test_videomme_parquet_as_published(tmp_path):
+    """lmms-lab/Video-MME ships videomme/test-00000-of-00001.parquet: read as it is, same questions as JSONL."""
+    folder = tmp_path / "videomme"
+    folder.mkdir()
+    path = _videomme_parquet(folder / "test-00000-of-00001.parquet", [VIDEOMME_ROW])
+    assert path.read_bytes()[:4] == b"PAR1"  # a real parquet (not UTF-8: the old reader failed on it)
+    (q,) = read_questions([path])
+    jsonl = tmp_path / "videomme.jsonl"
+    jsonl.write_text(json.dumps(VIDEOMME_ROW) + "\n", encoding="utf-8")
+    assert q == read_questions([jsonl])[0] and q.extra == read_questions([jsonl])[0].extra
+    assert q.options[3] == "The three kinds are of the same number." and q.answer == 2
+    assert [x.id for x in read_questions([folder])] == ["001-1"]  # a folder holding the parquet
+
+
+def test_unknown_file_types_and_broken_parquet_get_one_line(tmp_path):
+    notes = tmp_path / "questions.txt"
+    notes.write_text("what happens?\n")
+    with pytest.raises(QuestionFileError) as error:
+        read_questions([notes])
+    assert str(error.value) == f"{notes}: not a question file type; reads .json, .jsonl, .csv, .parquet"
+    assert QUESTION_SUFFIXES == (".json", ".jsonl", ".csv", ".parquet")
+    broken = tmp_path / "test.parquet"
+    broken.write_bytes(b"\xa0 not a parquet file")
+    with pytest.raises(QuestionFileError, match=r"test.parquet: cannot read as parquet") as error:
+        read_questions([broken])
+    assert "\n" not in str(error.value)
+
+
+def test_videos_are_found_with_every_extension_the_video_package_reads(tmp_path):
+    """One list of video extensions (mugstan_chat.video's), in both cases: .ts included."""
+    (q,) = read_questions([_write(tmp_path / "q.json", [{"id": "q", "video": "clip.mp4", "question": "q",
+                                                          "options": ["x", "y"], "answer": 0}])])
+    assert ".ts" in SUPPORTED_EXTENSIONS
+    for ext in SUPPORTED_EXTENSIONS + (".MP4", ".TS"):
+        video = tmp_path / f"clip{ext}"
+        video.write_bytes(b"x")
+        assert resolve_video(q, tmp_path) == video, ext
+        video.unlink()
+
+
+def test_eval_scores_every_question_of_a_videomme_parquet(tmp_path, capsys):
+    """`mugstan-chat eval videomme.parquet --video-root DIR`: Video-MME's columns, the synthetic videos under
+    DIR/data/{videoID}.mp4 (Video-MME's video layout), the demo model: every question scored once per mode."""
+    plain_file = make_synthetic_mc(tmp_path / "synthetic", num=4, seed=5, size=32, frames=8)
+    root = tmp_path / "videomme"
+    (root / "data").mkdir(parents=True)
+    rows = []
+    for i, line in enumerate(plain_file.read_text().splitlines()):
+        q = json.loads(line)
+        video_id = f"yt{i:02d}{Path(q['video']).stem[-6:]}"  # YouTube-like ids, not the file's own name
+        shutil.copy(plain_file.parent / q["video"], root / "data" / f"{video_id}.mp4")
+        rows.append({"video_id": f"{i + 1:03d}", "duration": ("short", "medium")[i % 2], "domain": "Knowledge",
+                     "sub_category": "Synthetic", "url": f"https://www.youtube.com/watch?v={video_id}",
+                     "videoID": video_id, "question_id": f"{i + 1:03d}-1", "task_type": q["task"],
+                     "question": q["question"], "options": [f"{'AB'[j]}. {o}" for j, o in enumerate(q["options"])],
+                     "answer": q["answer"]})
+    path = _videomme_parquet(tmp_path / "videomme.parquet", rows)
+    out = tmp_path / "out"
+    assert main(["eval", str(path), "--video-root", str(root), "--demo", "--answer-format", "text", "--frames", "2",
+                 "--modes", "mean", "stan", "--out", str(out), "--no-progress", "--bootstrap", "20"]) == 0
+    assert "| mean | 4 |" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["mode"]) for r in records) == sorted(
+        (row["question_id"], mode) for row in rows for mode in ("mean", "stan"))
+    assert {r["layout"] for r in records} == {"videomme"}
+    assert {r["id"]: r["answer"] for r in records} == {row["question_id"]: "AB".index(row["answer"]) for row in rows}
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["modes"]["mean"]["durations"]) == {"short", "medium"}
 
 
 def test_videomme_rows_strip_letters_and_find_data_folder(tmp_path):

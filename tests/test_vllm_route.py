@@ -1,7 +1,8 @@
 """`mugstan-chat serve --llm-url`: our tower in front, a real vLLM (CPU build) behind, driven by the `openai` client.
 
 Runs when $MUGSTAN_VLLM_VENV names the venv `scripts/setup_vllm_cpu.sh` builds (vLLM pins its own
-torch, so it cannot share the project's venv); skipped otherwise. Nothing is downloaded: the demo
+torch, so it cannot share the project's venv); skipped otherwise, failed when MUGSTAN_REQUIRE names vllm
+(tests/outside_programs.py). Nothing is downloaded: the demo
 model is exported locally (`mugstan-chat export-llava --demo`), vLLM serves it on loopback with
 --enable-mm-embeds, and our server loads the same directory. Greedy answers through vLLM must equal
 our own engine's, token for token. Measured on the 2-core dev machine: vLLM starts in 1-3 min, the
@@ -22,16 +23,14 @@ from live_process import free_port, stop, wait_until_up
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.loader import load_chat_model
+from outside_programs import require
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-VENV = os.environ.get("MUGSTAN_VLLM_VENV")
 FRAMES, MAX_TOKENS = 4, 12
 VLLM_CONTEXT = 1024  # below ours (2048): a prompt that fits us but not vLLM shows vLLM's own 400 coming through
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not VENV or not (Path(VENV) / "bin" / "python").exists(),
-    reason="set MUGSTAN_VLLM_VENV to the venv of scripts/setup_vllm_cpu.sh")]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("vllm")]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def vllm(exported, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
     env.pop("PYTHONPATH", None)
-    command = [str(Path(VENV) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
+    command = [str(Path(require("vllm")) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
                str(exported), "--served-model-name", "tiny-llava", "--host", "127.0.0.1", "--port", str(port),
                "--enable-mm-embeds", "--dtype", "float32", "--max-model-len", str(VLLM_CONTEXT),
                "--limit-mm-per-prompt", '{"image": 8}', "--enforce-eager"]

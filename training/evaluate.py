@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mugstan_chat.backbone import TextFeatures
+from mugstan_chat.entrypoints.progress import add_progress_flag, progress_bar
 from mugstan_chat.model import MugStan
 from mugstan_chat.mug import MODES
 
@@ -164,15 +165,20 @@ def encode_clips(model: MugStan, clips: torch.Tensor, device: torch.device, prec
 @torch.no_grad()
 def encode_videos(model: MugStan, records: list[VideoRecord], root: str | Path, clip: ClipSettings,
                   device: torch.device, batch_size: int = 32, workers: int = 0,
-                  precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every record's evaluation clip -> (frames (N, T, P), ok (N,) bool; False where decoding failed)."""
+                  precision: str = "fp32", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every record's evaluation clip -> (frames (N, T, P), ok (N,) bool; False where decoding failed).
+
+    ``progress``: a tqdm bar of the videos encoded, on stderr when it is a terminal (the CLI's default).
+    """
     loader = build_eval_loader(EvalDataset(records, root, clip), batch_size, workers)
     frames, ok = [None] * len(records), torch.zeros(len(records), dtype=torch.bool)
-    for batch in loader:
-        out = encode_clips(model, batch["video"], device, precision).cpu()
-        for row, index in enumerate(batch["index"].tolist()):
-            frames[index] = out[row]
-        ok[batch["index"]] = batch["ok"]
+    with progress_bar(progress, total=len(records), unit="video", desc="encode") as bar:
+        for batch in loader:
+            out = encode_clips(model, batch["video"], device, precision).cpu()
+            for row, index in enumerate(batch["index"].tolist()):
+                frames[index] = out[row]
+            ok[batch["index"]] = batch["ok"]
+            bar.update(len(batch["index"]))
     return torch.stack(frames), ok
 
 
@@ -188,11 +194,11 @@ def score(model: MugStan, texts: TextFeatures, frames: torch.Tensor) -> torch.Te
 
 def evaluate_retrieval(model: MugStan, records: list[VideoRecord], root: str | Path, clip: ClipSettings,
                        device: torch.device, batch_size: int = 32, workers: int = 0,
-                       precision: str = "fp32") -> dict[str, float]:
+                       precision: str = "fp32", progress: bool = False) -> dict[str, float]:
     """Zero-shot retrieval over every (caption, video) of ``records``; videos that fail to decode are dropped."""
     was_training = model.training
     model.eval()
-    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision)
+    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision, progress)
     kept = [i for i in range(len(records)) if ok[i] and records[i].captions]
     captions = [c for i in kept for c in records[i].captions]
     texts = encode_texts(model, captions, device, precision=precision)
@@ -211,7 +217,7 @@ def evaluate_retrieval(model: MugStan, records: list[VideoRecord], root: str | P
 
 def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names: list[str], root: str | Path,
                          clip: ClipSettings, device: torch.device, batch_size: int = 32, workers: int = 0,
-                         precision: str = "fp32") -> dict[str, float]:
+                         precision: str = "fp32", progress: bool = False) -> dict[str, float]:
     """Zero-shot recognition: class names (no prompt template) as captions; labels are names or indices."""
     model.eval()
     lookup = {name: i for i, name in enumerate(class_names)}
@@ -224,7 +230,7 @@ def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names
             labels.append(int(label))
         else:
             raise ValueError(f"video {record.video}: label {label!r} is neither a class name nor a class index")
-    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision)
+    frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision, progress)
     texts = encode_texts(model, class_names, device, precision=precision)
     scores = score(model, texts, frames[ok])
     metrics = classification_metrics(scores, torch.tensor(labels)[ok])
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write the metrics as JSON here")
+    add_progress_flag(p)
     return p
 
 
@@ -298,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                           video_template=columns.video_template, label_column=args.label_column)
         names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
         metrics = evaluate_recognition(model, read_annotations(args.data, columns), names, args.video_root, clip,
-                                       device, args.batch_size, args.workers, args.precision)
+                                       device, args.batch_size, args.workers, args.precision,
+                                       progress=not args.no_progress)
     else:
         metrics = evaluate_retrieval(model, read_annotations(args.data, columns), args.video_root, clip, device,
-                                     args.batch_size, args.workers, args.precision)
+                                     args.batch_size, args.workers, args.precision, progress=not args.no_progress)
     metrics["mug_mode"] = model.config.mug.mode
     metrics["frames"] = frames
     for key, value in metrics.items():

@@ -9,6 +9,7 @@ only dispatches ``mugstan-chat SUBCOMMAND`` to them.
 * :mod:`.model_args`: :class:`ModelArgs`, the model, video and generation settings;
 * :mod:`.serving_args`: :class:`ServingArgs`, host, port, admission and cache budget;
 * :mod:`.network`: loopback and port checks;
+* :mod:`.progress`: the ``--no-progress`` flag and the one rule for when a progress bar shows;
 * :mod:`.reporting`: logging setup and one-line errors.
 
 Importing this package imports neither torch nor transformers (``--help`` stays instant).

@@ -3,7 +3,7 @@
 Usage::
 
     mugstan-chat eval mvbench/json --video-root mvbench/video --stan BRANCH --out runs/eval/mvbench
-    mugstan-chat eval videomme.jsonl --video-root videomme --modes stan mean --out runs/eval/videomme
+    mugstan-chat eval videomme/test-00000-of-00001.parquet --video-root videomme --modes stan mean --out runs/eval/videomme
     mugstan-chat eval questions.jsonl --video-root DIR --demo --answer-format text --out runs/eval/demo
 
 Everything given on the command line (question files, videos, output folder, modes against the
@@ -17,6 +17,7 @@ import json
 import sys
 
 from ..entrypoints import ModelArgs
+from ..entrypoints.progress import add_progress_flag
 from ..entrypoints.values import positive_int
 from .modes import MODES, SELECT_SUFFIX
 from .prompt import ANSWER_FORMATS, SCORINGS
@@ -33,7 +34,8 @@ def add_eval_command(commands) -> argparse.ArgumentParser:
                     "ignored: --modes says what runs.")
     ModelArgs.add_cli_args(parser)
     parser.add_argument("questions", nargs="+", metavar="QUESTIONS",
-                        help="question files (.json, .jsonl, .csv) or folders of them; layout detected from the fields")
+                        help="question files (.json, .jsonl, .csv, .parquet) or folders of them; layout detected from the "
+                             "fields")
     parser.add_argument("--video-root", required=True, metavar="DIR", help="folder the videos are found under")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="stan: STAN tower (needs --stan or --demo); mean: temporal mean; concat: every frame "
@@ -49,7 +51,7 @@ def add_eval_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N questions")
     parser.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(parser)
     parser.set_defaults(run=run_eval)
     return parser
 

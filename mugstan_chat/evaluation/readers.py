@@ -2,7 +2,8 @@
 
 Every reader yields :class:`Question` (id, video path candidates, question, options, index of the
 right option, task, optional time window). The layout is detected from the fields of the first
-record, so a file is passed as the benchmark publishes it:
+record, so a file is passed as the benchmark publishes it (``.json``, ``.jsonl``, ``.csv`` or
+``.parquet``, whose rows are read with pyarrow; the layouts below apply to each):
 
 ============== ============================================================================
 layout         fields (one record)
@@ -12,7 +13,8 @@ mvbench        ``{"video", "question", "candidates", "answer"}`` per task file
                ``start``/``end`` seconds for the tasks that have them
 videomme       ``{"video_id", "duration", "domain", "sub_category", "videoID", "question_id",
                "task_type", "question", "options": ["A. ...", ...], "answer": "C"}``
-               (the parquet of lmms-lab/Video-MME exported to JSON/JSONL)
+               (lmms-lab/Video-MME ``videomme/test-00000-of-00001.parquet``, read as it is,
+               or its rows exported to JSON/JSONL)
 nextqa         CSV ``video,frame_count,width,height,question,answer,qid,type,a0..a4``,
                answer = index (NExT-QA ``val.csv`` / ``test.csv``)
 egoschema      ``questions.json`` list of ``{"q_uid", "question", "option 0".."option 4"}``,
@@ -43,8 +45,7 @@ from typing import Callable, Iterable
 logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
-VIDEO_EXTENSIONS = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov", ".gif")
-QUESTION_SUFFIXES = (".json", ".jsonl", ".csv")
+QUESTION_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # files that sit beside question files but hold no questions (skipped when a folder is given)
 AUXILIARY_FILES = {"subset_answers.json", "map_vid_vidorID.json", "uid_to_url.json", "uid_to_ego4d.json"}
 
@@ -109,7 +110,7 @@ def question_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
             found = sorted(p for p in path.iterdir()
                            if p.suffix in QUESTION_SUFFIXES and p.name not in AUXILIARY_FILES)
             if not found:
-                raise QuestionFileError(f"{path}: no question files (.json, .jsonl, .csv) in this folder")
+                raise QuestionFileError(f"{path}: no question files ({', '.join(QUESTION_SUFFIXES)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -119,7 +120,11 @@ def question_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _load_records(path: Path):
-    """JSON (list or dict), JSONL or CSV -> Python data; one clear error naming the file."""
+    """JSON (list or dict), JSONL, CSV or parquet -> Python data; one clear error naming the file."""
+    if path.suffix not in QUESTION_SUFFIXES:
+        raise QuestionFileError(f"{path}: not a question file type; reads {', '.join(QUESTION_SUFFIXES)}")
+    if path.suffix == ".parquet":
+        return _load_parquet(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -139,6 +144,18 @@ def _load_records(path: Path):
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise QuestionFileError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from error
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    """The rows of a parquet file (Video-MME's and lmms-lab's benchmark copies) as dicts, lists as lists."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as error:
+        raise QuestionFileError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from error
+    try:
+        return parquet.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError; ArrowIOError an OSError
+        raise QuestionFileError(f"{path}: cannot read as parquet ({error})") from error
 
 
 def detect_layout(data) -> str:
@@ -341,15 +358,18 @@ READERS: dict[str, Callable[[Path, object], Iterable[Question]]] = {
 def resolve_video(question: Question, root: str | os.PathLike) -> Path | None:
     """The first candidate that is a file under ``root`` (absolute candidates as given).
 
-    A candidate without a file found is also tried with the usual video extensions in
-    place of its own (Video-MME and EgoSchema ship some .MP4 / .mkv files).
+    A candidate without a file found is also tried with the video package's extensions
+    (:data:`mugstan_chat.video.limits.SUPPORTED_EXTENSIONS`, lower and upper case) in place of its
+    own (Video-MME and EgoSchema ship some .MP4 / .mkv files).
     """
+    from ..video import SUPPORTED_EXTENSIONS  # here: the video package imports torch, and --help must not
+
     root = Path(root)
     for candidate in question.videos:
         path = Path(candidate) if os.path.isabs(candidate) else root / candidate
         if path.is_file():
             return path
-        for ext in VIDEO_EXTENSIONS:
+        for ext in (e for lower in SUPPORTED_EXTENSIONS for e in (lower, lower.upper())):
             alt = path.with_suffix(ext)
             if alt.is_file():
                 return alt

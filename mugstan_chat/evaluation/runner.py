@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..entrypoints.progress import progress_bar
 from .modes import MODES, selecting, session_shape
 from .readers import Question
 from .scoring import ANSWER_FORMATS, SCORINGS, score_question
@@ -153,7 +154,7 @@ class EvalRun:
         out_dir: output folder (prepared with :func:`prepare_output`).
         done: records already written (resume).
         limits: :class:`mugstan_chat.video.VideoLimits` for decoding.
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (when it is a terminal: :func:`mugstan_chat.entrypoints.progress.progress_bar`).
     """
 
     def __init__(self, chat_model, questions: list[Question], videos: dict[str, Path], settings: EvalSettings,
@@ -201,13 +202,11 @@ class EvalRun:
 
     def run(self) -> dict:
         """Scores every (question, mode) not yet done, writes the summary; returns it."""
-        from tqdm.auto import tqdm
-
         done = {(r["id"], r["mode"]) for r in self.records}
         groups = group_by_video(self.questions, self.videos)
         todo = sum(1 for q in self.questions for m in self.settings.modes if (q.id, m) not in done)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=todo, unit="q", desc="eval", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(self.progress, total=todo, unit="q", desc="eval")
         try:
             with open(self.out_dir / PREDICTIONS, "a", encoding="utf-8") as sink:
                 for (video, start, end), group in groups.items():

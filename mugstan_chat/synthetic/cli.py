@@ -5,14 +5,17 @@
   for ``mugstan-chat eval``;
 * ``reversal``: the eleven motion families of the temporal probe (:mod:`.families`).
 
-Same arguments, same files, byte for byte.
+Same arguments, same files, byte for byte. A progress bar shows on stderr when it is a terminal
+(``--no-progress`` turns it off); a set that cannot be drawn is one line and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from ..entrypoints.progress import add_progress_flag
 from .families import FAMILIES, make_time_reversal_dataset
 from .plain import make_synthetic_videos
 from .questions import make_synthetic_mc
@@ -70,20 +73,26 @@ def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--size", type=_positive_even, default=64,
                      help="frame side in pixels, even for H.264 (default: %(default)s)")
     sub.add_argument("--frames", type=_positive, default=24, help="frames per video (default: %(default)s)")
+    add_progress_flag(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv`` and writes the chosen set; returns the exit status (argparse exits 2 on bad arguments)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "videos":
-        videos = make_synthetic_videos(args.out_dir, args.num, args.seed, size=args.size, frames=args.frames)
-        print(f"wrote {len(videos)} videos and annotations.csv to {args.out_dir}")
-    elif args.command == "questions":
-        target = make_synthetic_mc(args.out_dir, args.num, args.seed, size=args.size, frames=args.frames)
-        print(f"wrote {args.num} videos, annotations.csv and {target}")
-    else:
-        target = make_time_reversal_dataset(args.out_dir, args.pairs_per_family, args.seed, families=args.families,
-                                            size=args.size, frames=args.frames)
-        print(f"wrote {2 * args.pairs_per_family * len(args.families)} videos and {target}")
+    shape = {"size": args.size, "frames": args.frames, "progress": not args.no_progress}
+    try:
+        if args.command == "videos":
+            videos = make_synthetic_videos(args.out_dir, args.num, args.seed, **shape)
+            print(f"wrote {len(videos)} videos and annotations.csv to {args.out_dir}")
+        elif args.command == "questions":
+            target = make_synthetic_mc(args.out_dir, args.num, args.seed, **shape)
+            print(f"wrote {args.num} videos, annotations.csv and {target}")
+        else:
+            target = make_time_reversal_dataset(args.out_dir, args.pairs_per_family, args.seed,
+                                                families=args.families, **shape)
+            print(f"wrote {2 * args.pairs_per_family * len(args.families)} videos and {target}")
+    except (ValueError, OSError) as error:  # a set that cannot be drawn, an output folder that cannot be written
+        print(f"python -m mugstan_chat.synthetic: error: {error}", file=sys.stderr)
+        return 1
     return 0

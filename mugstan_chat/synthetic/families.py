@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..entrypoints.progress import progress_bar
 from .pairs import write_annotations, write_pair
 from .render import COLOURS, SHAPES, Canvas, shape_mask, texture, to_uint8
 
@@ -166,8 +167,11 @@ def render_pair(family: str, rng: np.random.Generator, size: int = 64, frames: i
 
 def make_time_reversal_dataset(out_dir: str | os.PathLike, pairs_per_family: int, seed: int,
                                families: tuple[str, ...] | list[str] = FAMILIES, size: int = 64,
-                               frames: int = 24) -> Path:
-    """Writes ``pairs_per_family`` pairs of every family (H.264 mp4) and ``annotations.csv``; returns the CSV path."""
+                               frames: int = 24, progress: bool = False) -> Path:
+    """Writes ``pairs_per_family`` pairs of every family (H.264 mp4) and ``annotations.csv``; returns the CSV path.
+
+    ``progress``: a tqdm bar on stderr when it is a terminal (the command line's default).
+    """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown motion families {unknown}; expected some of {FAMILIES}")
@@ -176,6 +180,7 @@ def make_time_reversal_dataset(out_dir: str | os.PathLike, pairs_per_family: int
     rng = np.random.default_rng(seed)
     rows = []
     pair = 0
+    bar = progress_bar(progress, total=2 * pairs_per_family * len(families), unit="video", desc="videos")
     for _ in range(pairs_per_family):
         for family in families:
             clip, forward, backward, appearance = render_pair(family, rng, size, frames)
@@ -183,4 +188,6 @@ def make_time_reversal_dataset(out_dir: str | os.PathLike, pairs_per_family: int
             rows += write_pair(out, f"{family}_{pair:04d}", clip, {"caption": forward, **fields},
                                {"caption": backward, **fields})
             pair += 1
+            bar.update(2)
+    bar.close()
     return write_annotations(out, rows, COLUMNS)

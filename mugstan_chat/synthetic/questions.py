@@ -47,11 +47,14 @@ def question_for_caption(caption: str) -> tuple[str, str, list[str], str]:
 
 
 def make_synthetic_mc(out_dir: str | os.PathLike, num: int = 8, seed: int = 0, size: int = 64,
-                      frames: int = 24) -> Path:
-    """Writes ``num`` synthetic videos and ``questions.jsonl`` (plain layout); returns the questions file."""
+                      frames: int = 24, progress: bool = False) -> Path:
+    """Writes ``num`` synthetic videos and ``questions.jsonl`` (plain layout); returns the questions file.
+
+    ``progress``: the videos' tqdm bar (see :func:`mugstan_chat.synthetic.plain.make_synthetic_videos`).
+    """
     assert set(QUESTIONS) == set(MOTIONS), "a question for every synthetic motion"
     out = Path(out_dir)
-    videos = make_synthetic_videos(out, num, seed, size=size, frames=frames)
+    videos = make_synthetic_videos(out, num, seed, size=size, frames=frames, progress=progress)
     rng = np.random.default_rng(seed)
     lines = []
     for path, caption in videos:
