@@ -5,18 +5,17 @@ rate is 15 fps and ``index / fps`` is wrong by up to 1.3 s; each frame's brightn
 so which frame a reader returns can be read off its pixels.
 """
 
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
+from outside_programs import require
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.loader import load_chat_model
 from mugstan_chat.video import FrameTimes, VideoDecodeError, clip_spans, probe_video, read_frame_times, read_frames
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                                  reason="ffmpeg/ffprobe not installed (apt-get install -y ffmpeg)")
+needs_ffmpeg = pytest.mark.requires("ffmpeg")  # skipped with its install line, failed under MUGSTAN_REQUIRE
 SLOW_FRAMES, SLOW_GAP, FAST_GAP, FAST_FROM = 10, 0.2, 0.04, 2.0
 LUMA_STEP = 3  # frame n is grey level 16 + 3 n (limited range; 60 frames stay below white)
 
@@ -27,8 +26,7 @@ def _expected_time(n: int) -> float:
 
 @pytest.fixture(scope="module")
 def vfr(tmp_path_factory):
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg not installed (apt-get install -y ffmpeg)")
+    require("ffmpeg")
     path = tmp_path_factory.mktemp("vfr") / "vfr.mp4"
     setpts = f"if(lt(N,{SLOW_FRAMES}),N*{SLOW_GAP}/TB,({FAST_FROM}+(N-{SLOW_FRAMES})*{FAST_GAP})/TB)"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=black:size=64x48:rate=25:duration=2.4",
