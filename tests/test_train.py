@@ -19,6 +19,7 @@ from mugstan_chat.synthetic import make_synthetic_videos
 from training import checkpoints as ckpt
 from training import train as train_module
 from training.post_pretrain import train
+from tiny_training import tiny_training_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,7 @@ def videos(tmp_path_factory) -> Path:
     return root
 
 
-def _args(videos: Path, out: Path, *extra: str) -> list[str]:
-    return ["--backbone", "tiny", "--train-data", str(videos / "annotations.csv"), "--video-root", str(videos),
-            "--frames", "4", "--batch-size", "4", "--workers", "0", "--output-dir", str(out),
-            "--lr-backbone", "1e-3", "--lr-stan", "1e-3", "--warmup-steps", "1", "--log-interval", "1",
-            "--stan-layers", "2", *extra]
+_args = tiny_training_args
 
 
 def _losses(out: Path) -> list[float]:

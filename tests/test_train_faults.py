@@ -18,6 +18,7 @@ from mugstan_chat.video import VideoBytes, VideoDecodeError, probe_video
 
 from training import checkpoints as ckpt
 from training.post_pretrain import main, train
+from tiny_training import tiny_training_args
 
 BATCH = 2
 
@@ -156,11 +157,8 @@ def videos(tmp_path_factory) -> Path:
 
 
 def _args(videos: Path, out: Path, *extra: str) -> list[str]:
-    """tests/test_train.py's run: 16 videos / batch 4 = 4 steps per epoch, drop-path on (RNG restore)."""
-    return ["--backbone", "tiny", "--train-data", str(videos / "annotations.csv"), "--video-root", str(videos),
-            "--frames", "4", "--batch-size", "4", "--workers", "0", "--output-dir", str(out),
-            "--lr-backbone", "1e-3", "--lr-stan", "1e-3", "--warmup-steps", "1", "--log-interval", "1",
-            "--stan-layers", "2", "--diagnostics-interval", "0", *extra]
+    """tests/test_train.py's run (tests/tiny_training.py), without the diagnostics probe."""
+    return tiny_training_args(videos, out, "--diagnostics-interval", "0", *extra)
 
 
 @pytest.fixture(scope="module")
