@@ -78,6 +78,7 @@ class AppSettings:
     clip_times: str = "auto"  # each clip's time span before its <image> (docs/chat.md)
     select: int | None = None  # K: default clips chosen per question; None: uniform clips
     candidates: int = 32  # M: candidate clips ranked when selecting
+    shortlist: int | None = None  # S: coarse pass first (--shortlist); None: every candidate embedded in full
     selection: str = DEFAULT_SELECTION  # how K are picked from the ranked M: topk or coverage (options.SELECTIONS)
     max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
@@ -387,8 +388,16 @@ class ChatApp:
         chat = ChatSession(self.chat_model, path, frames=frames, clips=None if select else clips, temporal=temporal,
                            limits=self.video_limits, prepare=False, clip_times=self.settings.clip_times,
                            select=select, candidates=candidates, selection_strategy=selection,
+                           shortlist=self._shortlist(select, candidates),
                            feature_cache=self.feature_cache)
         return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
+
+    def _shortlist(self, select: int | None, candidates: int | None) -> int | None:
+        """``--shortlist`` where it fits the page's K and M (the sliders can leave it outside K <= S < M)."""
+        shortlist = self.settings.shortlist
+        if not select or shortlist is None or not select <= shortlist < (candidates or 0):
+            return None
+        return shortlist
 
     @property
     def video_limits(self):
@@ -607,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = AppSettings(
         frames=model_args.frames, clips=model_args.clips, clip_times=model_args.clip_times, select=model_args.select,
         candidates=model_args.candidate_count or AppSettings.candidates,
-        selection=model_args.selection or AppSettings.selection, max_new_tokens=model_args.answer_limit,
+        selection=model_args.selection or AppSettings.selection, shortlist=model_args.shortlist, max_new_tokens=model_args.answer_limit,
         temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
         concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,

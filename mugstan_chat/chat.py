@@ -87,6 +87,9 @@ class ChatSession(ClipPlanning):
         selection_strategy: how the K shown are picked from the ranked candidates: ``"topk"`` (the K
             best) or ``"coverage"`` (relevance balanced with coverage of the video,
             :func:`mugstan_chat.selection.cover`); only with ``select``.
+        shortlist: S: a coarse pass first: every candidate is scored on its middle frame, only the S picked
+            on those scores are embedded with all T frames and scored again, and the K shown are chosen among
+            them (:func:`mugstan_chat.selection.select_with_shortlist`); K <= S < M; only with ``select``.
         feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
             (shared by a server's requests; default: one of the session's own).
         content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
@@ -104,7 +107,7 @@ class ChatSession(ClipPlanning):
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
                  reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
                  clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
-                 selection_strategy: str | None = None, feature_cache: FeatureCache | None = None, content_hash: str | None = None,
+                 selection_strategy: str | None = None, shortlist: int | None = None, feature_cache: FeatureCache | None = None, content_hash: str | None = None,
                  max_auto_clips: int = AUTO_MAX_CLIPS):
         self.chat_model = chat_model
         self.video_path = os.fspath(video_path)
@@ -128,8 +131,13 @@ class ChatSession(ClipPlanning):
             if select < 1 or self.candidates < select:
                 raise ValueError(f"candidates (M={self.candidates}) must be at least select (K={select}) >= 1")
             self.clips = select
-        elif candidates is not None or selection_strategy is not None:
-            raise ValueError("candidates and selection_strategy apply to clip selection only (give select too)")
+            if shortlist is not None and not select <= shortlist < self.candidates:
+                raise ValueError(f"shortlist (S={shortlist}) must lie between select (K={select}) and candidates "
+                                 f"(M={self.candidates}): K <= S < M")
+        elif candidates is not None or selection_strategy is not None or shortlist is not None:
+            raise ValueError("candidates, selection_strategy and shortlist apply to clip selection only "
+                             "(give select too)")
+        self.shortlist = shortlist if select is not None else None
         self.selection_strategy = selection_strategy or DEFAULT_SELECTION
         if self.selection_strategy not in SELECTIONS:
             raise ValueError(f"selection_strategy must be one of {', '.join(SELECTIONS)}, got {selection_strategy!r}")

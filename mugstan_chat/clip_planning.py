@@ -16,9 +16,11 @@ import dataclasses
 import logging
 import time
 
+import torch
+
 from .feature_cache import FeatureCache, FeatureKey, file_sha256, model_identity, session_key
 from .selection import CandidateEmbeddings, Selection, SelectionUnavailable, candidate_plan, embed_candidates, \
-    retriever_for, select
+    middle_frames, retriever_for, select, select_with_shortlist
 from .timeline import ClipSpan, make_spans, times_shown
 from .turns import VideoFeatures
 from .video import (FrameTimes, VideoDecodeError, VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video,
@@ -159,16 +161,42 @@ class ClipPlanning:
         info, indices = candidate_plan(self.video_path, self.frames, self.candidates, start, end, self.limits,
                                        info=self._info)
         self._info = info
-        key = FeatureKey(self._content_hash(), self.frames, self.candidates, f"candidates:{self.temporal}", start, end,
+        what = f"{'coarse' if self.shortlist else 'candidates'}:{self.temporal}"  # one frame each, or all T
+        key = FeatureKey(self._content_hash(), self.frames, self.candidates, what, start, end,
                          f"{model_identity(self.chat_model)}|text={retriever.source}")
-        image_processor = self.chat_model.processor.image_processor
-        candidates, cached = self._cache().get_or_encode(key, lambda: embed_candidates(
-            retriever, self.video_path, indices, info, image_processor, self.temporal, self.limits,
-            self.frame_times()))
+        candidates, cached = self._cache().get_or_encode(key, lambda: self._embed_candidates(retriever, indices, info))
         self._candidates, self._candidates_cached = candidates, cached
-        logger.info("%s: %d candidate clips %s", self.video_path, self.candidates,
+        logger.info("%s: %d candidate clips%s %s", self.video_path, self.candidates,
+                    " (one frame each)" if self.shortlist else "",
                     "from the cache" if cached else f"embedded in {candidates.encode_ms:.0f} ms")
         return not cached
+
+    def _embed_candidates(self, retriever, indices: list[list[int]], info) -> CandidateEmbeddings:
+        """All M candidates with T frames each, or (coarse pass) their middle frames: then the record keeps the
+        full candidates' indices and spans, for the shortlist's second pass and the timeline."""
+        image_processor = self.chat_model.processor.image_processor
+        if not self.shortlist:
+            return embed_candidates(retriever, self.video_path, indices, info, image_processor, self.temporal,
+                                    self.limits, self.frame_times())
+        coarse = embed_candidates(retriever, self.video_path, middle_frames(indices), info, image_processor,
+                                  self.temporal, self.limits, self.frame_times())
+        return dataclasses.replace(coarse, indices=indices, times=clip_spans(indices, self.frame_times()))
+
+    def _embed_shortlisted(self, retriever, chosen: list[int]):
+        """((S, T, P) frame embeddings of candidates ``chosen``, ms spent now): each candidate is embedded once
+        and kept in the feature cache, so a later question's shortlist pays only for candidates new to it."""
+        start, end = self.window
+        candidates = self._candidates
+        frames, spent = [], 0.0
+        for i in chosen:
+            key = FeatureKey(self._content_hash(), self.frames, self.candidates, f"candidates:{self.temporal}", start,
+                             end, f"{model_identity(self.chat_model)}|text={retriever.source}", selection=("one", i))
+            one, cached = self._cache().get_or_encode(key, lambda i=i: embed_candidates(
+                retriever, self.video_path, [candidates.indices[i]], candidates.info,
+                self.chat_model.processor.image_processor, self.temporal, self.limits, self.frame_times()))
+            frames.append(one.frames)
+            spent += 0.0 if cached else one.decode_ms + one.encode_ms
+        return torch.cat(frames), spent
 
     def select_clips(self, question: str) -> Selection | None:
         """Ranks the candidates against ``question`` and gives the session the top K clips' features.
@@ -186,8 +214,14 @@ class ClipPlanning:
         if self._selected_for == question and self._video is not None:
             return self.selection
         retriever = retriever_for(self.chat_model)
-        selection = select(retriever, self._candidates, question, self.clips, self.temporal, self.tokens_per_image,
-                           cached=self._candidates_cached, strategy=self.selection_strategy)
+        if self.shortlist:
+            selection = select_with_shortlist(
+                retriever, self._candidates, lambda short: self._embed_shortlisted(retriever, short), question,
+                self.clips, self.shortlist, self.temporal, self.tokens_per_image, cached=self._candidates_cached,
+                strategy=self.selection_strategy)
+        else:
+            selection = select(retriever, self._candidates, question, self.clips, self.temporal,
+                               self.tokens_per_image, cached=self._candidates_cached, strategy=self.selection_strategy)
         self._candidates_cached = True  # every later question re-ranks the same embeddings
         if self._video is None or self.selection is None or selection.chosen != self.selection.chosen:
             key = dataclasses.replace(session_key(self, self._content_hash()),

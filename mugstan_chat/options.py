@@ -68,6 +68,8 @@ AUTO = "auto"
 # Clip selection (--select K of --candidates M): K is shown like --clips; M candidates are only ranked, never shown.
 SELECT = Range("select", 1, 8, integer=True)
 CANDIDATES = Range("candidates", 2, 256, integer=True)
+# --shortlist S: a coarse pass (one frame per candidate) first, then only S candidates with all T frames; K <= S < M
+SHORTLIST = Range("shortlist", 1, 255, integer=True)
 DEFAULT_CANDIDATES = 32
 # how --select picks its K from the ranked candidates (mugstan_chat.selection.STRATEGIES): the top K, or
 # relevance balanced with coverage of the video

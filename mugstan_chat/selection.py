@@ -73,6 +73,7 @@ class Retriever:
     projection: nn.Module | None = None
     source: str = ""
     encodes: int = 0  # clips embedded so far (tests count tower work with it)
+    frames_encoded: int = 0  # frames through the tower so far (what a coarse pass saves)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -100,6 +101,7 @@ class Retriever:
                 pooled = self.projection(pooled.to(self.projection.weight.dtype))
         with self._lock:
             self.encodes += clips.shape[0]
+            self.frames_encoded += clips.shape[0] * clips.shape[1]
         return pooled.float().view(clips.shape[0], clips.shape[1], -1)
 
     def embed_question(self, question: str) -> TextFeatures:
@@ -150,15 +152,22 @@ class Selection:
     cached: bool  # candidate embeddings came from the feature cache (no tower work)
     tokens_saved: int  # visual tokens of the M - K candidates not shown
     strategy: str = DEFAULT_SELECTION  # how the K were chosen from the scores (STRATEGIES)
+    # with a coarse pass (shortlist S): ``scores`` are every candidate's one-frame scores; these S were then
+    # embedded in full and scored again (``shortlist_scores``), and the K chosen among them
+    shortlist: list[int] | None = None
+    shortlist_scores: list[float] | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "candidates": self.candidates, "chosen": list(self.chosen), "mode": self.mode, "strategy": self.strategy,
             "scores": [round(s, 5) for s in self.scores],
             "candidate_spans": [[round(a, 3), round(b, 3)] for a, b in self.times],
             "rank_ms": round(self.rank_ms, 2), "embed_ms": round(self.embed_ms, 2), "cached": self.cached,
             "tokens_saved": self.tokens_saved,
         }
+        if self.shortlist is not None:
+            out.update(shortlist=list(self.shortlist), shortlist_scores=[round(s, 5) for s in self.shortlist_scores])
+        return out
 
 
 def rank(scores: torch.Tensor | list[float], times: list[tuple[float, float]], keep: int) -> list[int]:
@@ -263,6 +272,40 @@ def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str,
                      retriever.mug_for(temporal).mode, rank_ms,
                      0.0 if cached else candidates.decode_ms + candidates.encode_ms, cached,
                      (total - len(chosen)) * tokens_per_clip, strategy)
+
+
+def middle_frames(indices: list[list[int]]) -> list[list[int]]:
+    """The coarse pass's input: each candidate's middle sampled frame, one frame per candidate."""
+    return [[clip[len(clip) // 2]] for clip in indices]
+
+
+def select_with_shortlist(retriever: Retriever, coarse: CandidateEmbeddings, embed_full, question: str, keep: int,
+                          shortlist: int, temporal: str, tokens_per_clip: int, cached: bool,
+                          strategy: str = DEFAULT_SELECTION) -> Selection:
+    """Two passes: every candidate scored on one frame, the ``shortlist`` best (by ``strategy``) embedded with all
+    T frames and scored again, the ``keep`` shown chosen among those.
+
+    Why: embedding the candidates is the whole cost of selection (M x T frames through the tower); one
+    frame per candidate finds where the question is about at 1/T of it, and only S of the M candidates
+    pay for their T frames (docs/performance.md). ``coarse``: the M one-frame embeddings (``indices`` and
+    ``times`` are the full candidates'); ``embed_full(indices) -> ((S, T, P) frame embeddings, ms)``.
+    """
+    started = time.perf_counter()
+    pick = STRATEGIES[strategy]
+    coarse_scores = retriever.scores(question, coarse.frames, temporal)
+    short = pick(coarse_scores, coarse.times, shortlist)
+    scored = time.perf_counter()
+    frames, embed_ms = embed_full(short)
+    embedded = time.perf_counter()
+    fine = retriever.scores(question, frames, temporal)
+    local = pick(fine, [coarse.times[i] for i in short], keep)
+    chosen = sorted((short[j] for j in local), key=lambda i: (coarse.times[i][0], i))
+    rank_ms = ((scored - started) + (time.perf_counter() - embedded)) * 1000
+    total = len(coarse.indices)
+    first_ms = 0.0 if cached else coarse.decode_ms + coarse.encode_ms
+    return Selection(total, chosen, [float(s) for s in coarse_scores], list(coarse.times),
+                     retriever.mug_for(temporal).mode, rank_ms, first_ms + embed_ms, cached and embed_ms == 0,
+                     (total - len(chosen)) * tokens_per_clip, strategy, list(short), [float(s) for s in fine])
 
 
 # ------------------------------------------------------------------------------ the text side for LLaVA

@@ -79,14 +79,19 @@ def measure(chat_model, video: Path, candidates: int, args) -> dict:
     from mugstan_chat.chat import ChatSession, GenerationSettings
     from mugstan_chat.feature_cache import FeatureCache
 
+    shortlist = args.shortlist if args.shortlist and args.select <= args.shortlist < candidates else None
     session = ChatSession(chat_model, video, frames=args.frames, select=args.select, candidates=candidates,
-                          generation=GenerationSettings(max_new_tokens=1), feature_cache=FeatureCache(2**30),
-                          prepare=False)
+                          shortlist=shortlist, generation=GenerationSettings(max_new_tokens=1),
+                          feature_cache=FeatureCache(2**30), prepare=False)
     calls = chat_model.tower.calls
+    retriever = chat_model.retrieval
+    frames_before = retriever.frames_encoded
     started = time.perf_counter()
-    session.prepare()  # the M candidates: decode + tower to its last layer
+    session.prepare()  # the M candidates: decode + tower to its last layer (one frame each with --shortlist)
     embed_s = time.perf_counter() - started
-    first = session.select_clips(QUESTIONS[0])  # rank + encode the K chosen clips for the chat
+    first = session.select_clips(QUESTIONS[0])  # rank (+ the shortlist in full) + encode the K chosen for the chat
+    first_s = time.perf_counter() - started
+    first_frames = retriever.frames_encoded - frames_before
     chat_encode_ms = session.video_features.decode_ms + session.video_features.encode_ms
     followups = []  # the candidates come from the cache; a changed choice encodes its clips for the chat
     for question in QUESTIONS[1:]:
@@ -94,7 +99,8 @@ def measure(chat_model, video: Path, candidates: int, args) -> dict:
     candidates_data = session.candidate_embeddings
     tokens = session.tokens_per_image
     return {
-        "candidates": candidates, "frames": args.frames, "select": args.select,
+        "candidates": candidates, "frames": args.frames, "select": args.select, "shortlist": shortlist,
+        "first_question_tower_frames": first_frames, "first_question_s": round(first_s, 2),
         "decode_ms": round(candidates_data.decode_ms, 1), "embed_ms": round(candidates_data.encode_ms, 1),
         "candidates_total_ms": round(embed_s * 1000, 1),
         "first_rank_ms": round(first.rank_ms, 1), "followup_rank_ms": round(statistics.median(followups), 1),
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2, help="T per candidate clip")
     parser.add_argument("--select", type=int, default=4, help="K clips shown")
     parser.add_argument("--seconds", type=int, default=1800, help="length of the synthetic video")
+    parser.add_argument("--shortlist", type=int, default=None,
+                        help="S: the coarse pass (one frame per candidate, then S in full), where K <= S < M")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.candidates:
             rows.append(measure(chat_model, video, m, args))
             print(markdown_table(rows[-1:], list(rows[-1])), flush=True)
-    columns = ["candidates", "frames", "select", "decode_ms", "embed_ms", "first_rank_ms", "followup_rank_ms",
+    columns = ["candidates", "frames", "select", "shortlist", "first_question_tower_frames", "first_question_s",
+               "decode_ms", "embed_ms", "first_rank_ms", "followup_rank_ms",
                "chosen_encode_ms", "tokens_shown", "tokens_all_candidates", "tokens_saved"]
     print(markdown_table(rows, columns))
     write_json(args.out, {"machine": machine_description(args.device), "args": vars(args), "rows": rows})

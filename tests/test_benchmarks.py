@@ -123,3 +123,9 @@ def test_selection_benchmark_smoke(tmp_path):
     for row in rows:
         assert row["embed_ms"] > 0 and row["first_rank_ms"] > 0 and row["followup_rank_ms"] > 0
         assert row["tokens_saved"] == row["tokens_all_candidates"] - row["tokens_shown"] > 0
+        assert row["shortlist"] is None and row["first_question_tower_frames"] == row["candidates"] * 2
+    coarse = tmp_path / "coarse.json"
+    assert benchmark_selection.main(["--size", "demo", "--candidates", "6", "--frames", "2", "--select", "2",
+                                     "--shortlist", "3", "--seconds", "60", "--out", str(coarse)]) == 0
+    (row,) = json.loads(coarse.read_text())["rows"]
+    assert row["shortlist"] == 3 and row["first_question_tower_frames"] == 6 + 3 * 2  # one frame each, then S x T

@@ -25,12 +25,16 @@ MODEL_BAD_VALUES = [
     ("--top-p", "0"), ("--top-p", "nan"), ("--repetition-penalty", "inf"),
     ("--llm-url", "127.0.0.1:8001"), ("--llm-url", "ftp://host/v1"), ("--llm-model", " "), ("--llm-api-key", ""),
     ("--clips", "automatic"), ("--clip-times", "sometimes"), ("--select", "0"), ("--select", "9"),
-    ("--select", "nan"), ("--candidates", "1"), ("--candidates", "257"), ("--selection", "best"),
+    ("--select", "nan"), ("--candidates", "1"), ("--candidates", "257"), ("--selection", "best"), ("--shortlist", "0"),
+    ("--shortlist", "x"),
 ]
 # (flags, words of the message): settings that are fine alone and refused together, the same way everywhere
 MODEL_BAD_COMBINATIONS = [
     (["--candidates", "16"], "--candidates M needs --select K"),
     (["--selection", "coverage"], "--selection needs --select K"),
+    (["--shortlist", "4"], "--shortlist S needs --select K"),
+    (["--select", "4", "--shortlist", "3"], "--shortlist 3 must lie between --select 4 and --candidates 32"),
+    (["--select", "2", "--candidates", "8", "--shortlist", "8"], "(K <= S < M)"),
     (["--select", "4", "--candidates", "3"], "--select 4 needs at least as many --candidates"),
     (["--select", "2", "--clips", "3"], "--select K shows K clips"),
     (["--select", "2", "--clips", "auto"], "--select K shows K clips"),
@@ -110,7 +114,8 @@ def test_clip_flags_round_trip():
     assert args.session_kwargs()["clips"] == "auto"
     args = ModelArgs.from_cli_args(parser.parse_args(["--select", "3"]))
     assert args.candidate_count == 32 and args.session_kwargs() == {
-        "frames": 8, "clips": None, "clip_times": "auto", "select": 3, "candidates": 32, "selection_strategy": None}
+        "frames": 8, "clips": None, "clip_times": "auto", "select": 3, "candidates": 32, "selection_strategy": None,
+        "shortlist": None}
     args = ModelArgs.from_cli_args(parser.parse_args(["--select", "3", "--selection", "coverage"]))
     assert args.session_kwargs()["selection_strategy"] == "coverage"
 

@@ -304,3 +304,65 @@ def test_coverage_finds_as_many_asked_objects_as_top_k(trained, long_videos):
     print(f"\nasked objects found with K=2: topk {found['topk']}/{asked}, coverage {found['coverage']}/{asked}, "
           f"2 uniform clips {uniform}/{asked}")
     assert found["coverage"] >= found["topk"]
+
+
+# ------------------------------------------------------------------------------ the coarse pass (--shortlist S)
+
+
+def test_a_coarse_pass_finds_the_segments_at_a_fraction_of_the_frames(trained, long_videos):
+    """K = 1 of M = 12 with S = 3: every candidate scored on its middle frame, three embedded in full.
+
+    Held to the same binomial bound as the full pass (same chance, same 18 questions). The frames through the
+    tower are counted: a video's first question costs M one-frame candidates plus S x T (12 + 12 = 24 frames
+    against M x T = 48 for the full pass); later questions pay T frames for each shortlisted candidate new to
+    the video (each is cached), so a conversation that asks about every part of a video ends near the full
+    pass's cost (printed).
+    """
+    shortlist = 3
+    cache = FeatureCache(64 * 2**20)
+    retriever = retriever_for(trained)
+    hits = trials = 0
+    total_before = retriever.frames_encoded
+    for path, order in long_videos:
+        for target, obj in enumerate(order):
+            before = retriever.frames_encoded
+            session = ChatSession(trained, path, frames=T, select=1, candidates=CANDIDATES, shortlist=shortlist,
+                                  generation=SHORT, feature_cache=cache, prepare=False)
+            selection = session.select_clips(f"when does the {obj[0]} {obj[1]} appear?")
+            if target == 0:  # the video's first question
+                assert retriever.frames_encoded - before == CANDIDATES + shortlist * T < CANDIDATES * T
+            assert len(selection.shortlist) == shortlist and set(selection.chosen) <= set(selection.shortlist)
+            assert len(selection.scores) == CANDIDATES and len(selection.shortlist_scores) == shortlist
+            (span,) = session.clip_spans
+            hits += _segment_of(span.start) == _segment_of(span.end) == target
+            trials += 1
+    spent = retriever.frames_encoded - total_before
+    needed = _binomial_threshold(trials, 2 / CANDIDATES)
+    print(f"\ncoarse pass (S={shortlist}): {hits}/{trials} (needed {needed}); first question per video "
+          f"{CANDIDATES + shortlist * T} frames against {CANDIDATES * T}; all 6 questions per video {spent} frames "
+          f"against {len(long_videos) * CANDIDATES * T} for the full pass")
+    assert hits >= needed
+
+
+def test_a_shortlist_repeats_no_tower_work_for_a_repeated_question(trained, long_videos):
+    path, order = long_videos[2]
+    session = ChatSession(trained, path, frames=T, select=2, candidates=CANDIDATES, shortlist=4, generation=SHORT,
+                          prepare=False)
+    retriever = retriever_for(trained)
+    question = f"where is the {order[3][0]} {order[3][1]}?"
+    before = retriever.frames_encoded
+    first = session.select_clips(question)
+    assert retriever.frames_encoded - before == CANDIDATES + 4 * T  # one frame each, then the four in full
+    assert first.embed_ms > 0 and not first.cached
+    again = ChatSession(trained, path, frames=T, select=2, candidates=CANDIDATES, shortlist=4, generation=SHORT,
+                        feature_cache=session.feature_cache, prepare=False).select_clips(question)
+    assert retriever.frames_encoded - before == CANDIDATES + 4 * T  # all from the cache
+    assert again.cached and again.embed_ms == 0 and again.chosen == first.chosen
+    assert again.to_dict()["shortlist"] == first.shortlist
+
+
+@pytest.mark.parametrize("shortlist", [1, 12, 13])
+def test_a_shortlist_lies_between_k_and_m(trained, long_videos, shortlist):
+    with pytest.raises(ValueError, match="K <= S < M"):
+        ChatSession(trained, long_videos[0][0], frames=T, select=2, candidates=CANDIDATES, shortlist=shortlist,
+                    prepare=False)

@@ -232,6 +232,8 @@ def test_plan_refusals(chat_model):
         "media_io_kwargs.video.num_frames": _request(media_io_kwargs={"video": {"num_frames": 65}}),
         "mugstan.clips": _request(mugstan={"clips": 17}),
         "mugstan.end": _request(mugstan={"start": 2.0, "end": 1.0}),
+        "mugstan.shortlist": _request(mugstan={"select": 3, "candidates": 8, "shortlist": 2}),
+        "mugstan.selection": _request(mugstan={"selection": "coverage"}),  # no select, and none by default
         "mugstan": ChatCompletionRequest(messages=[{"role": "user", "content": [image, {"type": "text", "text": "q"}]}],
                                          mugstan={"clips": 2}),
         "messages": ChatCompletionRequest(messages=[{"role": "user", "content": [video, image, {"type": "text",
@@ -255,6 +257,10 @@ def test_plan_refusals(chat_model):
                                            {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"}]))
     assert plan.system == "be brief" and plan.history == [("q1", "a1")] and plan.question == "q2\nq3"
     assert plan.generation.max_new_tokens == 7 and plan.generation.temperature == 0.5 and plan.generation.seed == 3
+    plan = service.plan(_request(mugstan={"select": 2, "candidates": 8, "shortlist": 4, "selection": "topk"}))
+    assert (plan.select, plan.candidates, plan.shortlist, plan.selection) == (2, 8, 4, "topk")
+    plan = service.plan(_request(mugstan={"select": 2}))  # the server's defaults
+    assert (plan.candidates, plan.shortlist, plan.selection) == (32, None, "coverage")
 
 
 def test_seed_makes_sampling_repeatable(chat_model):

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, DEFAULT_SELECTION, FRAMES,
-                       MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, TEMPERATURE, TOP_P, Range)
+                       MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, SHORTLIST, TEMPERATURE, TOP_P, Range)
 
 from .values import llm_url, non_empty
 
@@ -52,6 +52,7 @@ class ModelArgs:
     select: int | None = None  # K: show the K candidates that best match the question (docs/design.md section 4c)
     candidates: int | None = None  # M candidates to rank with --select (default options.DEFAULT_CANDIDATES)
     selection: str | None = None  # how --select picks its K: topk or coverage (default options.DEFAULT_SELECTION)
+    shortlist: int | None = None  # S: rank on one frame per candidate first, embed only S in full (K <= S < M)
     retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (default: the branch's)
     max_new_tokens: int | None = None  # None: 512, or 48 with the demo model
     temperature: float = 0.0  # 0: greedy
@@ -110,6 +111,10 @@ class ModelArgs:
         video.add_argument("--selection", choices=SELECTIONS, default=None,
                            help="how --select picks its K clips: topk (the K best matches) or coverage (relevance "
                                 f"balanced with coverage of the video; docs/chat.md) (default: {DEFAULT_SELECTION})")
+        video.add_argument("--shortlist", type=SHORTLIST.parse, default=None, metavar="S",
+                           help="a coarse pass first: rank the candidates on one frame each, then embed only S of "
+                                "them with all their frames (K <= S < M; saves tower time on a video's first "
+                                "questions)")
         video.add_argument("--retrieval-clip", default=None, metavar="CLIP",
                            help="CLIP checkpoint (hub id or directory) whose text tower and projection rank clips "
                                 "(default: the one the STAN branch's export names; needed without a branch)")
@@ -141,7 +146,7 @@ class ModelArgs:
             self._check(name, allowed, getattr(self, name))
         if self.clips != AUTO:
             self._check("clips", CLIPS, self.clips)
-        for name, allowed in (("select", SELECT), ("candidates", CANDIDATES)):
+        for name, allowed in (("select", SELECT), ("candidates", CANDIDATES), ("shortlist", SHORTLIST)):
             if getattr(self, name) is not None:
                 self._check(name, allowed, getattr(self, name))
         if self.clip_times not in CLIP_TIMES:
@@ -156,6 +161,12 @@ class ModelArgs:
                 raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
             if self.select is None:
                 raise ValueError("--selection needs --select K (the number of candidates to show)")
+        if self.shortlist is not None:
+            if self.select is None:
+                raise ValueError("--shortlist S needs --select K (the number of candidates to show)")
+            if not self.select <= self.shortlist < self.candidate_count:
+                raise ValueError(f"--shortlist {self.shortlist} must lie between --select {self.select} and "
+                                 f"--candidates {self.candidate_count} (K <= S < M)")
         if self.select is not None:
             if self.clips != 1:
                 raise ValueError("--select K shows K clips: leave --clips out")
@@ -201,7 +212,7 @@ class ModelArgs:
         """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes from these flags."""
         return {"frames": self.frames, "clips": self.clips if self.select is None else None,
                 "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count,
-                "selection_strategy": self.selection}
+                "selection_strategy": self.selection, "shortlist": self.shortlist}
 
     @property
     def answer_limit(self) -> int:

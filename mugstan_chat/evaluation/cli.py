@@ -80,6 +80,7 @@ def run_eval(args) -> int:
     settings = EvalSettings(
         modes=modes, frames=args.frames, clips=args.select or args.clips, scoring=args.scoring,
         select=args.select, candidates=model_args.candidate_count, selection=model_args.selection,
+        shortlist=model_args.shortlist,
         answer_format=args.answer_format, max_new_tokens=args.max_new_tokens or EVAL_MAX_NEW_TOKENS,
         bootstrap=args.bootstrap, seed=args.seed, model="demo" if args.demo else args.model, stan=args.stan)
     settings.validate()

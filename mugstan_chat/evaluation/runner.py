@@ -41,7 +41,7 @@ SUMMARY = "summary.json"
 RUN = "run.json"
 # settings a resumed run must share with the run it continues (modes and --limit may change)
 RESUME_KEYS = ("model", "stan", "frames", "clips", "scoring", "answer_format", "max_new_tokens", "select",
-               "candidates", "selection")
+               "candidates", "selection", "shortlist")
 
 
 class OutputError(ValueError):
@@ -65,6 +65,7 @@ class EvalSettings:
     select: int | None = None  # K: the "+select" modes choose K of ``candidates`` clips per question (clips = K)
     candidates: int | None = None  # M
     selection: str | None = None  # how the K are picked: "topk" or "coverage" (None: options.DEFAULT_SELECTION)
+    shortlist: int | None = None  # S: a one-frame pass first, S candidates embedded in full (None: all M)
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in MODES and not (selecting(m) and self.select)]
@@ -194,7 +195,8 @@ class EvalRun:
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
         chosen = ({"select": self.settings.select, "candidates": self.settings.candidates,
-                   "selection_strategy": self.settings.selection} if selecting(mode) else {})
+                   "selection_strategy": self.settings.selection, "shortlist": self.settings.shortlist}
+                  if selecting(mode) else {})
         return ChatSession(self.chat_model, video, frames=shape.frames, clips=None if chosen else shape.clips,
                            temporal=shape.temporal, frames_as_images=shape.frames_as_images, **chosen,
                            generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),

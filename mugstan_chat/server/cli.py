@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         max_frames=args.max_frames, max_clips=args.max_clips, limits=VideoLimits(max_seconds=serving.max_video_seconds),
         clip_times=model_args.clip_times, remote_llm=model_args.llm_url is not None, select=model_args.select,
         candidates=model_args.candidate_count or ServiceConfig.candidates,
-        selection=model_args.selection or ServiceConfig.selection)
+        selection=model_args.selection or ServiceConfig.selection, shortlist=model_args.shortlist)
     service = ChatService(chat_model, config, MediaFetcher(policy), FeatureCache(serving.feature_cache_bytes))
     app = create_app(service, Gate(serving.concurrency, serving.queue_size), api_key=args.api_key,
                      max_body_bytes=megabytes_to_bytes(args.max_body_mb))

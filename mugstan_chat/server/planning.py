@@ -35,6 +35,7 @@ class ServiceConfig:
     select: int | None = None  # K when mugstan.select is absent (and mugstan.clips too): the server's --select
     candidates: int = 32  # M when mugstan.candidates is absent
     selection: str = DEFAULT_SELECTION  # how K are picked when mugstan.selection is absent: the server's --selection
+    shortlist: int | None = None  # S when mugstan.shortlist is absent: the server's --shortlist (None: no coarse pass)
     max_candidates: int = 256  # largest mugstan.candidates (options.CANDIDATES)
     limits: VideoLimits = field(default_factory=VideoLimits)
 
@@ -67,6 +68,7 @@ class Plan:
     select: int | None = None  # K of ``candidates`` chosen per question; None: uniform clips
     candidates: int | None = None
     selection: str | None = None  # with select: "topk" or "coverage"
+    shortlist: int | None = None  # with select: S candidates embedded in full after a one-frame pass
 
 
 def _text(content, param: str, allow_media: bool):
@@ -134,7 +136,7 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           "media_io_kwargs.video.num_frames")
     if clips != "auto" and clips > config.max_clips:
         raise bad_request(f"clips={clips} exceeds this server's limit of {config.max_clips}", "mugstan.clips")
-    select, candidates, selection = _selection(options, config)
+    select, candidates, selection, shortlist = _selection(options, config)
     temporal = (options.temporal if options and options.temporal else None) or tower.mode
     if temporal not in tower.available_modes:
         raise bad_request(f"temporal mode {temporal!r} is not available with this model (available: "
@@ -163,11 +165,12 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           "vLLM, whose chat template puts every image before the text", "mugstan.clip_times")
     return Plan(ref, "\n".join(s for s in system if s.strip()) or None, history, turns[-1][1].strip(), frames,
                 clips if select is None else select, temporal, start, end, generation, request.stop_strings(),
-                request.stream, include_usage, clip_times, select, candidates, selection if select else None)
+                request.stream, include_usage, clip_times, select, candidates, selection if select else None,
+                shortlist if select else None)
 
 
-def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, str | None]:
-    """(K, M, how K are picked) of clip selection, or (None, None, None) for uniform clips.
+def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, str | None, int | None]:
+    """(K, M, how K are picked, S) of clip selection, or four Nones for uniform clips.
 
     The request's ``mugstan.select`` wins; a request that sets ``mugstan.clips`` alone asks for uniform
     clips even on a server started with ``--select``.
@@ -183,7 +186,7 @@ def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, 
         raise bad_request("mugstan.select K shows K clips: leave mugstan.clips out", "mugstan.clips")
     select = asked or (None if options and options.clips else config.select)
     if select is None:
-        return None, None, None
+        return None, None, None, None
     candidates = (options.candidates if options and options.candidates else None) or config.candidates
     if select > config.max_clips:
         raise bad_request(f"select={select} exceeds this server's limit of {config.max_clips}", "mugstan.select")
@@ -192,4 +195,9 @@ def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, 
                           "mugstan.candidates")
     if candidates < select:
         raise bad_request(f"select={select} needs at least as many candidates (got {candidates})", "mugstan.candidates")
-    return select, candidates, (options.selection if options and options.selection else None) or config.selection
+    shortlist = (options.shortlist if options and options.shortlist else None) or config.shortlist
+    if shortlist is not None and not select <= shortlist < candidates:
+        raise bad_request(f"shortlist={shortlist} must lie between select={select} and candidates={candidates} "
+                          "(K <= S < M)", "mugstan.shortlist")
+    return (select, candidates, (options.selection if options and options.selection else None) or config.selection,
+            shortlist)

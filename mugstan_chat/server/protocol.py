@@ -118,6 +118,7 @@ class MugstanOptions(_Closed):
     select: int | None = Field(default=None, ge=1)  # K: show the K candidate clips that best match the question
     candidates: int | None = Field(default=None, ge=2)  # M candidates to rank (with select)
     selection: Literal["topk", "coverage"] | None = None  # how select picks its K (options.SELECTIONS)
+    shortlist: int | None = Field(default=None, ge=1)  # S: coarse pass first, S candidates embedded in full
     temporal: Literal["stan", "mean"] | None = None  # default: the server's --temporal
     start: float | None = Field(default=None, ge=0)  # time window, seconds
     end: float | None = Field(default=None, gt=0)

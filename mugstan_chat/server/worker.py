@@ -198,7 +198,8 @@ class ChatService:
                               temporal=None if plan.media.kind == "image" else plan.temporal,
                               system=plan.system, start=plan.start, end=plan.end, limits=self.config.limits,
                               prepare=False, clip_times=plan.clip_times, select=plan.select,
-                              candidates=plan.candidates, selection_strategy=plan.selection, feature_cache=self.cache, content_hash=media.sha256,
+                              candidates=plan.candidates, selection_strategy=plan.selection,
+                              shortlist=plan.shortlist, feature_cache=self.cache, content_hash=media.sha256,
                               max_auto_clips=self.config.max_clips)
         session.history = list(plan.history)
         if plan.media.kind == "video" and (plan.select or plan.clips == "auto"):
