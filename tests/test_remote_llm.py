@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,9 +43,9 @@ def _service(chat_model, llm: RemoteLLM) -> ChatService:
                        MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(1 << 20))
 
 
-def _ask(service: ChatService, cancel_on_text: bool = False, bound_s: float = 60):
-    """(events, the last event) of one video request through a job; ``cancel_on_text``: the client leaves
-    at the first text. The wait for the job to end is bounded (a hang fails the test)."""
+def _ask(service: ChatService, on_start=None, bound_s: float = 60):
+    """(events, the last event) of one video request through a job; ``on_start(job)`` runs once it started
+    (e.g. a client that will leave). The wait for the job to end is bounded (a hang fails the test)."""
     request = ChatCompletionRequest(messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"file://{EXAMPLES / 'red_triangle_growing.mp4'}"}},
         {"type": "text", "text": "what happens?"}]}])
@@ -51,11 +53,11 @@ def _ask(service: ChatService, cancel_on_text: bool = False, bound_s: float = 60
     async def run():
         finished = asyncio.Event()
         job = service.start(service.plan(request), asyncio.get_running_loop(), finished.set)
+        if on_start is not None:
+            on_start(job)
         events = []
         while not events or events[-1][0] not in ("done", "error"):
             events.append(await job.next())
-            if cancel_on_text and events[-1][0] == "text":
-                job.cancel()
         await finished.wait()
         return events
 
@@ -171,11 +173,21 @@ def test_a_stalled_server_ends_the_answer_after_the_timeout(behaviour, chat_mode
 def test_a_client_leaving_shuts_a_stalled_stream_at_once(chat_model):
     """The job is cancelled while vLLM sends nothing: the stream to it is shut (it sees us hang up) and the
     worker ends long before --llm-timeout (here 60 s; the wait for the job is bounded at 15 s)."""
-    with fake.running("stalls") as server:
+    def leave_once_waiting(job):
+        def leave():
+            deadline = time.monotonic() + 30
+            while not server.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # our worker now blocks reading a stream that sends nothing
+            job.cancel()
+
+        threading.Thread(target=leave, daemon=True).start()
+
+    with fake.running("stalls_at_once") as server:
         service = _service(chat_model, RemoteLLM(server.url, timeout=60).connect())
-        events, (kind, outcome) = _ask(service, cancel_on_text=True, bound_s=15)
+        events, (kind, outcome) = _ask(service, on_start=leave_once_waiting, bound_s=15)
         assert server.hung_up.wait(5)  # vLLM sees its client go away: it aborts the request
-        assert kind == "done" and service.counters["cancelled"] == 1
+        assert kind == "done" and outcome.text == "" and service.counters["cancelled"] == 1
         _answered_again(service, server)
 
 
