@@ -148,6 +148,7 @@ class Selection:
     embed_ms: float  # decoding + embedding the candidates (0 when they came from the cache)
     cached: bool  # candidate embeddings came from the feature cache (no tower work)
     tokens_saved: int  # visual tokens of the M - K candidates not shown
+    capped: dict | None = None  # what was asked (candidates, select) when the video holds fewer distinct clips
 
     def to_dict(self) -> dict:
         return {
@@ -156,6 +157,7 @@ class Selection:
             "candidate_spans": [[round(a, 3), round(b, 3)] for a, b in self.times],
             "rank_ms": round(self.rank_ms, 2), "embed_ms": round(self.embed_ms, 2), "cached": self.cached,
             "tokens_saved": self.tokens_saved,
+            "capped": None if self.capped is None else dict(self.capped),
         }
 
 
@@ -202,8 +204,11 @@ def embed_candidates(retriever: Retriever, path, indices: list[list[int]], info,
 
 
 def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str, keep: int, temporal: str,
-           tokens_per_clip: int, cached: bool) -> Selection:
-    """Scores ``question`` against the candidates and keeps the top ``keep`` (:func:`rank`)."""
+           tokens_per_clip: int, cached: bool, capped: dict | None = None) -> Selection:
+    """Scores ``question`` against the candidates and keeps the top ``keep`` (:func:`rank`).
+
+    ``capped``: what was asked, when M and K were capped at the clips the video holds (reported as is).
+    """
     started = time.perf_counter()
     scores = retriever.scores(question, candidates.frames, temporal)
     chosen = rank(scores, candidates.times, keep)
@@ -212,7 +217,7 @@ def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str,
     return Selection(total, chosen, [float(s) for s in scores], list(candidates.times),
                      retriever.mug_for(temporal).mode, rank_ms,
                      0.0 if cached else candidates.decode_ms + candidates.encode_ms, cached,
-                     (total - len(chosen)) * tokens_per_clip)
+                     (total - len(chosen)) * tokens_per_clip, capped)
 
 
 # ------------------------------------------------------------------------------ the text side for LLaVA
