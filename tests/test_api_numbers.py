@@ -143,3 +143,14 @@ def test_the_cap_is_the_sessions_so_every_front_end_has_it(chat_model, videos):
     assert session.clips == 1 and len(session.clip_spans) == 1 and session.candidates == 1
     assert session.summary()["selection"]["capped"] == {"candidates": 8, "select": 2, "distinct_clips": 1}
     assert session.distinct_clips() == 1
+
+
+def test_verbose_says_the_candidates_were_capped(chat_model, videos):
+    from mugstan_chat.terminal import describe_clips
+
+    session = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=2, candidates=8,
+                          generation=GenerationSettings(max_new_tokens=2))
+    session.ask("what happens?")
+    line = describe_clips(session)
+    assert "holds 3 distinct clip(s) of 4 frames: --candidates 8 and --select 2 capped to it" in line
+    assert "\n" not in line
