@@ -36,6 +36,9 @@ QUESTION_RESERVE = 64  # tokens --clips auto keeps for a question not yet asked 
 class ClipPlanning:
     """The clips of a :class:`~mugstan_chat.chat.ChatSession`: how many, which, and when they are."""
 
+    # with select: what was asked ({"candidates", "select", "distinct_clips"}) when the video holds fewer clips
+    selection_capped: dict | None = None
+
     @property
     def images(self) -> int:
         """``<image>`` entries of the first user turn: C, or C x T for frames as images."""
@@ -56,10 +59,7 @@ class ClipPlanning:
             return self.clips
         budget = self.generation.max_new_tokens + (QUESTION_RESERVE if question is None else 0)
         room = self.chat_model.context_length - budget
-        info = self._probe()
-        start, end = self.window
-        first, last = seconds_to_frames(info, start, end)
-        cap = max(1, min(self.max_auto_clips, (last - first) // self.frames))
+        cap = min(self.max_auto_clips, self.distinct_clips())
         low, high = 1, cap  # the prompt grows with C: the largest C that fits, by bisection
         while low < high:
             middle = (low + high + 1) // 2
@@ -71,6 +71,14 @@ class ClipPlanning:
         logger.info("--clips auto: %d clip(s) of %d frames (context %d, answer budget %d, at most %d clips)",
                     low, self.frames, self.chat_model.context_length, budget, cap)
         return low
+
+    def distinct_clips(self) -> int:
+        """T-frame clips the video (or window) has distinct frames for, at least 1: more would repeat frames.
+
+        The one cap on how many clips a session encodes (``clips="auto"``) or ranks (``select``'s candidates).
+        """
+        first, last = seconds_to_frames(self._probe(), *self.window)
+        return max(1, (last - first) // self.frames)
 
     def _probe(self):
         """The video's header (read once)."""
@@ -157,6 +165,15 @@ class ClipPlanning:
             self.selection_notice = f"clip selection unavailable ({error}): {self.clips} uniform clip(s) instead"
             logger.warning(self.selection_notice)
             return False
+        distinct = self.distinct_clips()
+        if self.candidates > distinct:  # a short video: M candidates would be copies of the same frames
+            self.selection_capped = {"candidates": self.candidates, "select": self.clips, "distinct_clips": distinct}
+            logger.info("%s holds %d distinct clip(s) of %d frames: %d candidates and select %d capped to it",
+                        self.video_path, distinct, self.frames, self.candidates, self.clips)
+            self.candidates, self.clips = distinct, min(self.clips, distinct)
+            if self.shortlist is not None and self.shortlist >= self.candidates:  # no coarse pass over so few
+                self.selection_capped["shortlist"] = self.shortlist
+                self.shortlist = None
         start, end = self.window
         info, indices = candidate_plan(self.video_path, self.frames, self.candidates, start, end, self.limits,
                                        info=self._info)
@@ -218,10 +235,11 @@ class ClipPlanning:
             selection = select_with_shortlist(
                 retriever, self._candidates, lambda short: self._embed_shortlisted(retriever, short), question,
                 self.clips, self.shortlist, self.temporal, self.tokens_per_image, cached=self._candidates_cached,
-                strategy=self.selection_strategy)
+                strategy=self.selection_strategy, capped=self.selection_capped)
         else:
             selection = select(retriever, self._candidates, question, self.clips, self.temporal,
-                               self.tokens_per_image, cached=self._candidates_cached, strategy=self.selection_strategy)
+                               self.tokens_per_image, cached=self._candidates_cached, strategy=self.selection_strategy,
+                               capped=self.selection_capped)
         self._candidates_cached = True  # every later question re-ranks the same embeddings
         if self._video is None or self.selection is None or selection.chosen != self.selection.chosen:
             key = dataclasses.replace(session_key(self, self._content_hash()),

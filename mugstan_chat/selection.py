@@ -156,6 +156,7 @@ class Selection:
     # embedded in full and scored again (``shortlist_scores``), and the K chosen among them
     shortlist: list[int] | None = None
     shortlist_scores: list[float] | None = None
+    capped: dict | None = None  # what was asked (candidates, select) when the video holds fewer distinct clips
 
     def to_dict(self) -> dict:
         out = {
@@ -164,6 +165,7 @@ class Selection:
             "candidate_spans": [[round(a, 3), round(b, 3)] for a, b in self.times],
             "rank_ms": round(self.rank_ms, 2), "embed_ms": round(self.embed_ms, 2), "cached": self.cached,
             "tokens_saved": self.tokens_saved,
+            "capped": None if self.capped is None else dict(self.capped),
         }
         if self.shortlist is not None:
             out.update(shortlist=list(self.shortlist), shortlist_scores=[round(s, 5) for s in self.shortlist_scores])
@@ -260,9 +262,13 @@ def embed_candidates(retriever: Retriever, path, indices: list[list[int]], info,
 
 
 def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str, keep: int, temporal: str,
-           tokens_per_clip: int, cached: bool, strategy: str = DEFAULT_SELECTION) -> Selection:
+           tokens_per_clip: int, cached: bool, strategy: str = DEFAULT_SELECTION,
+           capped: dict | None = None) -> Selection:
     """Scores ``question`` against the candidates and keeps ``keep`` of them by ``strategy``
-    (:data:`STRATEGIES`: :func:`rank`, the top K, or :func:`cover`, relevance and coverage)."""
+    (:data:`STRATEGIES`: :func:`rank`, the top K, or :func:`cover`, relevance and coverage).
+
+    ``capped``: what was asked, when M and K were capped at the clips the video holds (reported as is).
+    """
     started = time.perf_counter()
     scores = retriever.scores(question, candidates.frames, temporal)
     chosen = STRATEGIES[strategy](scores, candidates.times, keep)
@@ -271,7 +277,7 @@ def select(retriever: Retriever, candidates: CandidateEmbeddings, question: str,
     return Selection(total, chosen, [float(s) for s in scores], list(candidates.times),
                      retriever.mug_for(temporal).mode, rank_ms,
                      0.0 if cached else candidates.decode_ms + candidates.encode_ms, cached,
-                     (total - len(chosen)) * tokens_per_clip, strategy)
+                     (total - len(chosen)) * tokens_per_clip, strategy, capped=capped)
 
 
 def middle_frames(indices: list[list[int]]) -> list[list[int]]:
@@ -281,7 +287,7 @@ def middle_frames(indices: list[list[int]]) -> list[list[int]]:
 
 def select_with_shortlist(retriever: Retriever, coarse: CandidateEmbeddings, embed_full, question: str, keep: int,
                           shortlist: int, temporal: str, tokens_per_clip: int, cached: bool,
-                          strategy: str = DEFAULT_SELECTION) -> Selection:
+                          strategy: str = DEFAULT_SELECTION, capped: dict | None = None) -> Selection:
     """Two passes: every candidate scored on one frame, the ``shortlist`` best (by ``strategy``) embedded with all
     T frames and scored again, the ``keep`` shown chosen among those.
 
@@ -305,7 +311,8 @@ def select_with_shortlist(retriever: Retriever, coarse: CandidateEmbeddings, emb
     first_ms = 0.0 if cached else coarse.decode_ms + coarse.encode_ms
     return Selection(total, chosen, [float(s) for s in coarse_scores], list(coarse.times),
                      retriever.mug_for(temporal).mode, rank_ms, first_ms + embed_ms, cached and embed_ms == 0,
-                     (total - len(chosen)) * tokens_per_clip, strategy, list(short), [float(s) for s in fine])
+                     (total - len(chosen)) * tokens_per_clip, strategy, list(short), [float(s) for s in fine],
+                     capped=capped)
 
 
 # ------------------------------------------------------------------------------ the text side for LLaVA

@@ -73,6 +73,10 @@ def describe_clips(session) -> str:
         embedded = "candidates from the cache" if selection.cached else f"embedding {selection.embed_ms:.0f} ms"
         line += (f"; selected {len(spans)} of {selection.candidates} candidates by {selection.mode} "
                  f"(ranking {selection.rank_ms:.0f} ms, {embedded}; {selection.tokens_saved} visual tokens saved)")
+        if selection.capped:
+            asked = selection.capped
+            line += (f"; the video holds {asked['distinct_clips']} distinct clip(s) of {session.frames} frames: "
+                     f"--candidates {asked['candidates']} and --select {asked['select']} capped to it")
     if session.selection_notice:
         line += f"; {session.selection_notice}"
     return line

@@ -27,6 +27,8 @@ MODEL_BAD_VALUES = [
     ("--clips", "automatic"), ("--clip-times", "sometimes"), ("--select", "0"), ("--select", "9"),
     ("--select", "nan"), ("--candidates", "1"), ("--candidates", "257"), ("--selection", "best"), ("--shortlist", "0"),
     ("--shortlist", "x"),
+    ("--llm-timeout", "0"), ("--llm-timeout", "-1"), ("--llm-timeout", "nan"), ("--llm-timeout", "inf"),
+    ("--llm-timeout", "soon"),
 ]
 # (flags, words of the message): settings that are fine alone and refused together, the same way everywhere
 MODEL_BAD_COMBINATIONS = [
@@ -39,6 +41,7 @@ MODEL_BAD_COMBINATIONS = [
     (["--select", "2", "--clips", "3"], "--select K shows K clips"),
     (["--select", "2", "--clips", "auto"], "--select K shows K clips"),
     (["--clip-times", "on", "--llm-url", "http://127.0.0.1:9/v1"], "--clip-times on is not available with --llm-url"),
+    (["--llm-timeout", "5"], "--llm-timeout need --llm-url"),
 ]
 SERVING_BAD_VALUES = [
     ("--port", "0"), ("--port", "70000"), ("--port", "-1"), ("--port", "http"),

@@ -4,13 +4,15 @@ and one that is not there. The answer ends with an OpenAI-shaped error and the s
 
 from __future__ import annotations
 
-import json
+import asyncio
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from pathlib import Path
 
 import pytest
+
+import fake_llm as fake
 
 from mugstan_chat.entrypoints import ModelArgs
 from mugstan_chat.feature_cache import FeatureCache
@@ -24,47 +26,43 @@ from mugstan_chat.server.worker import ChatService
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-class BreaksOff(BaseHTTPRequestHandler):
-    """Serves one model; streams two words of every answer, then drops the connection mid-body."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
-                                                       "owned_by": "test", "max_model_len": 2048}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        self.server.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for word in ("hello", " world"):
-            event = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake",
-                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-            data = f"data: {json.dumps(event)}\n\n".encode()
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-        self.connection.shutdown(socket.SHUT_RDWR)  # no last chunk: the body is incomplete
-
-
 @pytest.fixture
 def fake_llm():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BreaksOff)
-    server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with fake.running("breaks_off") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    return load_chat_model(demo=True, device="cpu", frames=4)
+
+
+def _service(chat_model, llm: RemoteLLM) -> ChatService:
+    chat_model.llm = llm
+    return ChatService(chat_model, ServiceConfig(model_name="demo", frames=4, max_new_tokens=8, remote_llm=True),
+                       MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(1 << 20))
+
+
+def _ask(service: ChatService, on_start=None, bound_s: float = 60):
+    """(events, the last event) of one video request through a job; ``on_start(job)`` runs once it started
+    (e.g. a client that will leave). The wait for the job to end is bounded (a hang fails the test)."""
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"file://{EXAMPLES / 'red_triangle_growing.mp4'}"}},
+        {"type": "text", "text": "what happens?"}]}])
+
+    async def run():
+        finished = asyncio.Event()
+        job = service.start(service.plan(request), asyncio.get_running_loop(), finished.set)
+        if on_start is not None:
+            on_start(job)
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(await job.next())
+        await finished.wait()
+        return events
+
+    events = asyncio.run(asyncio.wait_for(run(), bound_s))
+    return events, events[-1]
 
 
 def test_urls_and_flags_are_checked_before_loading():
@@ -75,6 +73,10 @@ def test_urls_and_flags_are_checked_before_loading():
             normalise_llm_url(bad)
     with pytest.raises(ValueError, match="vLLM server"):
         ModelArgs(demo=True, llm_url="http://127.0.0.1:1", load_8bit=True).validate()
+    with pytest.raises(ValueError, match="need --llm-url"):
+        ModelArgs(demo=True, llm_timeout=5).validate()
+    with pytest.raises(ValueError, match="--llm-timeout: must be a finite number above 0"):
+        ModelArgs(demo=True, llm_url="http://127.0.0.1:1", llm_timeout=float("inf")).validate()
     with pytest.raises(ValueError, match="need --llm-url"):
         ModelArgs(demo=True, llm_model="x").validate()
 
@@ -99,34 +101,103 @@ def test_unreachable_server_is_one_clear_error():
     assert caught.value.status == 503 and "cannot reach" in caught.value.message
 
 
-def test_server_going_away_mid_answer_ends_the_stream_with_an_error(fake_llm):
-    import asyncio
-
-    chat_model = load_chat_model(demo=True, device="cpu", frames=4)
-    chat_model.llm = RemoteLLM(f"http://127.0.0.1:{fake_llm.server_address[1]}/v1").connect()
+def test_server_going_away_mid_answer_ends_the_stream_with_an_error(fake_llm, chat_model):
+    service = _service(chat_model, RemoteLLM(fake_llm.url).connect())
     assert chat_model.llm.model == "fake"
-    service = ChatService(chat_model, ServiceConfig(model_name="demo", frames=4, max_new_tokens=8),
-                          MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(1 << 20))
-    request = ChatCompletionRequest(messages=[{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": f"file://{EXAMPLES / 'red_triangle_growing.mp4'}"}},
-        {"type": "text", "text": "what happens?"}]}])
-
-    async def run():
-        finished = asyncio.Event()
-        job = service.start(service.plan(request), asyncio.get_running_loop(), finished.set)
-        events = []
-        while not events or events[-1][0] not in ("done", "error"):
-            events.append(await job.next())
-        await finished.wait()
-        return events
-
     for _ in range(2):  # the service survives and answers (here: fails the same way) again
-        events = asyncio.run(run())
+        events, (kind, error) = _ask(service)
         assert "".join(v for k, v in events if k == "text") == "hello world"
-        kind, error = events[-1]
         assert kind == "error" and error.status == 502 and error.code == "llm_stream_broken"
         assert set(error.body()["error"]) == {"message", "type", "param", "code"}
     sent = fake_llm.requests[0]
     assert [p["type"] for p in sent["messages"][0]["content"]] == ["image_embeds", "text"]
     assert sent["max_tokens"] == 8 and sent["temperature"] == 0 and sent["add_special_tokens"] is True
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert service.counters["failed"] == 2
+
+
+# ----------------------------------------------------------------------------- faults of the server (issue 27)
+
+
+def _answered_again(service, server) -> None:
+    """After a fault the same service answers the next request in full."""
+    server.behaviour = "answer"
+    events, (kind, outcome) = _ask(service)
+    assert kind == "done" and outcome.text == "hello world", outcome
+    assert outcome.completion_tokens == 2
+
+
+@pytest.mark.parametrize("models", ["not_json", "no_ids", "not_a_list"])
+def test_a_model_list_that_is_not_one_is_a_one_line_error(models):
+    with fake.running(models=models) as server:
+        with pytest.raises(RemoteLLMError) as caught:
+            RemoteLLM(server.url).connect()
+    error = caught.value
+    assert error.status == 502 and error.code == "llm_bad_response"
+    assert "\n" not in error.message and f"{server.url}/models did not answer" in error.message
+
+
+@pytest.mark.parametrize("behaviour", ["not_json", "list_chunk", "choices_not_a_list", "content_not_text"])
+def test_a_malformed_chunk_is_502_llm_bad_response(behaviour, chat_model):
+    with fake.running(behaviour) as server:
+        service = _service(chat_model, RemoteLLM(server.url).connect())
+        events, (kind, error) = _ask(service)
+        assert "".join(v for k, v in events if k == "text") == "hello"  # what came before the bad chunk
+        assert kind == "error" and (error.status, error.type, error.code) == (502, "server_error", "llm_bad_response")
+        assert "malformed chunk" in error.message and "\n" not in error.message
+        _answered_again(service, server)
+    assert service.counters["failed"] == 1 and service.counters["completed"] == 1
+
+
+def test_a_5xx_from_the_server_is_502_with_a_code(chat_model):
+    with fake.running("server_error") as server:
+        service = _service(chat_model, RemoteLLM(server.url).connect())
+        _, (kind, error) = _ask(service)
+        assert kind == "error" and (error.status, error.code) == (502, "llm_server_error")
+        assert "HTTP 500" in error.message and "EngineCore died" in error.message
+        _answered_again(service, server)
+
+
+@pytest.mark.parametrize("behaviour", ["stalls", "stalls_at_once"])
+def test_a_stalled_server_ends_the_answer_after_the_timeout(behaviour, chat_model):
+    timeout = 0.5
+    with fake.running(behaviour) as server:
+        service = _service(chat_model, RemoteLLM(server.url, timeout=timeout).connect())
+        events, (kind, error) = _ask(service, bound_s=timeout + 30)
+        assert "".join(v for k, v in events if k == "text") == ("hello world" if behaviour == "stalls" else "")
+        assert kind == "error" and (error.status, error.code) == (504, "llm_timeout")
+        assert f"sent nothing for {timeout:g} s (--llm-timeout)" in error.message
+        _answered_again(service, server)
+
+
+def test_a_client_leaving_shuts_a_stalled_stream_at_once(chat_model):
+    """The job is cancelled while vLLM sends nothing: the stream to it is shut (it sees us hang up) and the
+    worker ends long before --llm-timeout (here 60 s; the wait for the job is bounded at 15 s)."""
+    def leave_once_waiting(job):
+        def leave():
+            deadline = time.monotonic() + 30
+            while not server.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # our worker now blocks reading a stream that sends nothing
+            job.cancel()
+
+        threading.Thread(target=leave, daemon=True).start()
+
+    with fake.running("stalls_at_once") as server:
+        service = _service(chat_model, RemoteLLM(server.url, timeout=60).connect())
+        events, (kind, outcome) = _ask(service, on_start=leave_once_waiting, bound_s=15)
+        assert server.hung_up.wait(5)  # vLLM sees its client go away: it aborts the request
+        assert kind == "done" and outcome.text == "" and service.counters["cancelled"] == 1
+        _answered_again(service, server)
+
+
+@pytest.mark.parametrize("behaviour", ["empty_tokens", "empty_tokens_counted"])
+def test_tokens_that_decode_to_no_text_still_time_the_first_token(behaviour, chat_model):
+    """Issue 30: the demo model's greedy tokens decode to nothing; first_token counts tokens, not text."""
+    with fake.running(behaviour) as server:
+        service = _service(chat_model, RemoteLLM(server.url).connect())
+        events, (kind, outcome) = _ask(service)
+    assert kind == "done" and outcome.text == "" and not [v for k, v in events if k == "text"]
+    assert outcome.completion_tokens == 3
+    timings = outcome.info["timings_ms"]
+    assert timings["first_token"] is not None and 0 < timings["first_token"] <= timings["total"]

@@ -116,6 +116,8 @@ def test_greedy_answers_through_vllm_equal_our_engine(client, engine, temporal, 
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == stats.new_tokens
+    info = next(c.model_extra["mugstan"] for c in chunks if (c.model_extra or {}).get("mugstan"))
+    assert info["timings_ms"]["first_token"] is not None  # counted by vLLM's tokens, text or not (issue 30)
 
 
 def test_history_stop_and_text_only_pass_through(client, engine):
@@ -153,4 +155,5 @@ def test_vllm_errors_come_back_in_openai_shape(client, server):
         client.chat.completions.create(model="demo", messages=too_long, max_tokens=4)
     assert set(caught.value.body) == {"message", "type", "param", "code"}
     assert caught.value.body["message"].startswith("language model server:")
+    assert caught.value.body["code"] == "llm_request_refused"  # vLLM's own code is a number
     assert client.chat.completions.create(model="demo", messages=_messages("red_triangle_growing.mp4", "what ?"))

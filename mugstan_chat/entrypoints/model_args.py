@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, DEFAULT_SELECTION, FRAMES,
                        MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, SHORTLIST, TEMPERATURE, TOP_P, Range)
 
-from .values import llm_url, non_empty
+from ..remote_llm import DEFAULT_TIMEOUT_S as DEFAULT_LLM_TIMEOUT_S
+from .values import llm_url, non_empty, positive_float
 
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -61,6 +62,7 @@ class ModelArgs:
     llm_url: str | None = None  # an OpenAI-compatible vLLM server running the language model (docs/serve.md)
     llm_api_key: str | None = None  # its --api-key (default: $MUGSTAN_LLM_API_KEY)
     llm_model: str | None = None  # its served model name (default: the only one it serves)
+    llm_timeout: float | None = None  # seconds for a connection or the next streamed chunk (None: 120)
     debug: bool = False  # tracebacks and library logs
 
     # ------------------------------------------------------------------ command line
@@ -94,6 +96,9 @@ class ModelArgs:
                          help="the vLLM server's --api-key (default: $MUGSTAN_LLM_API_KEY)")
         llm.add_argument("--llm-model", type=non_empty, default=None, metavar="NAME",
                          help="the vLLM server's model name (default: the only model it serves)")
+        llm.add_argument("--llm-timeout", type=positive_float, default=None, metavar="SECONDS",
+                         help="seconds to wait for the vLLM server to connect, answer or send the next streamed "
+                              f"chunk; longer ends the answer with a 504 (default: {DEFAULT_LLM_TIMEOUT_S:g})")
         video = parser.add_argument_group("video")
         video.add_argument("--frames", type=FRAMES.parse, default=8,
                            help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
@@ -187,8 +192,13 @@ class ModelArgs:
             if self.load_4bit or self.load_8bit:
                 raise ValueError("--load-4bit/--load-8bit quantise our language model, which --llm-url replaces: "
                                  "quantise on the vLLM server instead (vllm serve --quantization ...)")
-        elif self.llm_api_key is not None or self.llm_model is not None:
-            raise ValueError("--llm-api-key and --llm-model need --llm-url")
+        elif self.llm_api_key is not None or self.llm_model is not None or self.llm_timeout is not None:
+            raise ValueError("--llm-api-key, --llm-model and --llm-timeout need --llm-url")
+        if self.llm_timeout is not None:
+            try:
+                positive_float(str(self.llm_timeout))
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"--llm-timeout: {error}") from None
         for name in ("llm_api_key", "llm_model"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
@@ -261,4 +271,5 @@ class ModelArgs:
         from ..remote_llm import LLM_API_KEY_ENV, RemoteLLM
 
         key = self.llm_api_key if self.llm_api_key is not None else os.environ.get(LLM_API_KEY_ENV) or None
-        return RemoteLLM(self.llm_url, api_key=key, model=self.llm_model).connect()
+        timeout = self.llm_timeout if self.llm_timeout is not None else DEFAULT_LLM_TIMEOUT_S
+        return RemoteLLM(self.llm_url, api_key=key, model=self.llm_model, timeout=timeout).connect()

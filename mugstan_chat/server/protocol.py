@@ -11,6 +11,9 @@ Rules for fields a client may send:
   with 400 when set to anything but their neutral value (:meth:`ChatCompletionRequest.check_supported`).
 * Our own extension objects (``media_io_kwargs``, ``mugstan``) refuse unknown keys, so a
   typo is an error rather than a silently ignored setting.
+* Numbers are JSON numbers: an integer field refuses ``"2"``, ``true`` and ``2.5`` (:data:`Int`;
+  pydantic's lax mode would take them, and ``bool`` is an ``int`` in Python), a number field
+  refuses strings, booleans and non-finite values such as ``1e999`` (:data:`Number`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+Int = StrictInt  # a JSON integer: not "2", not true, not 2.0
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a finite JSON number (an integer is one)
 
 
 class APIError(Exception):
@@ -103,7 +109,7 @@ class Message(_Open):
 
 
 class VideoIOKwargs(_Closed):
-    num_frames: int | None = Field(default=None, ge=1)  # T, frames per clip (vLLM / lmms-eval's name)
+    num_frames: Int | None = Field(default=None, ge=1)  # T, frames per clip (vLLM / lmms-eval's name)
 
 
 class MediaIOKwargs(_Closed):
@@ -113,15 +119,15 @@ class MediaIOKwargs(_Closed):
 class MugstanOptions(_Closed):
     """Our request extension: how the video is read and encoded."""
 
-    clips: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None  # C clips, each fills one <image>; "auto"
+    clips: Annotated[Int, Field(ge=1)] | Literal["auto"] | None = None  # C clips, each fills one <image>; "auto"
     clip_times: Literal["auto", "on", "off"] | None = None  # each clip's time span before its <image>
-    select: int | None = Field(default=None, ge=1)  # K: show the K candidate clips that best match the question
-    candidates: int | None = Field(default=None, ge=2)  # M candidates to rank (with select)
+    select: Int | None = Field(default=None, ge=1)  # K: show the K candidate clips that best match the question
+    candidates: Int | None = Field(default=None, ge=2)  # M candidates to rank (with select)
     selection: Literal["topk", "coverage"] | None = None  # how select picks its K (options.SELECTIONS)
-    shortlist: int | None = Field(default=None, ge=1)  # S: coarse pass first, S candidates embedded in full
+    shortlist: Int | None = Field(default=None, ge=1)  # S: coarse pass first, S candidates embedded in full
     temporal: Literal["stan", "mean"] | None = None  # default: the server's --temporal
-    start: float | None = Field(default=None, ge=0)  # time window, seconds
-    end: float | None = Field(default=None, gt=0)
+    start: Number | None = Field(default=None, ge=0)  # time window, seconds
+    end: Number | None = Field(default=None, gt=0)
 
 
 class StreamOptions(_Open):
@@ -139,18 +145,18 @@ class ChatCompletionRequest(_Open):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
+    seed: Int | None = None
+    n: Int | None = None
     # OpenAI fields accepted only at their neutral value (see check_supported)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

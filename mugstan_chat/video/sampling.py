@@ -92,11 +92,18 @@ def clip_indices(
     return clips
 
 
+def _frame_at(seconds: float, info: VideoInfo, rounding) -> int:
+    """The frame index at ``seconds``, clamped to [0, num_frames]; a huge time (1e308 s x fps) is the end."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"time window bounds must be finite numbers of seconds, got {seconds}")
+    position = max(0.0, seconds) * info.fps
+    return info.num_frames if not math.isfinite(position) or position >= info.num_frames else int(rounding(position))
+
+
 def seconds_to_frames(info: VideoInfo, start: float | None, end: float | None) -> tuple[int, int]:
     """Convert a [start, end) window in seconds to a frame window via fps (clamped to the video)."""
-    first = 0 if start is None else int(math.floor(max(0.0, start) * info.fps))
-    last = info.num_frames if end is None else int(math.ceil(end * info.fps))
-    last = min(last, info.num_frames)
+    first = 0 if start is None else _frame_at(start, info, math.floor)
+    last = info.num_frames if end is None else _frame_at(end, info, math.ceil)
     if first >= last:
         raise ValueError(f"empty time window start={start} end={end} for a {info.duration:.2f} s video")
     return first, last
