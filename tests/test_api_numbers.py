@@ -145,6 +145,19 @@ def test_the_cap_is_the_sessions_so_every_front_end_has_it(chat_model, videos):
     assert session.distinct_clips() == 1
 
 
+def test_a_shortlist_that_no_longer_fits_the_capped_candidates_is_dropped(chat_model, videos):
+    """Twelve frames hold 3 clips of 4: M = 8 becomes 3; a shortlist of 4 would not be a shortlist, one of 2 is."""
+    kept = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8, shortlist=2,
+                       generation=GenerationSettings(max_new_tokens=2))
+    kept.ask("what happens?")
+    assert kept.candidates == 3 and kept.selection.shortlist is not None and len(kept.selection.shortlist) == 2
+    dropped = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8,
+                          shortlist=4, generation=GenerationSettings(max_new_tokens=2))
+    dropped.ask("what happens?")
+    assert dropped.selection.shortlist is None and dropped.candidates == 3
+    assert dropped.selection.capped == {"candidates": 8, "select": 1, "distinct_clips": 3, "shortlist": 4}
+
+
 def test_verbose_says_the_candidates_were_capped(chat_model, videos):
     from mugstan_chat.terminal import describe_clips
 
