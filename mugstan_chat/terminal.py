@@ -51,10 +51,7 @@ def add_commands(commands) -> None:
 
 
 def _session(model_args: ModelArgs, chat_model, video: str, feature_cache=None):
-    from .chat import ChatSession
-
-    return ChatSession(chat_model, video, **model_args.session_kwargs(), generation=model_args.generation(),
-                       feature_cache=feature_cache, prepare=False)
+    return model_args.open_session(chat_model, video, feature_cache=feature_cache)
 
 
 def describe_clips(session) -> str:

@@ -157,3 +157,22 @@ def test_vllm_errors_come_back_in_openai_shape(client, server):
     assert caught.value.body["message"].startswith("language model server:")
     assert caught.value.body["code"] == "llm_request_refused"  # vLLM's own code is a number
     assert client.chat.completions.create(model="demo", messages=_messages("red_triangle_growing.mp4", "what ?"))
+
+
+def test_batch_on_the_vllm_route_answers_as_our_engine(exported, vllm, engine, tmp_path, capsys):
+    """`mugstan-chat batch --llm-url` with 4 videos in flight: each greedy row equals our engine's answer."""
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    question = "what happens in the video?"
+    assert cli_main(["batch", str(EXAMPLES), "--prompt", question, "--out", str(out), "--model", str(exported),
+                     "--stan", str(exported / "stan"), "--device", "cpu", "--dtype", "fp32", "--llm-url", vllm,
+                     "--frames", str(FRAMES), "--max-new-tokens", str(MAX_TOKENS), "--in-flight", "4",
+                     "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    videos = sorted(p.name for p in EXAMPLES.glob("*.mp4"))
+    assert sorted(r["id"] for r in rows) == videos and all(r["error"] is None for r in rows)
+    for row in rows:
+        answer, stats = _reference(engine, row["id"], question)
+        assert row["answer"] == answer.strip() and row["prompt_tokens"] == stats.prompt_tokens
+    assert "4 answered, 0 failed" in capsys.readouterr().err

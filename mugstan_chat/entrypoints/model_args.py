@@ -224,6 +224,14 @@ class ModelArgs:
                 "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count,
                 "selection_strategy": self.selection, "shortlist": self.shortlist}
 
+    def open_session(self, chat_model, video: str, **extra):
+        """A :class:`mugstan_chat.chat.ChatSession` on ``video`` with these flags' clip and generation settings,
+        not yet decoded: ``ask``'s and ``batch``'s (so a batch row's greedy answer is ``ask``'s)."""
+        from ..chat import ChatSession
+
+        return ChatSession(chat_model, video, **self.session_kwargs(), generation=self.generation(), prepare=False,
+                           **extra)
+
     @property
     def answer_limit(self) -> int:
         """``max_new_tokens``, or the default (shorter for the demo model, whose answers are noise)."""
