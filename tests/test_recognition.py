@@ -13,6 +13,7 @@ from mugstan_chat.model import MugStan
 from mugstan_chat.synthetic.pairs import write_pair
 from mugstan_chat.synthetic.render import COLOURS, Canvas, shape_mask
 
+from scriptload import load_script
 from training.data import Columns, DataError, read_annotations
 from training.evaluate import main as evaluate_main
 from training.params import model_config, parse_args
@@ -112,6 +113,17 @@ def test_text_tower_stays_frozen_while_the_video_side_trains(motions, tmp_path):
     trained = result.model.state_dict()
     for name, value in fresh.state_dict().items():
         assert value.equal(trained[name]) == name.startswith("text."), name
+
+
+def test_shards_carry_the_class_name_as_their_caption(motions, tmp_path):
+    """Shards made from the labelled list with the label as caption (make_shards --caption-column label)."""
+    records = read_annotations(motions / "train.csv", Columns.preset("k400", caption_column="label"))
+    load_script("make_shards").write_shards(records[:24], motions, tmp_path / "shards", samples_per_shard=12)
+    out = tmp_path / "out"
+    result = train(_args(motions, out, "--batch-size", "6", "--max-steps", "3", "--mug-mode", "mean")
+                   + ["--train-data", f"{tmp_path}/shards/{{00000..00001}}.tar"])
+    assert len(result.losses) == 3 and all(loss > 0 for loss in result.losses)
+    assert [e["step"] for e in _evals(out)] == [0, 3]
 
 
 # --------------------------------------------------------------------------- Something-Something v2's files
