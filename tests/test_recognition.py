@@ -81,13 +81,13 @@ def _evals(out: Path) -> list[dict]:
 
 
 def test_finetuning_raises_heldout_top1_above_the_zero_shot_start(motions, tmp_path):
-    # 160 training clips, batch 16: 10 steps an epoch, 8 epochs. Mug mode "mean" (the plain CLIP head): with a
+    # 160 training clips, batch 8: 20 steps an epoch, 4 epochs. Mug mode "mean" (the plain CLIP head): with a
     # random text tower the token-level modes tie every class on the tokens all class names share (the
     # start-of-text token's output is the same for every text), and the loss stays at ln 4.
-    result = train(_args(motions, tmp_path, "--batch-size", "16", "--epochs", "8", "--lr-backbone", "1e-3",
+    result = train(_args(motions, tmp_path, "--batch-size", "8", "--epochs", "4", "--lr-backbone", "1e-3",
                          "--lr-stan", "1e-3", "--warmup-steps", "4", "--mug-mode", "mean"))
     evals = _evals(tmp_path)
-    assert [e["step"] for e in evals] == [0, 10, 20, 30, 40, 50, 60, 70, 80]  # the start, then every epoch end
+    assert [e["step"] for e in evals] == [0, 20, 40, 60, 80]  # the start, then every epoch end
     assert all(e["videos"] == 32 and e["classes"] == 4 and e["failed_videos"] == 0 for e in evals)
     start, final = evals[0]["top1"], evals[-1]["top1"]
     assert final == result.eval_metrics["top1"]
