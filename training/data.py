@@ -46,6 +46,12 @@ PRESETS = {
     "webvid": {"video_column": None, "caption_column": "name", "video_template": "{page_dir}/{videoid}.mp4"},
     # MSR-VTT test lists (e.g. the 1k-A CSV: key,vid_key,video_id,sentence)
     "msrvtt": {"video_column": None, "caption_column": "sentence", "video_template": "{video_id}.mp4"},
+    # recognition (--task recognition, training/recognition_data.py): a Kinetics-400 style list "path,label"
+    # (label: class name or 0-based index) ...
+    "k400": {"video_column": "path", "caption_column": None, "video_template": None, "label_column": "label"},
+    # ... and Something-Something v2's published something-something-v2-{train,validation}.json (a list of
+    # {"id", "label", "template", "placeholders"}): video {id}.webm, class = the template without brackets
+    "ssv2": {"video_column": None, "caption_column": None, "video_template": "{id}.webm", "label_column": "template"},
 }
 
 
@@ -58,7 +64,7 @@ class Columns:
     """Where a video path and its caption(s) are found in an annotation row."""
 
     video_column: str | None = "video"  # path relative to the video root
-    caption_column: str = "caption"  # one caption, or a JSON list of captions
+    caption_column: str | None = "caption"  # one caption, or a JSON list of captions (None: recognition lists)
     video_template: str | None = None  # e.g. "{page_dir}/{videoid}.mp4"; overrides video_column
     label_column: str | None = None  # recognition: class name or class index
 

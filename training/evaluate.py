@@ -28,7 +28,8 @@ from mugstan_chat.entrypoints.progress import add_progress_flag, progress_bar
 from mugstan_chat.model import MugStan
 from mugstan_chat.mug import MODES
 
-from training.data import ClipSettings, Columns, EvalDataset, VideoRecord, build_eval_loader, read_annotations
+from training.data import ClipSettings, EvalDataset, VideoRecord, build_eval_loader, read_annotations
+from training.recognition_data import ClassIndex, read_class_names, recognition_columns
 
 logger = logging.getLogger(__name__)
 
@@ -218,21 +219,18 @@ def evaluate_retrieval(model: MugStan, records: list[VideoRecord], root: str | P
 def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names: list[str], root: str | Path,
                          clip: ClipSettings, device: torch.device, batch_size: int = 32, workers: int = 0,
                          precision: str = "fp32", progress: bool = False) -> dict[str, float]:
-    """Zero-shot recognition: class names (no prompt template) as captions; labels are names or indices."""
+    """Zero-shot recognition: class names (no prompt template) as captions; labels are names, SSv2 templates or
+    indices (:class:`training.recognition_data.ClassIndex`). Leaves the model in the mode it came in."""
+    was_training = model.training
     model.eval()
-    lookup = {name: i for i, name in enumerate(class_names)}
-    labels = []
-    for record in records:
-        label = record.label
-        if label in lookup:
-            labels.append(lookup[label])
-        elif label is not None and label.isdigit() and int(label) < len(class_names):
-            labels.append(int(label))
-        else:
-            raise ValueError(f"video {record.video}: label {label!r} is neither a class name nor a class index")
+    classes = ClassIndex(class_names)
+    # a record without a label (evaluation shards) is labelled by its caption
+    labels = [classes(r.label if r.label is not None else (r.captions or [None])[0], f"video {r.video}")
+              for r in records]
     frames, ok = encode_videos(model, records, root, clip, device, batch_size, workers, precision, progress)
     texts = encode_texts(model, class_names, device, precision=precision)
     scores = score(model, texts, frames[ok])
+    model.train(was_training)
     metrics = classification_metrics(scores, torch.tensor(labels)[ok])
     metrics.update({"videos": int(ok.sum()), "classes": len(class_names), "failed_videos": len(records) - int(ok.sum())})
     return metrics
@@ -252,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="annotations (.csv/.tsv/.json/.jsonl)")
     p.add_argument("--video-root", default=".")
     add_data_arguments(p)
-    p.add_argument("--label-column", default="label", help="recognition: class name or index column")
-    p.add_argument("--class-names", help="recognition: text file, one class name per line")
+    p.add_argument("--class-names", help="recognition: one class name per line, or JSON: a list, or name -> index "
+                   "(SSv2's something-something-v2-labels.json)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames per clip (default: what the checkpoint was trained with, else 12)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -301,11 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "recognition":
         if not args.class_names:
             raise SystemExit("--task recognition needs --class-names")
-        columns = Columns(video_column=columns.video_column, caption_column=None,
-                          video_template=columns.video_template, label_column=args.label_column)
-        names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
-        metrics = evaluate_recognition(model, read_annotations(args.data, columns), names, args.video_root, clip,
-                                       device, args.batch_size, args.workers, args.precision,
+        names = read_class_names(args.class_names)
+        metrics = evaluate_recognition(model, read_annotations(args.data, recognition_columns(columns)), names,
+                                       args.video_root, clip, device, args.batch_size, args.workers, args.precision,
                                        progress=not args.no_progress)
     else:
         metrics = evaluate_retrieval(model, read_annotations(args.data, columns), args.video_root, clip, device,

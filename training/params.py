@@ -15,8 +15,9 @@ from mugstan_chat.stan import StanConfig
 
 from mugstan_chat.entrypoints.values import positive_int
 
-from training.data import PRESETS, Columns, DataError
+from training.data import PRESETS, Columns, DataError, read_annotations
 from training.optim import OPTIMIZERS
+from training.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
 from training.shards import MAX_CONSECUTIVE_SKIPS, count_samples, expand_shards, is_shard_spec
 
 
@@ -51,17 +52,21 @@ def add_data_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     """Annotation layout options (shared with evaluation); ``prefix`` e.g. "eval-"."""
     dest = prefix.replace("-", "_")
     parser.add_argument(f"--{prefix}preset", dest=f"{dest}preset", default="generic", choices=sorted(PRESETS),
-                        help="annotation column layout (webvid: {page_dir}/{videoid}.mp4 + name)")
+                        help="annotation column layout (webvid: {page_dir}/{videoid}.mp4 + name; recognition: "
+                             "k400 path,label and ssv2 SSv2's JSON)")
     parser.add_argument(f"--{prefix}video-column", dest=f"{dest}video_column", default=None)
     parser.add_argument(f"--{prefix}caption-column", dest=f"{dest}caption_column", default=None)
     parser.add_argument(f"--{prefix}video-template", dest=f"{dest}video_template", default=None,
                         help="video path built from columns, e.g. '{page_dir}/{videoid}.mp4'")
+    parser.add_argument(f"--{prefix}label-column", dest=f"{dest}label_column", default=None,
+                        help="recognition: the column of the class name or 0-based index (default: the preset's, "
+                             "else label)")
 
 
 def columns_from_args(args: argparse.Namespace, prefix: str = "") -> Columns:
     get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
     return Columns.preset(get("preset"), video_column=get("video_column"), caption_column=get("caption_column"),
-                          video_template=get("video_template"))
+                          video_template=get("video_template"), label_column=get("label_column"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: at the end)")
     e.add_argument("--eval-batch-size", type=int, default=32)
     add_fault_arguments(p)
+    add_recognition_arguments(p)
     return p
 
 
@@ -163,6 +169,47 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
                         "clip stops the run, naming the last (default %(default)s; with --dataset-resampled a "
                         "stream of broken shards would otherwise never end)")
     f.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
+
+
+TASKS = ("contrastive", "recognition")
+
+
+def add_recognition_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--task`` and the class names of recognition fine-tuning (training/recognition.py)."""
+    r = parser.add_argument_group("recognition fine-tuning (docs/training.md)")
+    r.add_argument("--task", choices=TASKS, default="contrastive",
+                   help="contrastive: video-text post-pretraining on captions (Mug InfoNCE); recognition: fine-tune "
+                        "the classifier made of the class names' text (cross-entropy over the Mug scores of each "
+                        "clip against every class name; text tower frozen); --eval-data is then a labelled list "
+                        "scored top-1/top-5 before training and after every epoch")
+    r.add_argument("--class-names", default=None, metavar="FILE",
+                   help="recognition: one class name per line, or JSON: a list, or name -> index "
+                        "(SSv2's something-something-v2-labels.json)")
+
+
+def check_recognition_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Recognition: the class names read and every label of the annotation files names a class (before any
+    model loads); post-pretraining: the layouts have captions."""
+    lists = [("--train-data", args.train_data, columns_from_args(args))]
+    if args.eval_data:
+        lists.append(("--eval-data", args.eval_data, columns_from_args(args, "eval_")))
+    lists = [(flag, path, columns) for flag, path, columns in lists if not is_shard_spec(path)]
+    if args.task != "recognition":
+        if args.class_names:
+            parser.error("--class-names is for --task recognition")
+        for flag, path, columns in lists:
+            if columns.caption_column is None:
+                parser.error(f"{flag} {path}: its layout has no caption column (a recognition preset?); "
+                             f"add --task recognition --class-names FILE, or give the caption column")
+        return
+    if not args.class_names:
+        parser.error("--task recognition needs --class-names FILE")
+    try:
+        classes = ClassIndex(read_class_names(args.class_names))
+        for flag, path, columns in lists:
+            labelled_records(read_annotations(path, recognition_columns(columns)), classes, f"{flag} {path}")
+    except DataError as error:
+        parser.error(str(error))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -198,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             expand_shards(args.eval_data, flag="--eval-data")
         except DataError as error:
             parser.error(str(error))
+    check_recognition_arguments(parser, args)
     if args.init_from and args.freeze_backbone:
         # a frozen run exports the branch alone, to be reloaded on the tower named by --backbone, not DIR's
         parser.error("--init-from with --freeze-backbone is not supported: the exported branch would be "

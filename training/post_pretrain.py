@@ -10,7 +10,8 @@ Several GPUs (global batch = 8 x 128 = 1024, the paper's)::
 
     torchrun --nproc_per_node 8 training/post_pretrain.py ... (same arguments)
 
-See docs/training.md for every setting, resume and evaluation.
+Recognition fine-tuning (Kinetics-400, Something-Something v2) is ``--task recognition --class-names FILE``
+(training/recognition.py). See docs/training.md for every setting, resume and evaluation.
 """
 
 from __future__ import annotations

@@ -75,18 +75,25 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train_step(ddp_model, model: MugStan, batch: dict, tokenizer, optimizer, scaler, env: DistEnv,
-               precision: str, grad_clip: float) -> tuple[float, float, bool]:
+               precision: str, grad_clip: float, task=None) -> tuple[float, float, bool]:
     """One optimisation step on this rank's part of a global batch.
+
+    ``task``: None for post-pretraining (the captions, Mug InfoNCE), else an object whose ``text(batch,
+    tokenizer)`` gives the text to encode with the clips and whose ``loss(frames, feats, batch, model, env)``
+    returns a loss whose value is the same on every rank (training.recognition.RecognitionTask).
 
     Returns:
         (global loss, gradient norm, True when the update was applied).
     """
     video = batch["video"].to(env.device, non_blocking=True)  # (B, T, 3, H, W)
-    text = tokenizer(batch["captions"])
+    text = task.text(batch, tokenizer) if task is not None else tokenizer(batch["captions"])
     with _autocast(env.device, precision):
         frames, feats = ddp_model(video, text.input_ids.to(env.device), text.attention_mask.to(env.device))
-    loss = mug_contrastive_loss(frames.float(), feats.tokens.float(), feats.mask, feats.pooled.float(),
-                                config=model.config.mug, rank=env.rank, world_size=env.world_size)
+    if task is not None:
+        loss = task.loss(frames.float(), feats, batch, model, env)
+    else:
+        loss = mug_contrastive_loss(frames.float(), feats.tokens.float(), feats.mask, feats.pooled.float(),
+                                    config=model.config.mug, rank=env.rank, world_size=env.world_size)
     optimizer.zero_grad(set_to_none=True)
     # backward even for a non-finite loss: every rank must take part in DDP's gradient all-reduce
     scaler.scale(loss).backward()
@@ -219,20 +226,23 @@ def restore(path: Path, model: MugStan, optimizer, scheduler, scaler, monitor: D
 
 
 def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, state: TrainState,
-                    run_logger: RunLogger) -> dict | None:
+                    run_logger: RunLogger, task=None) -> dict | None:
     if not args.eval_data:
         return None
     metrics = None
-    if env.is_main:
+    clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
+    if env.is_main and task is not None:  # recognition: top-1/top-5 of the labelled --eval-data
+        metrics = task.evaluate(model, args, clip, env.device)
+    elif env.is_main:
         from training.evaluate import evaluate_retrieval
 
         if is_shard_spec(args.eval_data):
             records = read_shard_records(expand_shards(args.eval_data, flag="--eval-data"), args.caption_key)
         else:
             records = read_annotations(args.eval_data, columns_from_args(args, "eval_"))
-        clip = ClipSettings(frames=args.frames, size=args.image_size or model.image_size)
         metrics = evaluate_retrieval(model, records, args.eval_video_root or args.video_root, clip, env.device,
                                      args.eval_batch_size, args.workers, args.precision)
+    if env.is_main:
         run_logger.write({"type": "eval", "step": state.step, "epoch": state.epoch, **metrics})
         logger.info("evaluation at step %d: %s", state.step, {k: round(v, 2) for k, v in metrics.items()})
     barrier(env)
@@ -263,6 +273,11 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     model = MugStan(config_from_args(args))
     if args.init_from:
         initialise_towers(model, args.init_from, args.seed, keep_stan=args.init_stan)
+    task = None  # post-pretraining; --task recognition: the class-name classifier (training/recognition.py)
+    if getattr(args, "task", "contrastive") == "recognition":
+        from training.recognition import RecognitionTask
+
+        task = RecognitionTask.from_args(args, model)  # freezes the text tower
     torch.manual_seed(args.seed + env.rank)  # drop-path masks differ between ranks
     np.random.seed(args.seed + env.rank)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -275,7 +290,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     clip = ClipSettings(frames=args.frames, size=size)
     dataset = sampler = stream = None
     if shards is None:
-        records = read_annotations(args.train_data, columns_from_args(args))
+        records = task.train_records(args) if task is not None else read_annotations(args.train_data,
+                                                                                     columns_from_args(args))
         dataset = TrainDataset(records, args.video_root, clip, seed=args.seed)
         groups = group_ids(dataset.records, args.group_column) if args.group_column else None
         sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed,
@@ -319,6 +335,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
         run_logger.write({"type": "resume", "step": state.step, "epoch": state.epoch, "checkpoint": str(resumed_from),
                           "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))})
     result = TrainResult(model=model, state=state)
+    if task is not None and state.step == 0:  # recognition: the zero-shot start, step 0
+        _maybe_evaluate(model, args, env, state, run_logger, task)
     global_batch = args.batch_size * env.world_size
     stop = False
     pin = env.device.type == "cuda"
@@ -338,7 +356,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
             for batch in loader:
                 ran += 1
                 loss, norm, applied = train_step(ddp_model, model, batch, tokenizer, optimizer, scaler, env,
-                                                 args.precision, args.grad_clip)
+                                                 args.precision, args.grad_clip, task)
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
                 with warnings.catch_warnings():  # a skipped update still advances the schedule
                     warnings.simplefilter("ignore", UserWarning)
@@ -375,8 +393,10 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                     raise DataError(monitor_error)
                 epoch_end = state.batch_in_epoch == batches_per_epoch
                 stop = args.stop_at_step is not None and state.step >= args.stop_at_step
-                if args.eval_interval and state.step % args.eval_interval == 0 and state.step < total:
-                    _maybe_evaluate(model, args, env, state, run_logger)
+                # recognition also evaluates at every epoch end; the last step's evaluation follows the loop
+                if ((args.eval_interval and state.step % args.eval_interval == 0 or epoch_end and task is not None)
+                        and state.step < total):
+                    _maybe_evaluate(model, args, env, state, run_logger, task)
                 # --save-interval 0: no training checkpoint but the one --stop-at-step needs to resume
                 periodic = args.save_interval > 0 and (state.step % args.save_interval == 0 or epoch_end
                                                        or state.step == total)
@@ -399,7 +419,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
                               "rank_weight_sums": sums})
             if len(set(sums)) > 1:
                 logger.error("the ranks end with different weights (parameter sums %s)", sums)
-            result.eval_metrics = _maybe_evaluate(model, args, env, state, run_logger)
+            result.eval_metrics = _maybe_evaluate(model, args, env, state, run_logger, task)
             if env.is_main:
                 result.final_dir = output / "final"
                 model.save_pretrained(result.final_dir)
