@@ -87,7 +87,7 @@ def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "metrics.json"
     common = ["--data", str(videos / "annotations.csv"), "--video-root", str(videos), "--frames", "4",
-              "--workers", "0", "--output", str(out)]
+              "--workers", "0", "--output", str(out), "--overwrite"]
     assert main(["--checkpoint", str(tmp_path / "ckpt"), *common]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["pairwise_acc"] is not None and 0 <= metrics["pairwise_acc"] <= 1  # the pair column
@@ -102,7 +102,7 @@ def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):
     (tmp_path / "classes.txt").write_text("circle\nsquare\ntriangle\n")
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--task", "recognition", "--data", str(labels),
                  "--class-names", str(tmp_path / "classes.txt"), "--video-root", str(videos), "--frames", "4",
-                 "--workers", "0", "--output", str(out)]) == 0
+                 "--workers", "0", "--output", str(out), "--overwrite"]) == 0
     assert set(json.loads(out.read_text())) >= {"top1", "top5"}
 
 
@@ -112,8 +112,51 @@ def test_frames_default_to_the_checkpoints_own(videos, tmp_path):
     MugStan(config).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "metrics.json"
     common = ["--data", str(videos / "annotations.csv"), "--video-root", str(videos), "--workers", "0",
-              "--output", str(out), "--threads", "1"]
+              "--output", str(out), "--threads", "1", "--overwrite"]
     assert main(["--checkpoint", str(tmp_path / "ckpt"), *common]) == 0
     assert json.loads(out.read_text())["frames"] == 3
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", *common]) == 0
     assert json.loads(out.read_text())["frames"] == 5
+
+
+@pytest.mark.parametrize("case", ["no_data", "no_classes", "classes_missing", "output_exists", "no_checkpoint",
+                                  "bad_rows", "label_not_a_class"])
+def test_bad_input_is_one_line(case, videos, tmp_path, capsys):
+    """mugstan-evaluate: usage errors exit 2 before a model loads; data errors found while running exit 1; both
+    one line, no traceback."""
+    model = MugStan(model_config("tiny", stan_layers=2))
+    model.save_pretrained(tmp_path / "ckpt")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(videos / "annotations.csv"), "--video-root",
+            str(videos), "--frames", "4", "--workers", "0"]
+    expected = 2
+    if case == "no_data":
+        argv[3] = str(tmp_path / "nowhere.csv")
+    elif case == "no_classes":
+        argv += ["--task", "recognition"]
+    elif case == "classes_missing":
+        argv += ["--task", "recognition", "--class-names", str(tmp_path / "nowhere.txt")]
+    elif case == "output_exists":
+        (tmp_path / "m.json").write_text("{}")
+        argv += ["--output", str(tmp_path / "m.json")]
+    elif case == "no_checkpoint":
+        argv[1] = str(tmp_path / "no_ckpt")
+    elif case == "bad_rows":
+        (tmp_path / "bad.csv").write_text("clip,text\na.mp4,x\n")
+        argv[3], expected = str(tmp_path / "bad.csv"), 1
+    elif case == "label_not_a_class":
+        (tmp_path / "labels.csv").write_text("video,label\npair0000_a.mp4,hexagon\n")
+        (tmp_path / "classes.txt").write_text("circle\nsquare\n")
+        argv[3], expected = str(tmp_path / "labels.csv"), 1
+        argv += ["--task", "recognition", "--class-names", str(tmp_path / "classes.txt")]
+    if expected == 2:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        code = stopped.value.code
+    else:
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == expected, err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("mugstan-evaluate") and "Traceback" not in err
+    if case == "output_exists":
+        assert (tmp_path / "m.json").read_text() == "{}"

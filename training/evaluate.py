@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from mugstan_chat.backbone import TextFeatures
+from mugstan_chat.entrypoints import run_reporting_errors
 from mugstan_chat.entrypoints.progress import add_progress_flag, progress_bar
 from mugstan_chat.model import MugStan
 from mugstan_chat.mug import MODES
 
-from training.data import ClipSettings, EvalDataset, VideoRecord, build_eval_loader, read_annotations
+from training.data import ClipSettings, DataError, EvalDataset, VideoRecord, build_eval_loader, read_annotations
 from training.recognition_data import ClassIndex, read_class_names, recognition_columns
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names
 def build_parser() -> argparse.ArgumentParser:
     from training.params import add_data_arguments
 
-    p = argparse.ArgumentParser(description="Zero-shot retrieval / recognition of a Mug-STAN model or plain CLIP.")
+    p = argparse.ArgumentParser(prog="mugstan-evaluate",
+                                description="Zero-shot retrieval / recognition of a Mug-STAN model or plain CLIP.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a directory written by MugStan.save_pretrained (e.g. OUT/final)")
     src.add_argument("--backbone", help="plain-CLIP baseline: a backbone argument as in post_pretrain.py")
@@ -264,9 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto")
-    p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--output", help="write the metrics as JSON here (a new file, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
     add_progress_flag(p)
     return p
+
+
+PROG = "mugstan-evaluate"
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) before any model loads: files that are not there, an output in the way."""
+    if not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if args.task == "recognition":
+        if not args.class_names:
+            parser.error("--task recognition needs --class-names")
+        if not Path(args.class_names).is_file():
+            parser.error(f"--class-names {args.class_names}: no such file")
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        parser.error(f"--checkpoint {args.checkpoint}: no such folder")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            parser.error(f"--output {out} is a folder; name a .json file")
+        if out.exists() and not args.overwrite:
+            parser.error(f"--output {out} exists; pass --overwrite to replace it")
+        if not out.parent.exists():
+            parser.error(f"--output {out}: the folder {out.parent} does not exist")
 
 
 def load_model(checkpoint: str | None, backbone: str | None, text_length: int | None) -> MugStan:
@@ -282,9 +310,16 @@ def load_model(checkpoint: str | None, backbone: str | None, text_length: int | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluates; bad arguments exit 2 before any model loads, errors print one line and exit 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return run_reporting_errors(PROG, args.debug, _evaluate, args, expected=(DataError,))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from training.params import columns_from_args
 
-    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -297,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     clip = ClipSettings(frames=frames, size=args.image_size or model.image_size)
     columns = columns_from_args(args)
     if args.task == "recognition":
-        if not args.class_names:
-            raise SystemExit("--task recognition needs --class-names")
         names = read_class_names(args.class_names)
         metrics = evaluate_recognition(model, read_annotations(args.data, recognition_columns(columns)), names,
                                        args.video_root, clip, device, args.batch_size, args.workers, args.precision,
@@ -310,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics["frames"] = frames
     for key, value in metrics.items():
         print(f"{key:>10s}  {value:.2f}" if isinstance(value, float) else f"{key:>10s}  {value}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    if args.output:  # a temporary file renamed into place: never a half-written JSON
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out)
     return 0
 
 
