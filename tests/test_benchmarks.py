@@ -129,3 +129,14 @@ def test_selection_benchmark_smoke(tmp_path):
                                      "--shortlist", "3", "--seconds", "60", "--out", str(coarse)]) == 0
     (row,) = json.loads(coarse.read_text())["rows"]
     assert row["shortlist"] == 3 and row["first_question_tower_frames"] == 6 + 3 * 2  # one frame each, then S x T
+
+
+def test_batch_benchmark_smoke(tmp_path):
+    """scripts/benchmark_batch.py on the demo model, our engine only: one row per in-flight setting."""
+    benchmark_batch = load_script("benchmark_batch", "benchlib", "benchmark_serve")
+    out = tmp_path / "batch.json"
+    assert benchmark_batch.main(["--demo", "--routes", "ours", "--in-flight", "1", "2", "--videos", "4",
+                                 "--new-tokens", "4", "--frames", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["route"], r["in_flight"], r["videos"], r["failed"]) for r in rows] == [("ours", 1, 4, 0), ("ours", 2, 4, 0)]
+    assert all(r["videos_s"] > 0 for r in rows)
