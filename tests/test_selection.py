@@ -366,3 +366,41 @@ def test_a_shortlist_lies_between_k_and_m(trained, long_videos, shortlist):
     with pytest.raises(ValueError, match="K <= S < M"):
         ChatSession(trained, long_videos[0][0], frames=T, select=2, candidates=CANDIDATES, shortlist=shortlist,
                     prepare=False)
+
+
+def _cover_from_the_equations(scores, keep, sharpen=1.0):
+    """docs/design.md 4c step 4, written out: r_i, bins by the middle of each candidate's mass, best per bin,
+    empty bins' picks to the best not yet shown (candidates already in temporal order)."""
+    low, high = min(scores), max(scores)
+    r = [1.0] * len(scores) if high == low else [((s - low) / (high - low)) ** sharpen for s in scores]
+    total = sum(r)
+    bins = {}
+    running = 0.0
+    for i, weight in enumerate(r):
+        b = min(keep - 1, int(keep * (running + weight / 2) / total))
+        running += weight
+        bins.setdefault(b, []).append(i)
+    chosen = set()
+    for members in bins.values():
+        centre = (len(members) - 1) / 2
+        best = max(scores[i] for i in members)
+        ties = [j for j, i in enumerate(members) if scores[i] == best]
+        chosen.add(members[min(ties, key=lambda j: (abs(j - centre), j))])
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        if len(chosen) == keep:
+            break
+        chosen.add(i)
+    return sorted(chosen)
+
+
+def test_cover_matches_its_equations():
+    rng = np.random.default_rng(5)
+    times = [(float(i), i + 0.5) for i in range(20)]
+    for _ in range(200):
+        # continuous scores: no candidate's mass middle falls on a bin boundary, where the order of the
+        # floating-point operations could decide the bin (ties are tested with equal scores above)
+        scores = rng.normal(size=20).tolist()
+        keep = int(rng.integers(1, 9))
+        assert cover(scores, times, keep) == _cover_from_the_equations(scores, keep)
+    tied = [0.5] * 7 + [0.9, 0.9] + [0.5] * 11  # a tie of the two best: the one nearer its bin's middle
+    assert cover(tied, times, 3) == _cover_from_the_equations(tied, 3)
