@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+#: Container extensions the project accepts for upload/CLI (both backends are FFmpeg based, so other
+#: containers FFmpeg understands usually work too); here, not in the video package, so listing videos needs no torch.
+SUPPORTED_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".ts")
 
 
 @dataclass(frozen=True)

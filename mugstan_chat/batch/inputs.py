@@ -16,7 +16,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..video import SUPPORTED_EXTENSIONS, VideoBytes
+from ..options import SUPPORTED_EXTENSIONS
 
 LIST_SUFFIXES = (".csv", ".jsonl")
 VIDEO_COLUMNS = ("video", "path", "video_path")  # the first present names the video
@@ -37,8 +37,10 @@ class BatchItem:
     shard: str | None = None  # the tar holding it
     member: str | None = None  # its member name in the tar
 
-    def source(self) -> str | VideoBytes:
-        """What the video readers take: the path, or the member's bytes read now."""
+    def source(self):
+        """What the video readers take: the path, or the member's bytes read now (a ``video.VideoBytes``)."""
+        from ..video import VideoBytes  # the video package brings torch: not at import (``--help`` stays instant)
+
         if self.shard is None:
             return self.video
         with tarfile.open(self.shard) as tar:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..options import SUPPORTED_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
@@ -359,11 +361,9 @@ def resolve_video(question: Question, root: str | os.PathLike) -> Path | None:
     """The first candidate that is a file under ``root`` (absolute candidates as given).
 
     A candidate without a file found is also tried with the video package's extensions
-    (:data:`mugstan_chat.video.limits.SUPPORTED_EXTENSIONS`, lower and upper case) in place of its
+    (:data:`mugstan_chat.options.SUPPORTED_EXTENSIONS`, lower and upper case) in place of its
     own (Video-MME and EgoSchema ship some .MP4 / .mkv files).
     """
-    from ..video import SUPPORTED_EXTENSIONS  # here: the video package imports torch, and --help must not
-
     root = Path(root)
     for candidate in question.videos:
         path = Path(candidate) if os.path.isabs(candidate) else root / candidate

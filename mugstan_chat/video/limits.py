@@ -8,9 +8,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-#: Container extensions the project accepts for upload/CLI (both backends are
-#: FFmpeg based, so other containers FFmpeg understands usually work too).
-SUPPORTED_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".ts")
+from ..options import SUPPORTED_EXTENSIONS  # noqa: F401 (re-exported: the video package's list of containers)
 
 BACKENDS = ("auto", "decord", "pyav")
 
