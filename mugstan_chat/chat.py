@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 
+from .chat_template import render_prompt
 from .clip_planning import AUTO_MAX_CLIPS, ClipPlanning
 from .feature_cache import FeatureCache
 from .likelihood import ContinuationScore, score_continuations
@@ -39,7 +40,7 @@ from .moments import Reference, find_references
 from .prefix_cache import CacheBudget, ConversationCache, budget_for
 from .options import DEFAULT_SELECTION, SELECTIONS
 from .selection import DEFAULT_CANDIDATES, CandidateEmbeddings, Selection
-from .timeline import CLIP_TIMES_CHOICES, label_images, precise_times
+from .timeline import CLIP_TIMES_CHOICES, labelled_messages
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
 from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
                     encode_image, neutralise_image_token)
@@ -342,16 +343,8 @@ class ChatSession(ClipPlanning):
 
     def _prompt_text(self, question: str, images: int) -> str:
         processor = self.chat_model.processor
-        text = processor.apply_chat_template(self.messages(question, images), add_generation_prompt=True,
-                                             tokenize=False)
-        image_token = processor.image_token
-        if text.count(image_token) != images:
-            raise ValueError(f"chat template produced {text.count(image_token)} {image_token} placeholders "
-                             f"for {images} images")
-        if self._shows_times(images):
-            info = self._video.info if self._video is not None else self._probe()
-            text = label_images(text, image_token, self._spans_for(images), precise_times(info.duration))
-        return text.replace(image_token, image_token * self.tokens_per_image)
+        text = render_prompt(processor, self.messages(question, images), self.prompt_labels(images))
+        return text.replace(processor.image_token, processor.image_token * self.tokens_per_image)
 
     def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
         tokenizer = self.chat_model.processor.tokenizer
@@ -540,8 +533,10 @@ class ChatSession(ClipPlanning):
         """The answer from the remote language model (:mod:`mugstan_chat.remote_llm`) on this session's features.
 
         The conversation is the one :meth:`messages` gives our own engine, each ``<image>`` sent as
-        its clip's projected features, with the same BOS rule as :meth:`_tokenize`; the answer limit
-        is clipped to the context as ours is. Raises remote_llm.RemoteLLMError when the server fails.
+        its clip's projected features (after its clip label, when the prompt shows times, which the
+        template ``export-llava`` writes renders where our engine writes it), with the same BOS rule
+        as :meth:`_tokenize`; the answer limit is clipped to the context as ours is. Raises
+        remote_llm.RemoteLLMError when the server fails.
         """
         from .remote_llm import RemoteLLMError, RemoteTurn, openai_messages
 
@@ -550,7 +545,10 @@ class ChatSession(ClipPlanning):
             tokenizer = self.chat_model.processor.tokenizer
             text = self._prompt_text(question, self.images)
             add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-            messages = openai_messages(self.messages(question), list(self._video.features))
+            messages, labels = self.messages(question), self.prompt_labels(self.images)
+            if labels is not None:  # each clip's label a text part before its image: the exported template's place
+                messages = labelled_messages(messages, labels)
+            messages = openai_messages(messages, list(self._video.features))
             turn = RemoteTurn()
             pieces: list[str] = []
             failed = False

@@ -21,7 +21,7 @@ import torch
 from .feature_cache import FeatureCache, FeatureKey, file_sha256, model_identity, session_key
 from .selection import CandidateEmbeddings, Selection, SelectionUnavailable, candidate_plan, embed_candidates, \
     middle_frames, retriever_for, select, select_with_shortlist
-from .timeline import ClipSpan, make_spans, times_shown
+from .timeline import ClipSpan, clip_labels, make_spans, precise_times, times_shown
 from .turns import VideoFeatures
 from .video import (FrameTimes, VideoDecodeError, VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video,
                     read_frame_times, seconds_to_frames)
@@ -105,11 +105,17 @@ class ClipPlanning:
     def _shows_times(self, clips: int) -> bool:
         if self.frames_as_images or (self._video is not None and self._video.info is None):
             return False  # the frames-as-images baseline and single images keep the stock prompt
-        if self.chat_model.llm is not None:
-            # vLLM renders the conversation with its own chat template, which puts every image before the
-            # text: labels before each <image> cannot be sent, so neither route writes them (same prompt)
-            return False
         return times_shown(self.clip_times, clips, self.select is not None)
+
+    def prompt_labels(self, images: int) -> list[str] | None:
+        """The label before each of ``images`` ``<image>`` entries, or None when the prompt shows no times.
+
+        Both routes write these: our engine into the rendered prompt, the vLLM route as text parts.
+        """
+        if not self._shows_times(images):
+            return None
+        info = self._video.info if self._video is not None else self._probe()
+        return clip_labels(self._spans_for(images), precise_times(info.duration))
 
     @property
     def clip_spans(self) -> list[ClipSpan]:

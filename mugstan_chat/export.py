@@ -7,7 +7,9 @@ embeddings), so the export writes one: language model, projector and stock CLIP 
 key layout vLLM's ``LlavaForConditionalGeneration`` reads (``language_model.model.*``,
 ``language_model.lm_head.*``, ``multi_modal_projector.*``, ``vision_tower.vision_model.*``;
 transformers 5 saves the tower as ``vision_tower.embeddings.*``, which vLLM does not map), with
-config, generation config, tokenizer, processor and chat template. Our loader reads the same
+config, generation config, tokenizer, processor and chat template, and the chat template vLLM serves
+with (``vllm_chat_template.jinja``: the processor's, rendering each clip's label before its image as
+our engine does; :mod:`mugstan_chat.chat_template`, checked at export). Our loader reads the same
 directory back (``--model DIR``), so both sides run the same weights. The STAN branch is not
 exported: vLLM never runs the tower on our requests.
 
@@ -28,6 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .chat_template import IN_ORDER_TEMPLATE_FILE, TemplateMismatch, check_in_order_template, in_order_template
 from .output_dir import atomic_output_dir, output_dir_problem
 
 PREFIXES = (  # transformers 5 name -> vLLM's (the pre-4.52 llava-hf layout)
@@ -86,7 +89,20 @@ def export_llava(directory: str | Path, llava, processor, dtype=None) -> Path:
     if processor.chat_template and not getattr(processor.tokenizer, "chat_template", None):
         processor.tokenizer.chat_template = processor.chat_template  # vLLM may read either
     processor.save_pretrained(directory)
+    write_vllm_template(directory, processor)
     return directory
+
+
+def write_vllm_template(directory: Path, processor) -> Path:
+    """Writes the in-order chat template vLLM serves with (:mod:`mugstan_chat.chat_template`), checked as written.
+
+    Raises :class:`~mugstan_chat.chat_template.TemplateMismatch` (one line) when the file, read back, does not
+    render our engine's prompt.
+    """
+    path = directory / IN_ORDER_TEMPLATE_FILE
+    path.write_text(in_order_template(processor.chat_template, processor.image_token), encoding="utf-8")
+    check_in_order_template(processor, path.read_text(encoding="utf-8"))
+    return path
 
 
 def build_source(args):
@@ -130,13 +146,23 @@ def run_export(args: argparse.Namespace) -> int:
     llava, processor = build_source(args)
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     directory = Path(args.directory)
-    with atomic_output_dir(directory) as tmp:
-        export_llava(tmp, llava, processor, dtype)
-        if args.demo:  # our side needs the demo's STAN branch too; it is ours, vLLM never reads it
-            from .demo import save_demo_branch
+    try:
+        with atomic_output_dir(directory) as tmp:
+            export_llava(tmp, llava, processor, dtype)
+            if args.demo:  # our side needs the demo's STAN branch too; it is ours, vLLM never reads it
+                from .demo import save_demo_branch
 
-            save_demo_branch(tmp / "stan", args.seed, _vllm_demo_sizes())
+                save_demo_branch(tmp / "stan", args.seed, _vllm_demo_sizes())
+    except TemplateMismatch as error:  # the chat template for vLLM does not render our prompt: nothing is written
+        print(f"mugstan-chat export-llava: error: {error}", file=sys.stderr)
+        return 1
     ours = f"--model {directory}" + (f" --stan {directory / 'stan'}" if args.demo else "")
-    print(f"wrote {directory}\n  vLLM: vllm serve {directory} --enable-mm-embeds (docs/serve.md)\n"
+    print(f"wrote {directory}\n  vLLM: {vllm_command(directory)} (docs/serve.md)\n"
           f"  ours: mugstan-chat serve {ours} --llm-url http://127.0.0.1:PORT/v1")
     return 0
+
+
+def vllm_command(directory: Path) -> str:
+    """How vLLM serves an exported directory: embeddings in, our chat template, content parts in order."""
+    return (f"vllm serve {directory} --enable-mm-embeds --chat-template {directory / IN_ORDER_TEMPLATE_FILE} "
+            "--chat-template-content-format openai")

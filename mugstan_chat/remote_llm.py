@@ -4,9 +4,12 @@ With ``--llm-url`` (docs/serve.md, docs/design.md section 4d) a :class:`~mugstan
 still decodes the video, runs the CLIP + STAN tower and LLaVA's projector, and builds the
 conversation with the processor's chat template; :class:`RemoteLLM` then sends that conversation
 to vLLM with one ``image_embeds`` content part per clip (the projected features, ``torch.save``d
-and base64-encoded, as ``vllm serve --enable-mm-embeds`` takes them) and streams the answer back.
-vLLM applies the same chat template (``mugstan-chat export-llava`` writes it) and expands each
-part to one clip's placeholder tokens, so greedy answers equal our engine's token for token.
+and base64-encoded, as ``vllm serve --enable-mm-embeds`` takes them), each after its clip label as
+a text part when the prompt shows clip times, and streams the answer back. vLLM renders it with
+the chat template ``mugstan-chat export-llava`` writes (``--chat-template``, parts in order with
+``--chat-template-content-format openai``: :mod:`mugstan_chat.chat_template`), which writes each
+label before its placeholder as our engine does, and expands each part to one clip's placeholder
+tokens, so greedy answers equal our engine's token for token.
 
 vLLM gets continuous batching, paged attention and automatic prefix caching (a second user
 asking about the same video reuses the video prefix's keys/values). Embedding inputs must come
@@ -67,7 +70,10 @@ def embeds_part(features) -> dict:
 
 
 def openai_messages(messages: list[dict], features: list) -> list[dict]:
-    """The processor-format conversation (``{"type": "image"}`` entries) with each image as its clip's embeddings."""
+    """The processor-format conversation (``{"type": "image"}`` entries) with each image as its clip's embeddings.
+
+    Text parts (the question, clip labels before their images) stay where they are.
+    """
     clips = iter(features)
     out = []
     for message in messages:

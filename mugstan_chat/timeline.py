@@ -12,6 +12,8 @@ clip before its ``<image>``, with one template (:data:`CLIP_TIME_TEMPLATE`)::
 so the language model can say when things happen (docs/design.md section 4c). The labels are
 written into the prompt the processor's chat template rendered, in front of each image
 placeholder, so they work with any template (LLaVA-1.5's puts every image before the text).
+The vLLM route sends each label as a text part right before its image (:func:`labelled_messages`),
+which the template ``export-llava`` writes renders in that same place (:mod:`mugstan_chat.chat_template`).
 
 Default (``auto``): times are shown for several clips or a selection, and never for a single
 uniform clip, whose prompt stays exactly stock LLaVA's one-image prompt. ``on``/``off`` force it.
@@ -67,18 +69,53 @@ def make_spans(times: list[tuple[float, float]], candidates: list[int] | None = 
             for i, (start, end) in enumerate(times)]
 
 
-def label_images(text: str, image_token: str, spans: list[ClipSpan], precise: bool = False) -> str:
-    """``text`` with the label of clip i written before its i-th ``image_token``.
+def clip_labels(spans: list[ClipSpan], precise: bool = False) -> list[str]:
+    """Every clip's label, in the order of its ``<image>``."""
+    return [clip_label(span, precise) for span in spans]
 
-    Raises ValueError when the number of placeholders is not the number of spans.
+
+def write_labels(text: str, image_token: str, labels: list[str]) -> str:
+    """``text`` with ``labels[i]`` written before its i-th ``image_token``.
+
+    Raises ValueError when the number of placeholders is not the number of labels.
     """
     parts = text.split(image_token)
-    if len(parts) - 1 != len(spans):
-        raise ValueError(f"{len(parts) - 1} {image_token} placeholders for {len(spans)} clip spans")
-    out = [parts[0]]
-    for span, after in zip(spans, parts[1:]):
-        out.append(clip_label(span, precise) + image_token + after)
-    return "".join(out)
+    if len(parts) - 1 != len(labels):
+        raise ValueError(f"{len(parts) - 1} {image_token} placeholders for {len(labels)} clip labels")
+    return parts[0] + "".join(label + image_token + after for label, after in zip(labels, parts[1:]))
+
+
+def label_images(text: str, image_token: str, spans: list[ClipSpan], precise: bool = False) -> str:
+    """``text`` with the label of clip i written before its i-th ``image_token`` (:func:`write_labels`)."""
+    return write_labels(text, image_token, clip_labels(spans, precise))
+
+
+def image_parts(messages: list[dict]) -> int:
+    """``{"type": "image"}`` parts in a processor-format conversation."""
+    return sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
+
+
+def labelled_messages(messages: list[dict], labels: list[str]) -> list[dict]:
+    """A processor-format conversation with ``labels[i]`` as a text part right before its i-th image part.
+
+    What the vLLM route sends: the chat template export-llava writes renders such a text right
+    before the image's placeholder (:mod:`mugstan_chat.chat_template`), as :func:`write_labels` does.
+    """
+    if image_parts(messages) != len(labels):
+        raise ValueError(f"{len(labels)} clip labels for {image_parts(messages)} images")
+    pending = iter(labels)
+    out = []
+    for message in messages:
+        if isinstance(message["content"], str):
+            out.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                parts.append({"type": "text", "text": next(pending)})
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
 
 
 def times_shown(setting: str, clips: int, selecting: bool) -> bool:

@@ -39,6 +39,8 @@ import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on
 import httpx
 import openai
 
+from mugstan_chat.chat_template import IN_ORDER_TEMPLATE_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["what happens in the video ?", "describe the scene", "what moves ?", "where is the box ?",
              "what colour is the background ?", "what happens first ?", "what happens last ?", "is it fast ?"]
@@ -80,6 +82,7 @@ def start_vllm(args, model_dir: Path, log: Path):
     env.pop("PYTHONPATH", None)
     command = [str(Path(args.vllm_venv) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enable-mm-embeds",
+               "--chat-template", str(model_dir / IN_ORDER_TEMPLATE_FILE), "--chat-template-content-format", "openai",
                "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype], "--max-model-len", "4096",
                "--limit-mm-per-prompt", '{"image": 8}', "--max-num-seqs", str(max(args.concurrency))]
     if args.enforce_eager:

@@ -5,6 +5,10 @@
 #   export MUGSTAN_VLLM_VENV=VENV_DIR                 # tests/test_vllm_route.py runs when this is set
 #
 # It lives outside the repository and apart from the project's venv: vLLM pins its own torch.
+# Serve an exported directory (mugstan-chat export-llava DIR) with the flags export-llava prints:
+#   $VENV_DIR/bin/python -m vllm.entrypoints.openai.api_server --model DIR --enable-mm-embeds \
+#       --chat-template DIR/vllm_chat_template.jinja --chat-template-content-format openai
+# (the last two put each clip's time label before its clip, as our own engine does: docs/serve.md).
 # Needs PyPI once; nothing is downloaded at test time (the test exports its tiny model locally).
 set -euo pipefail
 venv="${1:-${MUGSTAN_VLLM_VENV:-$HOME/.cache/mugstan-chat/vllm-venv}}"

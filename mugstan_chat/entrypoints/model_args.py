@@ -89,9 +89,10 @@ class ModelArgs:
         quant.add_argument("--load-8bit", action="store_true", help="8-bit language model (bitsandbytes; CUDA or CPU)")
         llm = parser.add_argument_group("language model server (vLLM)")
         llm.add_argument("--llm-url", type=llm_url, default=None, metavar="URL",
-                         help="run the language model on this vLLM server (vllm serve DIR --enable-mm-embeds, where "
-                              "only this process reaches it; DIR from mugstan-chat export-llava); the video tower "
-                              "stays here")
+                         help="run the language model on this vLLM server (vllm serve DIR with the flags mugstan-chat "
+                              "export-llava prints: --enable-mm-embeds --chat-template DIR/vllm_chat_template.jinja "
+                              "--chat-template-content-format openai; where only this process reaches it); the video "
+                              "tower stays here")
         llm.add_argument("--llm-api-key", type=non_empty, default=None, metavar="KEY",
                          help="the vLLM server's --api-key (default: $MUGSTAN_LLM_API_KEY)")
         llm.add_argument("--llm-model", type=non_empty, default=None, metavar="NAME",
@@ -156,9 +157,6 @@ class ModelArgs:
                 self._check(name, allowed, getattr(self, name))
         if self.clip_times not in CLIP_TIMES:
             raise ValueError(f"--clip-times must be one of {', '.join(CLIP_TIMES)}, got {self.clip_times!r}")
-        if self.clip_times == "on" and self.llm_url is not None:
-            raise ValueError("--clip-times on is not available with --llm-url: vLLM's chat template puts every "
-                             "image before the text, so clip times cannot stand before each clip")
         if self.candidates is not None and self.select is None:
             raise ValueError("--candidates M needs --select K (the number of candidates to show)")
         if self.selection is not None:

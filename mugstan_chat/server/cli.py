@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         clips=model_args.clips if model_args.select is None else 1, max_new_tokens=generation.max_new_tokens,
         temperature=generation.temperature, top_p=generation.top_p, repetition_penalty=generation.repetition_penalty,
         max_frames=args.max_frames, max_clips=args.max_clips, limits=VideoLimits(max_seconds=serving.max_video_seconds),
-        clip_times=model_args.clip_times, remote_llm=model_args.llm_url is not None, select=model_args.select,
+        clip_times=model_args.clip_times, select=model_args.select,
         candidates=model_args.candidate_count or ServiceConfig.candidates,
         selection=model_args.selection or ServiceConfig.selection, shortlist=model_args.shortlist)
     service = ChatService(chat_model, config, MediaFetcher(policy), FeatureCache(serving.feature_cache_bytes))

@@ -31,7 +31,6 @@ class ServiceConfig:
     max_frames: int = 64  # largest num_frames a request may ask for
     max_clips: int = 8  # largest mugstan.clips and mugstan.select (options.CLIPS)
     clip_times: str = "auto"  # when mugstan.clip_times is absent
-    remote_llm: bool = False  # answers come from vLLM (--llm-url): no clip times in the prompt
     select: int | None = None  # K when mugstan.select is absent (and mugstan.clips too): the server's --select
     candidates: int = 32  # M when mugstan.candidates is absent
     selection: str = DEFAULT_SELECTION  # how K are picked when mugstan.selection is absent: the server's --selection
@@ -160,9 +159,6 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
         raise bad_request(str(error)) from error
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     clip_times = (options.clip_times if options and options.clip_times else None) or config.clip_times
-    if clip_times == "on" and config.remote_llm:
-        raise bad_request("mugstan.clip_times 'on' is not available on this server: its language model runs on "
-                          "vLLM, whose chat template puts every image before the text", "mugstan.clip_times")
     return Plan(ref, "\n".join(s for s in system if s.strip()) or None, history, turns[-1][1].strip(), frames,
                 clips if select is None else select, temporal, start, end, generation, request.stop_strings(),
                 request.stream, include_usage, clip_times, select, candidates, selection if select else None,
