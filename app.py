@@ -30,7 +30,8 @@ from typing import Iterator
 from mugstan_chat.entrypoints import ModelArgs, ServingArgs, configure_logging, load_model_or_report, port_message
 from mugstan_chat.entrypoints.serving_args import ServingDefaults
 from mugstan_chat.entrypoints.values import megabytes_to_bytes, positive_float, positive_int
-from mugstan_chat.options import DEFAULT_SELECTION
+from mugstan_chat.options import DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SELECTION
+from mugstan_chat.session_options import DEFAULTS, SessionOptions
 
 logger = logging.getLogger("mugstan_chat.app")
 
@@ -65,6 +66,12 @@ document.addEventListener("click", (event) => {
 """
 
 
+# the Advanced panel's names of the session options, for their errors (the flags' names elsewhere)
+PANEL_NAMES = {"frames": "Frames per clip (T)", "clips": "Clips (C)", "clip_times": "--clip-times",
+               "select": "Select K", "candidates": "Candidate clips (M)", "selection": "Pick the K by",
+               "shortlist": "--shortlist"}
+
+
 class UploadRejected(Exception):
     """An upload refused before decoding (too large, wrong type); the message is for users."""
 
@@ -73,14 +80,15 @@ class UploadRejected(Exception):
 class AppSettings:
     """What the web app allows and the defaults of its "Advanced" controls."""
 
-    frames: int = 8  # T: default frames per clip
-    clips: int | str = 1  # C: default clips per video; "auto": as many as the context leaves room for
-    clip_times: str = "auto"  # each clip's time span before its <image> (docs/chat.md)
-    select: int | None = None  # K: default clips chosen per question; None: uniform clips
-    candidates: int = 32  # M: candidate clips ranked when selecting
-    shortlist: int | None = None  # S: coarse pass first (--shortlist); None: every candidate embedded in full
+    # the Advanced panel's defaults (mugstan_chat.session_options: the defaults and rules of every front end)
+    frames: int = DEFAULTS.frames  # T: default frames per clip
+    clips: int | str = DEFAULTS.clips  # C: default clips per video; "auto": as many as the context leaves room for
+    clip_times: str = DEFAULTS.clip_times  # each clip's time span before its <image> (docs/chat.md)
+    select: int | None = DEFAULTS.select  # K: default clips chosen per question; None: uniform clips
+    candidates: int = DEFAULT_CANDIDATES  # M: candidate clips ranked when selecting
+    shortlist: int | None = DEFAULTS.shortlist  # S: coarse pass first (--shortlist); None: all M in full
     selection: str = DEFAULT_SELECTION  # how K are picked from the ranked M: topk or coverage (options.SELECTIONS)
-    max_new_tokens: int = 512  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # default answer length limit (the slider's range: options.MAX_NEW_TOKENS)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -307,7 +315,7 @@ class ChatApp:
             image.save(buffer, format="PNG")
             state.thumbnails[span] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    def respond(self, question: str, state: UserSession | None, max_new_tokens: int = 512,
+    def respond(self, question: str, state: UserSession | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 temperature: float = 0.0, top_p: float = 1.0) -> Iterator[tuple[list[dict], UserSession, str]]:
         """Streams the answer to ``question``; yields (chatbot messages, state, textbox value)."""
         state = state or UserSession()
@@ -326,7 +334,7 @@ class ChatApp:
             return
         yield state.messages, state, ""
 
-    def regenerate(self, state: UserSession | None, max_new_tokens: int = 512, temperature: float = 0.0,
+    def regenerate(self, state: UserSession | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
                    top_p: float = 1.0) -> Iterator[tuple[list[dict], UserSession, str]]:
         """Answers the last question again (its previous answer is forgotten)."""
         state = state or UserSession()
@@ -385,11 +393,11 @@ class ChatApp:
 
         if temporal not in self.temporal_modes:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
-        chat = ChatSession(self.chat_model, path, frames=frames, clips=None if select else clips, temporal=temporal,
-                           limits=self.video_limits, prepare=False, clip_times=self.settings.clip_times,
-                           select=select, candidates=candidates, selection_strategy=selection,
-                           shortlist=self._shortlist(select, candidates),
-                           feature_cache=self.feature_cache)
+        options = SessionOptions(frames=frames, clips=None if select else clips, clip_times=self.settings.clip_times,
+                                 select=select, candidates=candidates, selection=selection,
+                                 shortlist=self._shortlist(select, candidates)).validate(PANEL_NAMES.get)
+        chat = ChatSession(self.chat_model, path, **options.session_kwargs(), temporal=temporal,
+                           limits=self.video_limits, prepare=False, feature_cache=self.feature_cache)
         return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
 
     def _shortlist(self, select: int | None, candidates: int | None) -> int | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .llava_adapter import TEMPORAL_MODES, VideoTower, install_video_tower, load_stan_branch
 from .options import DEFAULT_MODEL
+from .session_options import DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def build_quantization_config(load_4bit: bool = False, load_8bit: bool = False,
 
 def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None = None, temporal: str = "stan",
                     device: str = "auto", dtype: str = "auto", load_4bit: bool = False, load_8bit: bool = False,
-                    frames: int = 8, clips: int = 1, demo: bool = False,
+                    frames: int = DEFAULTS.frames, clips: int = 1, demo: bool = False,
                     allow_resolution_mismatch: bool = False, seed: int = 0) -> ChatModel:
     """Loads LLaVA (or the demo model), the STAN branch, and installs the video tower.
 

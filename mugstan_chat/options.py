@@ -80,6 +80,7 @@ SELECTIONS = ("topk", "coverage")
 DEFAULT_SELECTION = "coverage"  # measured: docs/performance.md, "Which clips: topk or coverage"
 CLIP_TIMES = ("auto", "on", "off")  # the clip time template (mugstan_chat.timeline): auto = on for C > 1 or --select
 # LLaVA-1.5's whole context; the session clips it further to what the prompt leaves.
+DEFAULT_MAX_NEW_TOKENS = 512  # an answer's length limit when none is asked for
 MAX_NEW_TOKENS = Range("max_new_tokens", 1, 4096, integer=True)
 TEMPERATURE = Range("temperature", 0.0, 2.0, step=0.05)  # 0 = greedy
 TOP_P = Range("top_p", 0.01, 1.0, step=0.01)  # 0 would keep no token

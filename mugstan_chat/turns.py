@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .loader import ChatModel
+from .options import DEFAULT_MAX_NEW_TOKENS
 
 
 def neutralise_image_token(text: str, image_token: str = "<image>") -> str:
@@ -35,7 +36,7 @@ class ConversationTooLong(Exception):
 class GenerationSettings:
     """How answers are generated (greedy by default)."""
 
-    max_new_tokens: int = 512  # upper bound; clipped to what the context has left
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # upper bound; clipped to what the context has left
     temperature: float = 0.0  # 0: greedy decoding; > 0: sampling
     top_p: float = 1.0  # nucleus sampling (sampling only)
     repetition_penalty: float = 1.0  # 1.0: off

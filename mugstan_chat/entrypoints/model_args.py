@@ -13,14 +13,15 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import (AUTO, CANDIDATES, CLIP_TIMES, CLIPS, DEFAULT_CANDIDATES, DEFAULT_MODEL, DEFAULT_SELECTION, FRAMES,
-                       MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, SHORTLIST, TEMPERATURE, TOP_P, Range)
+from ..options import (CANDIDATES, CLIPS, CLIP_TIMES, DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL,
+                       DEFAULT_SELECTION, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, SHORTLIST,
+                       TEMPERATURE, TOP_P, Range)
 
 from ..remote_llm import DEFAULT_TIMEOUT_S as DEFAULT_LLM_TIMEOUT_S
+from ..session_options import DEFAULTS, SessionOptions
 from .values import llm_url, non_empty, positive_float
 
 DEMO_MAX_NEW_TOKENS = 48  # the demo's answers are noise; keep them short unless asked otherwise
-DEFAULT_MAX_NEW_TOKENS = 512
 TEMPORAL_CHOICES = ("stan", "mean")
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -47,13 +48,14 @@ class ModelArgs:
     dtype: str = "auto"
     load_4bit: bool = False  # bitsandbytes, language model only
     load_8bit: bool = False
-    frames: int = 8  # T: frames per clip
-    clips: int | str = 1  # C: clips per video, one <image> each; "auto": as many as the context leaves room for
-    clip_times: str = "auto"  # each clip's time span before its <image>: auto (several clips or --select), on, off
-    select: int | None = None  # K: show the K candidates that best match the question (docs/design.md section 4c)
-    candidates: int | None = None  # M candidates to rank with --select (default options.DEFAULT_CANDIDATES)
-    selection: str | None = None  # how --select picks its K: topk or coverage (default options.DEFAULT_SELECTION)
-    shortlist: int | None = None  # S: rank on one frame per candidate first, embed only S in full (K <= S < M)
+    # the session options (mugstan_chat.session_options.SessionOptions: its defaults, its rules)
+    frames: int = DEFAULTS.frames
+    clips: int | str = DEFAULTS.clips
+    clip_times: str = DEFAULTS.clip_times
+    select: int | None = DEFAULTS.select
+    candidates: int | None = DEFAULTS.candidates
+    selection: str | None = DEFAULTS.selection
+    shortlist: int | None = DEFAULTS.shortlist
     retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (default: the branch's)
     max_new_tokens: int | None = None  # None: 512, or 48 with the demo model
     temperature: float = 0.0  # 0: greedy
@@ -101,12 +103,12 @@ class ModelArgs:
                          help="seconds to wait for the vLLM server to connect, answer or send the next streamed "
                               f"chunk; longer ends the answer with a 504 (default: {DEFAULT_LLM_TIMEOUT_S:g})")
         video = parser.add_argument_group("video")
-        video.add_argument("--frames", type=FRAMES.parse, default=8,
+        video.add_argument("--frames", type=FRAMES.parse, default=DEFAULTS.frames,
                            help=f"frames per clip, T, {span(FRAMES)} (default: %(default)s)")
-        video.add_argument("--clips", type=CLIPS.parse_or_auto, default=1,
+        video.add_argument("--clips", type=CLIPS.parse_or_auto, default=DEFAULTS.clips,
                            help=f"clips per video, C, {span(CLIPS)}, or 'auto': as many as the context leaves room for "
                                 "after the question and the answer budget; each fills one <image> (default: %(default)s)")
-        video.add_argument("--clip-times", choices=CLIP_TIMES, default="auto",
+        video.add_argument("--clip-times", choices=CLIP_TIMES, default=DEFAULTS.clip_times,
                            help="write each clip's time span before its <image> ('Clip 2 (00:30-01:00): '); auto: "
                                 "for several clips or --select, never for one clip (default: %(default)s)")
         video.add_argument("--select", type=SELECT.parse, default=None, metavar="K",
@@ -147,35 +149,9 @@ class ModelArgs:
 
     def validate(self) -> ModelArgs:
         """Checks every field (the argparse types check the same ranges flag by flag); ValueError naming the flag."""
-        for name, allowed in (("frames", FRAMES), ("temperature", TEMPERATURE), ("top_p", TOP_P),
-                              ("repetition_penalty", REPETITION_PENALTY)):
+        self.session_options().validate()  # frames, clips, clip times, selection: their rules live there
+        for name, allowed in (("temperature", TEMPERATURE), ("top_p", TOP_P), ("repetition_penalty", REPETITION_PENALTY)):
             self._check(name, allowed, getattr(self, name))
-        if self.clips != AUTO:
-            self._check("clips", CLIPS, self.clips)
-        for name, allowed in (("select", SELECT), ("candidates", CANDIDATES), ("shortlist", SHORTLIST)):
-            if getattr(self, name) is not None:
-                self._check(name, allowed, getattr(self, name))
-        if self.clip_times not in CLIP_TIMES:
-            raise ValueError(f"--clip-times must be one of {', '.join(CLIP_TIMES)}, got {self.clip_times!r}")
-        if self.candidates is not None and self.select is None:
-            raise ValueError("--candidates M needs --select K (the number of candidates to show)")
-        if self.selection is not None:
-            if self.selection not in SELECTIONS:
-                raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-            if self.select is None:
-                raise ValueError("--selection needs --select K (the number of candidates to show)")
-        if self.shortlist is not None:
-            if self.select is None:
-                raise ValueError("--shortlist S needs --select K (the number of candidates to show)")
-            if not self.select <= self.shortlist < self.candidate_count:
-                raise ValueError(f"--shortlist {self.shortlist} must lie between --select {self.select} and "
-                                 f"--candidates {self.candidate_count} (K <= S < M)")
-        if self.select is not None:
-            if self.clips != 1:
-                raise ValueError("--select K shows K clips: leave --clips out")
-            if self.select > self.candidate_count:
-                raise ValueError(f"--select {self.select} needs at least as many --candidates "
-                                 f"(got {self.candidate_count})")
         if self.max_new_tokens is not None:
             self._check("max_new_tokens", MAX_NEW_TOKENS, self.max_new_tokens)
         for name, choices in (("temporal", TEMPORAL_CHOICES), ("device", DEVICE_CHOICES), ("dtype", DTYPE_CHOICES)):
@@ -212,15 +188,15 @@ class ModelArgs:
     @property
     def candidate_count(self) -> int | None:
         """M with --select (the default when --candidates is left out); None without selection."""
-        if self.select is None:
-            return None
-        return self.candidates if self.candidates is not None else DEFAULT_CANDIDATES
+        return self.session_options().candidate_count
+
+    def session_options(self) -> SessionOptions:
+        """The session options these flags give (not yet validated: :meth:`validate` does)."""
+        return SessionOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SessionOptions)})
 
     def session_kwargs(self) -> dict:
         """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes from these flags."""
-        return {"frames": self.frames, "clips": self.clips if self.select is None else None,
-                "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count,
-                "selection_strategy": self.selection, "shortlist": self.shortlist}
+        return self.session_options().session_kwargs()
 
     def open_session(self, chat_model, video: str, **extra):
         """A :class:`mugstan_chat.chat.ChatSession` on ``video`` with these flags' clip and generation settings,

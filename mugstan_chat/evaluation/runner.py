@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..entrypoints.progress import progress_bar
+from ..session_options import DEFAULTS, SessionOptions
 from .modes import MODES, selecting, session_shape
 from .readers import Question
 from .scoring import ANSWER_FORMATS, SCORINGS, score_question
@@ -53,7 +54,7 @@ class EvalSettings:
     """What one evaluation run compares and how it scores."""
 
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    frames: int = 8  # T: frames per clip (concat: T images)
+    frames: int = DEFAULTS.frames  # T: frames per clip (concat: T images)
     clips: int = 1  # C: clips per video
     scoring: str = "likelihood"  # "likelihood" or "generate"
     answer_format: str = "letter"  # "letter" or "text" (what is scored / asked for)
@@ -194,11 +195,14 @@ class EvalRun:
         from ..chat import ChatSession, GenerationSettings
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
-        chosen = ({"select": self.settings.select, "candidates": self.settings.candidates,
-                   "selection_strategy": self.settings.selection, "shortlist": self.settings.shortlist}
-                  if selecting(mode) else {})
-        return ChatSession(self.chat_model, video, frames=shape.frames, clips=None if chosen else shape.clips,
-                           temporal=shape.temporal, frames_as_images=shape.frames_as_images, **chosen,
+        if selecting(mode):
+            options = SessionOptions(frames=shape.frames, clips=None, select=self.settings.select,
+                                     candidates=self.settings.candidates, selection=self.settings.selection,
+                                     shortlist=self.settings.shortlist)
+        else:
+            options = SessionOptions(frames=shape.frames, clips=shape.clips)
+        return ChatSession(self.chat_model, video, **options.validate().session_kwargs(), temporal=shape.temporal,
+                           frames_as_images=shape.frames_as_images,
                            generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
                            start=start, end=end, limits=self.limits, prepare=False)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..options import DEFAULT_SELECTION
+from ..options import DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SELECTION
 from ..turns import GenerationSettings
 from ..video import VideoLimits
-from .protocol import APIError, ChatCompletionRequest, bad_request
+from ..session_options import DEFAULTS, OptionError, SessionOptions
+from .protocol import APIError, ChatCompletionRequest, MugstanOptions, bad_request
 
 
 @dataclass
@@ -22,17 +23,17 @@ class ServiceConfig:
     """Defaults for requests that leave a setting out, and the limits on what they may ask."""
 
     model_name: str  # the id served in /v1/models and echoed in responses
-    frames: int = 8  # T when media_io_kwargs.video.num_frames is absent
-    clips: int = 1  # C when mugstan.clips is absent
-    max_new_tokens: int = 512  # when max_tokens / max_completion_tokens are absent
+    frames: int = DEFAULTS.frames  # T when media_io_kwargs.video.num_frames is absent
+    clips: int = DEFAULTS.clips  # C when mugstan.clips is absent
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when max_tokens / max_completion_tokens are absent
     temperature: float = 0.0  # when temperature is absent (greedy; OpenAI's own default is 1)
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     max_frames: int = 64  # largest num_frames a request may ask for
     max_clips: int = 8  # largest mugstan.clips and mugstan.select (options.CLIPS)
-    clip_times: str = "auto"  # when mugstan.clip_times is absent
+    clip_times: str = DEFAULTS.clip_times  # when mugstan.clip_times is absent
     select: int | None = None  # K when mugstan.select is absent (and mugstan.clips too): the server's --select
-    candidates: int = 32  # M when mugstan.candidates is absent
+    candidates: int = DEFAULT_CANDIDATES  # M when mugstan.candidates is absent
     selection: str = DEFAULT_SELECTION  # how K are picked when mugstan.selection is absent: the server's --selection
     shortlist: int | None = None  # S when mugstan.shortlist is absent: the server's --shortlist (None: no coarse pass)
     max_candidates: int = 256  # largest mugstan.candidates (options.CANDIDATES)
@@ -63,11 +64,29 @@ class Plan:
     stop: list[str]
     stream: bool
     include_usage: bool
-    clip_times: str = "auto"
-    select: int | None = None  # K of ``candidates`` chosen per question; None: uniform clips
-    candidates: int | None = None
-    selection: str | None = None  # with select: "topk" or "coverage"
-    shortlist: int | None = None  # with select: S candidates embedded in full after a one-frame pass
+    session: SessionOptions = DEFAULTS  # how the session reads the video (validated; the server's defaults filled in)
+
+    @property
+    def clip_times(self) -> str:
+        return self.session.clip_times
+
+    @property
+    def select(self) -> int | None:
+        """K of ``candidates`` chosen per question; None: uniform clips."""
+        return self.session.select
+
+    @property
+    def candidates(self) -> int | None:
+        return self.session.candidate_count
+
+    @property
+    def selection(self) -> str | None:
+        """With select: "topk" or "coverage"."""
+        return self.session.strategy
+
+    @property
+    def shortlist(self) -> int | None:
+        return self.session.shortlist
 
 
 def _text(content, param: str, allow_media: bool):
@@ -126,28 +145,22 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
                           f"messages[{len(request.messages) - 1}]")
     history = [(turns[k][1].strip(), turns[k + 1][1].strip()) for k in range(0, len(turns) - 1, 2)]
     ref = media[0] if media else None
-    options = request.mugstan
-    video_io = request.media_io_kwargs.video if request.media_io_kwargs else None
-    frames = (video_io.num_frames if video_io and video_io.num_frames else None) or config.frames
-    clips = (options.clips if options and options.clips else None) or config.clips
-    if frames > config.max_frames:
-        raise bad_request(f"num_frames={frames} exceeds this server's limit of {config.max_frames}",
-                          "media_io_kwargs.video.num_frames")
-    if clips != "auto" and clips > config.max_clips:
-        raise bad_request(f"clips={clips} exceeds this server's limit of {config.max_clips}", "mugstan.clips")
-    select, candidates, selection, shortlist = _selection(options, config)
-    temporal = (options.temporal if options and options.temporal else None) or tower.mode
+    options = request.mugstan or MugstanOptions()
+    session = _session_options(options, request, config)
+    frames, clips, select = session.frames, session.select or session.clips, session.select
+    temporal = options.temporal or tower.mode
     if temporal not in tower.available_modes:
         raise bad_request(f"temporal mode {temporal!r} is not available with this model (available: "
                           f"{', '.join(tower.available_modes)})", "mugstan.temporal")
-    start = options.start if options else None
-    end = options.end if options else None
+    start, end = options.start, options.end
     if ref is None:  # the video settings (and mugstan's, for clients that always send them) do not apply
-        frames, clips, temporal, start, end, select, candidates = 0, 0, "text", None, None, None, None
+        frames, clips, temporal, start, end, select = 0, 0, "text", None, None, None
+        session = SessionOptions(frames=1, clips=1, clip_times=session.clip_times)
     elif ref.kind == "image":
-        if clips != 1 or start is not None or end is not None or (options and options.select):
+        if clips != 1 or start is not None or end is not None or options.select:
             raise bad_request("mugstan.clips, select, start and end apply to videos, not to an image", "mugstan")
-        frames, clips, temporal, select, candidates = 1, 1, "image", None, None
+        frames, clips, temporal, select = 1, 1, "image", None
+        session = SessionOptions(frames=1, clips=1, clip_times=session.clip_times)
     generation = GenerationSettings(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or config.max_new_tokens,
         temperature=config.temperature if request.temperature is None else request.temperature,
@@ -158,42 +171,41 @@ def plan_request(request: ChatCompletionRequest, config: ServiceConfig, tower) -
     except ValueError as error:
         raise bad_request(str(error)) from error
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    clip_times = (options.clip_times if options and options.clip_times else None) or config.clip_times
     return Plan(ref, "\n".join(s for s in system if s.strip()) or None, history, turns[-1][1].strip(), frames,
                 clips if select is None else select, temporal, start, end, generation, request.stop_strings(),
-                request.stream, include_usage, clip_times, select, candidates, selection if select else None,
-                shortlist if select else None)
+                request.stream, include_usage, session)
 
 
-def _selection(options, config: ServiceConfig) -> tuple[int | None, int | None, str | None, int | None]:
-    """(K, M, how K are picked, S) of clip selection, or four Nones for uniform clips.
+def api_name(field: str) -> str:
+    """Where a session option sits in a request, for errors' ``param``."""
+    return "media_io_kwargs.video.num_frames" if field == "frames" else f"mugstan.{field}"
+
+
+def _session_options(options: MugstanOptions, request: ChatCompletionRequest, config: ServiceConfig) -> SessionOptions:
+    """The request's session options over the server's defaults, within the server's limits, validated.
 
     The request's ``mugstan.select`` wins; a request that sets ``mugstan.clips`` alone asks for uniform
-    clips even on a server started with ``--select``.
+    clips even on a server started with ``--select``; the server's M, selection and S apply to a selection.
     """
-    asked = options.select if options else None
-    if options and options.candidates and not asked:
-        raise bad_request("mugstan.candidates needs mugstan.select (the number of candidates to show)",
-                          "mugstan.candidates")
-    if options and options.selection and not asked and config.select is None:
-        raise bad_request("mugstan.selection needs mugstan.select (the number of candidates to show)",
-                          "mugstan.selection")
-    if asked and options.clips:
-        raise bad_request("mugstan.select K shows K clips: leave mugstan.clips out", "mugstan.clips")
-    select = asked or (None if options and options.clips else config.select)
-    if select is None:
-        return None, None, None, None
-    candidates = (options.candidates if options and options.candidates else None) or config.candidates
-    if select > config.max_clips:
+    video_io = request.media_io_kwargs.video if request.media_io_kwargs else None
+    frames = (video_io.num_frames if video_io and video_io.num_frames else None) or config.frames
+    select = options.select or (None if options.clips else config.select)
+    clips = options.clips or (config.clips if select is None else None)
+    candidates = options.candidates or (config.candidates if select is not None else None)
+    if frames > config.max_frames:
+        raise bad_request(f"num_frames={frames} exceeds this server's limit of {config.max_frames}", api_name("frames"))
+    if clips not in (None, "auto") and clips > config.max_clips:
+        raise bad_request(f"clips={clips} exceeds this server's limit of {config.max_clips}", "mugstan.clips")
+    if select is not None and select > config.max_clips:
         raise bad_request(f"select={select} exceeds this server's limit of {config.max_clips}", "mugstan.select")
-    if candidates > config.max_candidates:
+    if candidates is not None and candidates > config.max_candidates:
         raise bad_request(f"candidates={candidates} exceeds this server's limit of {config.max_candidates}",
                           "mugstan.candidates")
-    if candidates < select:
-        raise bad_request(f"select={select} needs at least as many candidates (got {candidates})", "mugstan.candidates")
-    shortlist = (options.shortlist if options and options.shortlist else None) or config.shortlist
-    if shortlist is not None and not select <= shortlist < candidates:
-        raise bad_request(f"shortlist={shortlist} must lie between select={select} and candidates={candidates} "
-                          "(K <= S < M)", "mugstan.shortlist")
-    return (select, candidates, (options.selection if options and options.selection else None) or config.selection,
-            shortlist)
+    session = SessionOptions(
+        frames=frames, clips=clips, clip_times=options.clip_times or config.clip_times, select=select,
+        candidates=candidates, selection=options.selection or (config.selection if select is not None else None),
+        shortlist=options.shortlist or (config.shortlist if select is not None else None))
+    try:
+        return session.validate(api_name)
+    except OptionError as error:
+        raise bad_request(str(error), api_name(error.field)) from None

@@ -193,13 +193,10 @@ class ChatService:
         (:meth:`FeatureCache.get_or_encode`); the others report their features as cached.
         """
         what = describe_url(plan.media.url)
-        session = ChatSession(self.chat_model, what, frames=plan.frames,
-                              clips=None if plan.select else plan.clips, generation=plan.generation,
+        session = ChatSession(self.chat_model, what, **plan.session.session_kwargs(), generation=plan.generation,
                               temporal=None if plan.media.kind == "image" else plan.temporal,
                               system=plan.system, start=plan.start, end=plan.end, limits=self.config.limits,
-                              prepare=False, clip_times=plan.clip_times, select=plan.select,
-                              candidates=plan.candidates, selection_strategy=plan.selection,
-                              shortlist=plan.shortlist, feature_cache=self.cache, content_hash=media.sha256,
+                              prepare=False, feature_cache=self.cache, content_hash=media.sha256,
                               max_auto_clips=self.config.max_clips)
         session.history = list(plan.history)
         if plan.media.kind == "video" and (plan.select or plan.clips == "auto"):
