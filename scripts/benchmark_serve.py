@@ -75,6 +75,14 @@ def stop(process) -> None:
         process.wait()
 
 
+def model_context(model_dir: Path) -> int:
+    """The exported language model's context (its ``max_position_embeddings``): vLLM's --max-model-len."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("text_config", config)["max_position_embeddings"])
+
+
 def start_vllm(args, model_dir: Path, log: Path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb),
@@ -83,7 +91,7 @@ def start_vllm(args, model_dir: Path, log: Path):
     command = [str(Path(args.vllm_venv) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enable-mm-embeds",
                "--chat-template", str(model_dir / IN_ORDER_TEMPLATE_FILE), "--chat-template-content-format", "openai",
-               "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype], "--max-model-len", "4096",
+               "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype], "--max-model-len", str(model_context(model_dir)),
                "--limit-mm-per-prompt", '{"image": 8}', "--max-num-seqs", str(max(args.concurrency))]
     if args.enforce_eager:
         command.append("--enforce-eager")
