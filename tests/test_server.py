@@ -19,12 +19,11 @@ import pytest
 
 from live_process import free_port, stop, wait_until_up
 from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.loader import load_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 KEY = "test-key-123"
-FRAMES = 4
+FRAMES = 4  # the server's T; conftest's chat_model (the same demo model, T = 4, in this process) is the reference
 MAX_TOKENS = 12
 STARTUP_TIMEOUT_S = 90
 
@@ -68,12 +67,6 @@ def server(media, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    """The same demo model in this process: the reference the server's answers must equal."""
-    return load_chat_model(demo=True, device="cpu", frames=FRAMES)
 
 
 def _file_url(path: Path) -> str:

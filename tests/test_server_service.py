@@ -18,7 +18,6 @@ import mugstan_chat.loader as loader_module
 from mugstan_chat.chat import ChatSession, GenerationSettings, encode_image
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.feature_cache import FeatureCache, FeatureKey, features_nbytes
-from mugstan_chat.loader import load_chat_model
 from mugstan_chat.server.media import MediaFetcher, MediaPolicy
 from mugstan_chat.server.protocol import APIError, ChatCompletionRequest
 from mugstan_chat.server.jobs import Gate
@@ -28,11 +27,6 @@ from mugstan_chat.video import VideoDecodeError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=4)
 
 
 def _service(chat_model, cache_bytes=1 << 20) -> ChatService:
