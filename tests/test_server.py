@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from live_process import free_port, stop, wait_until_up
+from live_process import serve_demo
 from mugstan_chat.chat import ChatSession, GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +22,6 @@ EXAMPLES = ROOT / "examples"
 KEY = "test-key-123"
 FRAMES = 4  # the server's T; conftest's chat_model (the same demo model, T = 4, in this process) is the reference
 MAX_TOKENS = 12
-STARTUP_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +41,10 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(media, tmp_path_factory):
     """Base URL of a live server: --concurrency 1 --queue-size 0 (a second request while one runs gets 429)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("MUGSTAN_API_KEY", None)
-    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port),
-               "--api-key", KEY, "--allowed-local-media-path", str(media["allowed"]), "--frames", str(FRAMES),
-               "--max-new-tokens", str(MAX_TOKENS), "--concurrency", "1", "--queue-size", "0", "--max-body-mb", "1"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, f"{base}/health", log_path, STARTUP_TIMEOUT_S)
-        yield base
-    finally:
-        stop(process)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()  # nothing crashed inside
+    yield from serve_demo(tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY,
+                          "--allowed-local-media-path", str(media["allowed"]), "--frames", str(FRAMES),
+                          "--max-new-tokens", str(MAX_TOKENS), "--concurrency", "1", "--queue-size", "0",
+                          "--max-body-mb", "1")
 
 
 @pytest.fixture(scope="module")
