@@ -68,6 +68,13 @@ def _health(server) -> dict:
     return httpx.get(f"{server}/health", timeout=10).json()
 
 
+def _await_running(server, busy: bool, timeout_s: float = 30) -> None:
+    """Polls /health until a request runs (``busy``) or none does, or ``timeout_s`` passed: the caller asserts."""
+    deadline = time.monotonic() + timeout_s
+    while bool(_health(server)["running"]) != busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _reference(chat_model, video: Path, question: str) -> tuple[str, object]:
     session = ChatSession(chat_model, video, frames=FRAMES, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
     return session.ask(question), session.last_stats
@@ -252,9 +259,7 @@ def test_busy_server_answers_429_and_a_disconnect_frees_the_slot(server, media, 
         client.chat.completions.create(model="demo", messages=_messages(video, "me too"))
     assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
     stream.close()  # the client goes away mid-answer
-    deadline = time.monotonic() + 30
-    while _health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _await_running(server, busy=False)
     after = _health(server)["counters"]
     assert _health(server)["running"] == 0
     assert after["cancelled"] == before["cancelled"] + 1
@@ -273,15 +278,11 @@ def test_non_streamed_request_whose_client_leaves_is_cancelled(server, media):
     try:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        deadline = time.monotonic() + 30
-        while not _health(server)["running"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _await_running(server, busy=True)
         assert _health(server)["running"] == 1
     finally:
         sock.close()
-    deadline = time.monotonic() + 30
-    while _health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _await_running(server, busy=False)
     after = _health(server)["counters"]
     assert _health(server)["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < long_answer
