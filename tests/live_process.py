@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 90  # a cold start loads torch, transformers and the demo model on a busy CPU
 
 
 def free_port() -> int:
@@ -42,3 +48,25 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def serve_demo(log_path: Path, *flags: str, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """``python -m mugstan_chat.server --demo --device cpu FLAGS`` on a free port, for a fixture to ``yield from``.
+
+    Yields the base URL once ``/health`` answers; afterwards stops the server and fails if its log shows a
+    traceback (nothing may crash inside). No API key comes from the environment: ``FLAGS`` give any.
+    """
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MUGSTAN_API_KEY", None)
+    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port), *flags]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, f"{base}/health", log_path, timeout_s)
+        yield base
+    finally:
+        stop(process)
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()

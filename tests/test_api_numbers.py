@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
 from mugstan_chat.feature_cache import FeatureCache
-from mugstan_chat.loader import load_chat_model
 from mugstan_chat.server.app import create_app
 from mugstan_chat.server.jobs import Gate
 from mugstan_chat.server.media import MediaFetcher, MediaPolicy
@@ -25,12 +24,7 @@ from mugstan_chat.server.worker import ChatService
 from mugstan_chat.video import write_video
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-FRAMES = 4  # T
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=FRAMES)
+FRAMES = 4  # T, as conftest's chat_model
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,18 @@ import torch
 from app_import import import_app
 from mugstan_chat.chat import ConversationTooLong
 from mugstan_chat.loader import load_chat_model
-from mugstan_chat.synthetic import make_synthetic_videos
 
 app_module = import_app()
 
 
 @pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu")
+def chat_model(demo_chat_model):
+    return demo_chat_model(8)  # the loader's default T
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("videos")
-    return [str(path) for path, _ in make_synthetic_videos(out, 2, seed=0, frames=16)]
+def videos(synthetic_videos):
+    return [str(path) for path, _ in synthetic_videos(2, seed=0, frames=16).videos]
 
 
 @pytest.fixture()

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mugstan_chat.synthetic import make_synthetic_videos
+from live_process import free_port, wait_until_up
 from outside_programs import require
 
 pytestmark = [pytest.mark.browser, pytest.mark.requires("chromium")]
@@ -30,33 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 30_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"app.py did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+STARTUP_TIMEOUT_S = 90
 
 
 def _serve(tmp_path_factory, *flags: str):
     """`python app.py --demo FLAGS` on a free port, run from the repository root (the file route's worst case)."""
     log = tmp_path_factory.mktemp("app") / "app.log"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     with open(log, "w") as handle:
@@ -66,7 +42,7 @@ def _serve(tmp_path_factory, *flags: str):
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url + "/", process, log)
+        wait_until_up(process, url + "/", log, STARTUP_TIMEOUT_S)
         yield url
     finally:
         if process.poll() is None:
@@ -118,10 +94,10 @@ def _bot_messages(page):
     return page.locator("#chatbot .message.bot")
 
 
-def test_chat_in_browser(server, page, tmp_path):
+def test_chat_in_browser(server, page, synthetic_videos, tmp_path):
     from playwright.sync_api import expect
 
-    video = make_synthetic_videos(tmp_path / "videos", 2, seed=7)[0][0]  # first frame shows the shape
+    video = synthetic_videos(2, seed=7).videos[0][0]  # first frame shows the shape
     page.goto(server + "/")
     expect(page.locator("#notice")).to_contain_text("demo model")
     _upload(page, video)

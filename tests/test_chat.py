@@ -8,8 +8,6 @@ import torch
 
 import mugstan_chat.chat as chat_module
 from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettings
-from mugstan_chat.loader import load_chat_model
-from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.turns import SeededSampler
 from mugstan_chat.video import VideoDecodeError, read_frames
 
@@ -17,14 +15,8 @@ SHORT = GenerationSettings(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    made = make_synthetic_videos(tmp_path_factory.mktemp("videos"), num=2, seed=0, size=64, frames=16)
-    return [str(path) for path, _ in made]
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=4)
+def videos(synthetic_videos):
+    return [str(path) for path, _ in synthetic_videos(2, seed=0, size=64, frames=16).videos]
 
 
 def test_follow_up_reuses_cached_features(chat_model, videos, monkeypatch):

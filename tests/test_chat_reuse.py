@@ -14,7 +14,6 @@ from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettin
 from mugstan_chat.cli import main
 from mugstan_chat.loader import ChatModel, load_chat_model
 from mugstan_chat.prefix_cache import CacheBudget, cache_bytes, common_prefix_length, kv_bytes_per_token
-from mugstan_chat.synthetic import make_synthetic_videos
 
 GREEDY = GenerationSettings(max_new_tokens=10)
 SAMPLED = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9)
@@ -27,9 +26,8 @@ CHATML = (
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    made = make_synthetic_videos(tmp_path_factory.mktemp("videos"), num=2, seed=0, size=64, frames=16)
-    return str(made[0][0])
+def video(synthetic_videos):
+    return str(synthetic_videos(2, seed=0, size=64, frames=16).videos[0][0])
 
 
 # Exactness is compared in float64: reuse and no reuse sum the same products in different orders

@@ -10,15 +10,13 @@ import pytest
 
 from mugstan_chat.cli import main
 from mugstan_chat.demo import save_demo_branch
-from mugstan_chat.synthetic import make_synthetic_videos
 
 FAST = ["--demo", "--frames", "4", "--max-new-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    made = make_synthetic_videos(tmp_path_factory.mktemp("cli_videos"), num=2, seed=1, size=64, frames=16)
-    return str(made[0][0])
+def video(synthetic_videos):
+    return str(synthetic_videos(2, seed=1, size=64, frames=16).videos[0][0])
 
 
 def test_ask_demo_streams_an_answer(video, capsys):

@@ -27,11 +27,6 @@ def segmented(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=4)
-
-
 def _segment_of(seconds: float) -> int:
     return int(seconds * FPS) // SEGMENT_FRAMES
 
@@ -85,10 +80,11 @@ def test_time_format_and_labels():
         label_images("<image>", "<image>", spans)
 
 
-@pytest.fixture
-def small_context(chat_model, monkeypatch):
-    """The demo model with a 400-token context, so the context (not the video) bounds --clips auto."""
-    monkeypatch.setattr(chat_model.model.config.text_config, "max_position_embeddings", 400)
+@pytest.fixture(scope="module")
+def small_context():
+    """A demo model of its own with a 400-token context, so the context (not the video) bounds --clips auto."""
+    chat_model = load_chat_model(demo=True, device="cpu", frames=4)
+    chat_model.model.config.text_config.max_position_embeddings = 400
     return chat_model
 
 

@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat.synthetic import make_synthetic_videos
-
 from training.data import (ClipSettings, Columns, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
                            group_ids, read_annotations)
 from training.post_pretrain import train
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_videos(root, num=8, seed=1, size=32, frames=12)
-    return root
+def videos(synthetic_videos) -> Path:
+    return synthetic_videos(8, seed=1, size=32, frames=12).folder
 
 
 def test_csv_jsonl_and_webvid_layouts(tmp_path):

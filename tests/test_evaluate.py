@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mugstan_chat.model import MugStan
-from mugstan_chat.synthetic import make_synthetic_videos
 
 from training.data import VideoRecord
 from training.evaluate import (classification_metrics, main, pairwise_accuracy, pairwise_from_pairs,
@@ -76,10 +75,8 @@ def test_pairwise_from_a_pair_column():
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_videos(root, num=6, seed=2, size=32, frames=12)
-    return root
+def videos(synthetic_videos) -> Path:
+    return synthetic_videos(6, seed=2, size=32, frames=12).folder
 
 
 def test_cli_on_checkpoint_and_baseline(videos, tmp_path, capsys):

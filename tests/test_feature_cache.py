@@ -26,10 +26,8 @@ ONE_VIDEO_BYTES = 16 * 64 * 4  # demo, 1 clip: visual tokens x text width x fp32
 
 
 @pytest.fixture(scope="module")
-def chat_model():
-    from mugstan_chat.loader import load_chat_model
-
-    return load_chat_model(demo=True, device="cpu")
+def chat_model(demo_chat_model):
+    return demo_chat_model(8)  # the loader's default T
 
 
 @pytest.fixture()

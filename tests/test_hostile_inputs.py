@@ -22,6 +22,7 @@ import av
 import numpy as np
 import pytest
 
+from live_process import free_port
 from mugstan_chat import video as V
 from mugstan_chat.cli import main
 from mugstan_chat.video import backends, limits as video_limits
@@ -36,10 +37,8 @@ X264 = {"preset": "medium", "g": "12", "threads": "1"}  # B-frames and a keyfram
 
 
 @pytest.fixture(scope="module")
-def chat_model():
-    from mugstan_chat.loader import load_chat_model
-
-    return load_chat_model(demo=True, device="cpu")
+def chat_model(demo_chat_model):
+    return demo_chat_model(8)  # the loader's default T
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +417,7 @@ def test_help_does_not_import_torch():
 def test_offline_without_the_model_fails_in_one_line(rotated, tmp_path):
     env = {**ENV, "HF_HOME": str(tmp_path / "empty_hf_home")}  # nothing cached; offline mode: no network
     for argv in (["-m", "mugstan_chat.cli", "ask", str(rotated[(180, 48, 96)]), "what happens?"],
-                 ["app.py", "--port", str(_free_port())]):
+                 ["app.py", "--port", str(free_port())]):
         done = _run(argv, env=env, timeout=90)
         prog = "mugstan-chat" if "-m" in argv else "app.py"
         _assert_one_line_error(done, prog, "--demo", "HF_HUB_OFFLINE", "llava-hf/llava-1.5-7b-hf")
@@ -451,12 +450,6 @@ def test_unreachable_hub_without_the_model_fails_before_any_download(monkeypatch
 # --------------------------------------------------------------------------- #
 # 6. A port in use
 # --------------------------------------------------------------------------- #
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def busy_port():
     with socket.socket() as sock:

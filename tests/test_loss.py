@@ -1,7 +1,6 @@
 """Contrastive loss: symmetric InfoNCE, and the two-process gather equals one process on the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from live_process import free_port
 from mugstan_chat.loss import mug_contrastive_loss, symmetric_infonce
 from mugstan_chat.mug import MugConfig
 
@@ -66,12 +66,6 @@ def _worker(rank, world_size, port, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch():
     video_proj, text_proj = _model()
@@ -80,7 +74,7 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch():
     expected = [p.grad for p in list(video_proj.parameters()) + list(text_proj.parameters())]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.loader import load_chat_model
 from mugstan_chat.moments import find_references, parse_time
 from mugstan_chat.timeline import ClipSpan, clip_label, format_time
 from mugstan_chat.video import write_video
@@ -51,8 +50,8 @@ def video(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=2)
+def chat_model(demo_chat_model):
+    return demo_chat_model(2)
 
 
 def test_a_session_references_only_when_its_prompt_showed_times(chat_model, video):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 import torch
 
 from mugstan_chat.model import MugStan
-from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.video import write_video
 
+from live_process import free_port
 from outside_programs import require
 from test_shards import write_v2d_shards
 from test_train import assert_weights_match_reference
@@ -29,17 +28,9 @@ SCRIPT = str(REPO / "training" / "post_pretrain.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_videos(root, num=16, seed=0, size=32, frames=12)
-    return root
+def videos(synthetic_videos) -> Path:
+    return synthetic_videos(16, seed=0, size=32, frames=12).folder
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,7 @@ def test_two_torchrun_nodes_match_the_one_process_reference(videos, tmp_path):
               "--lr-backbone", "1e-2", "--lr-stan", "1e-2", "--weight-decay", "0", "--grad-clip", "0")
     csv = str(videos / "annotations.csv")
     single = train(_args(csv, tmp_path / "one", *common, root=videos) + ["--batch-size", "4"])
-    port = _free_port()
+    port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", SCRIPT,
             *_args(csv, tmp_path / "two", *common, root=videos)]
@@ -90,7 +81,7 @@ def test_two_torchrun_nodes_match_the_one_process_reference(videos, tmp_path):
 
 
 def test_slurm_ranks_without_torchrun_train_over_bad_shards(shards, tmp_path):
-    port = _free_port()
+    port = free_port()
     commands = []
     for rank in (0, 1):
         env = {**ENV, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),

@@ -11,7 +11,7 @@ import pytest
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.entrypoints.progress import progress_bar
 from mugstan_chat.model import MugStan
-from mugstan_chat.synthetic import make_synthetic_mc, make_synthetic_videos
+from mugstan_chat.synthetic import make_synthetic_mc
 from mugstan_chat.synthetic.cli import main as synthetic_main
 
 from training.evaluate import main as evaluate_main
@@ -63,13 +63,13 @@ def test_synthetic_off_when_stderr_is_not_a_terminal(tmp_path, capsys):
     assert "videos:" not in capsys.readouterr().err
 
 
-def test_evaluate_retrieval_and_recognition_show_the_encoding_bar(tmp_path, monkeypatch):
+def test_evaluate_retrieval_and_recognition_show_the_encoding_bar(synthetic_videos, tmp_path, monkeypatch):
     terminal = _terminal(monkeypatch)
-    make_synthetic_videos(tmp_path / "v", num=4, seed=0, size=32, frames=6)
+    videos = synthetic_videos(4, seed=0, size=32, frames=6).folder
     MugStan(model_config("tiny", stan_layers=1)).save_pretrained(tmp_path / "ckpt")
-    common = ["--checkpoint", str(tmp_path / "ckpt"), "--video-root", str(tmp_path / "v"), "--frames", "2",
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--video-root", str(videos), "--frames", "2",
               "--workers", "0", "--batch-size", "3"]
-    assert evaluate_main([*common, "--data", str(tmp_path / "v" / "annotations.csv")]) == 0
+    assert evaluate_main([*common, "--data", str(videos / "annotations.csv")]) == 0
     assert "encode: 100%" in terminal.getvalue() and "4/4" in terminal.getvalue()
     terminal.seek(0)
     terminal.truncate()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,16 +14,14 @@ import httpx
 import openai
 import pytest
 
-from live_process import free_port, stop, wait_until_up
+from live_process import serve_demo
 from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.loader import load_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 KEY = "test-key-123"
-FRAMES = 4
+FRAMES = 4  # the server's T; conftest's chat_model (the same demo model, T = 4, in this process) is the reference
 MAX_TOKENS = 12
-STARTUP_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +41,15 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(media, tmp_path_factory):
     """Base URL of a live server: --concurrency 1 --queue-size 0 (a second request while one runs gets 429)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("MUGSTAN_API_KEY", None)
-    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port),
-               "--api-key", KEY, "--allowed-local-media-path", str(media["allowed"]), "--frames", str(FRAMES),
-               "--max-new-tokens", str(MAX_TOKENS), "--concurrency", "1", "--queue-size", "0", "--max-body-mb", "1"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, f"{base}/health", log_path, STARTUP_TIMEOUT_S)
-        yield base
-    finally:
-        stop(process)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()  # nothing crashed inside
+    yield from serve_demo(tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY,
+                          "--allowed-local-media-path", str(media["allowed"]), "--frames", str(FRAMES),
+                          "--max-new-tokens", str(MAX_TOKENS), "--concurrency", "1", "--queue-size", "0",
+                          "--max-body-mb", "1")
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    """The same demo model in this process: the reference the server's answers must equal."""
-    return load_chat_model(demo=True, device="cpu", frames=FRAMES)
 
 
 def _file_url(path: Path) -> str:
@@ -90,6 +66,13 @@ def _messages(url: str, question: str, kind: str = "video_url") -> list[dict]:
 
 def _health(server) -> dict:
     return httpx.get(f"{server}/health", timeout=10).json()
+
+
+def _await_running(server, busy: bool, timeout_s: float = 30) -> None:
+    """Polls /health until a request runs (``busy``) or none does, or ``timeout_s`` passed: the caller asserts."""
+    deadline = time.monotonic() + timeout_s
+    while bool(_health(server)["running"]) != busy and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _reference(chat_model, video: Path, question: str) -> tuple[str, object]:
@@ -276,9 +259,7 @@ def test_busy_server_answers_429_and_a_disconnect_frees_the_slot(server, media, 
         client.chat.completions.create(model="demo", messages=_messages(video, "me too"))
     assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
     stream.close()  # the client goes away mid-answer
-    deadline = time.monotonic() + 30
-    while _health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _await_running(server, busy=False)
     after = _health(server)["counters"]
     assert _health(server)["running"] == 0
     assert after["cancelled"] == before["cancelled"] + 1
@@ -297,15 +278,11 @@ def test_non_streamed_request_whose_client_leaves_is_cancelled(server, media):
     try:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        deadline = time.monotonic() + 30
-        while not _health(server)["running"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _await_running(server, busy=True)
         assert _health(server)["running"] == 1
     finally:
         sock.close()
-    deadline = time.monotonic() + 30
-    while _health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _await_running(server, busy=False)
     after = _health(server)["counters"]
     assert _health(server)["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < long_answer

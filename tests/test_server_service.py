@@ -18,7 +18,6 @@ import mugstan_chat.loader as loader_module
 from mugstan_chat.chat import ChatSession, GenerationSettings, encode_image
 from mugstan_chat.cli import main as cli_main
 from mugstan_chat.feature_cache import FeatureCache, FeatureKey, features_nbytes
-from mugstan_chat.loader import load_chat_model
 from mugstan_chat.server.media import MediaFetcher, MediaPolicy
 from mugstan_chat.server.protocol import APIError, ChatCompletionRequest
 from mugstan_chat.server.jobs import Gate
@@ -28,11 +27,6 @@ from mugstan_chat.video import VideoDecodeError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    return load_chat_model(demo=True, device="cpu", frames=4)
 
 
 def _service(chat_model, cache_bytes=1 << 20) -> ChatService:
@@ -63,6 +57,15 @@ def _run(service: ChatService, request: ChatCompletionRequest, cancel_after: int
                 job.thread.join()
                 return events, value
     return asyncio.run(go())
+
+
+def _together(ask, count: int) -> None:
+    """Runs ``ask(0)`` ... ``ask(count - 1)`` in threads at once; returns when they ended (60 s each at most)."""
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
 
 
 # ----------------------------------------------------------------------------- the feature cache
@@ -132,11 +135,7 @@ def test_concurrent_requests_for_a_new_video_share_one_decode_and_encode(chat_mo
         started.wait()  # all four requests at the same moment
         outcomes[i] = _run(service, _request("blue_triangle_left.mp4"))[1]
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    _together(ask, 4)
     assert len(reads) == 1 and tower.calls == calls + 1 and service.health()["counters"]["video_encodes"] == 1
     assert sorted(o.info["cached_features"] for o in outcomes) == [False, True, True, True]
     assert len({o.text for o in outcomes}) == 1  # greedy: the same answer from the same features
@@ -156,11 +155,7 @@ def test_a_failed_encode_is_each_requests_own_error(chat_model, monkeypatch):
     def ask(i):
         errors[i] = _run(service, _request("red_triangle_shrinking.mp4"))[1]
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    _together(ask, 2)
     assert all(isinstance(e, APIError) and e.status == 400 and "broken on purpose" in e.message for e in errors)
     assert len(service.cache) == 0
 
@@ -291,12 +286,7 @@ def test_concurrent_seeded_requests_equal_the_same_requests_alone(chat_model, mo
     for _ in range(3):
         together.reset()
         texts = [None, None]
-        threads = [threading.Thread(target=lambda i=i: texts.__setitem__(i, _run(service, requests[i])[1].text))
-                   for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        _together(lambda i: texts.__setitem__(i, _run(service, requests[i])[1].text), 2)
         assert texts == alone
 
 

@@ -16,9 +16,8 @@ OPPOSITES = {("moving right", "moving left"), ("moving down", "moving up"),
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    return out, make_synthetic_videos(out, num=8, seed=3)
+def synth(synthetic_videos):
+    return synthetic_videos(8, seed=3)
 
 
 def test_synthetic_files_and_csv(synth):

@@ -14,7 +14,6 @@ import torch
 from mugstan_chat.backbone import tiny_backbone_config
 from mugstan_chat.checkpoint import CheckpointError
 from mugstan_chat.model import MugStan, MugStanConfig
-from mugstan_chat.synthetic import make_synthetic_videos
 
 from training import checkpoints as ckpt
 from training import train as train_module
@@ -25,10 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_videos(root, num=16, seed=0, size=32, frames=12)
-    return root
+def videos(synthetic_videos) -> Path:
+    return synthetic_videos(16, seed=0, size=32, frames=12).folder
 
 
 _args = tiny_training_args

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.video import VideoBytes, VideoDecodeError, probe_video
 
 from training import checkpoints as ckpt
@@ -150,10 +149,8 @@ def test_max_consecutive_skips_must_be_positive(broken, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_videos(root, num=16, seed=0, size=32, frames=12)
-    return root
+def videos(synthetic_videos) -> Path:
+    return synthetic_videos(16, seed=0, size=32, frames=12).folder
 
 
 def _args(videos: Path, out: Path, *extra: str) -> list[str]:

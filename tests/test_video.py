@@ -16,7 +16,6 @@ import torch
 
 from mugstan_chat import video as V
 from mugstan_chat.video import backends
-from mugstan_chat.synthetic import make_synthetic_videos
 
 FAST = {"preset": "ultrafast", "threads": "1"}
 
@@ -34,9 +33,8 @@ def _moving_frames(n: int, h: int = 64, w: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    return out, make_synthetic_videos(out, num=8, seed=3)
+def synth(synthetic_videos):
+    return synthetic_videos(8, seed=3)
 
 
 @pytest.fixture(scope="module")

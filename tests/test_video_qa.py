@@ -23,7 +23,7 @@ from mugstan_chat.evaluation.scoring import (
 from mugstan_chat.evaluation.summary import bootstrap_interval, markdown_tables, summarize
 from mugstan_chat.likelihood import continuation_ids
 from mugstan_chat.loader import load_chat_model
-from mugstan_chat.synthetic import make_synthetic_mc, make_synthetic_videos, question_for_caption
+from mugstan_chat.synthetic import make_synthetic_mc, question_for_caption
 
 FRAMES = 2
 
@@ -36,7 +36,7 @@ def synthetic_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_model():
-    return load_chat_model(demo=True)
+    return load_chat_model(demo=True)  # its own: _rig swaps its LM head
 
 
 def _rig(chat_model, preferred: dict[str, float]):
@@ -149,13 +149,13 @@ def _run(chat_model, questions, videos, out, modes=("stan", "mean", "concat"), d
     return run, run.run()
 
 
-def test_features_are_computed_once_per_video_and_mode(chat_model, tmp_path, monkeypatch):
-    made = make_synthetic_videos(tmp_path / "v", num=2, seed=5, size=32, frames=8)
+def test_features_are_computed_once_per_video_and_mode(chat_model, synthetic_videos, tmp_path, monkeypatch):
+    folder, made = synthetic_videos(2, seed=5, size=32, frames=8)
     rows = [{"id": f"{i}-{k}", "video": path.name, "question": f"question {k}?", "options": ["left", "right"],
              "answer": k % 2} for i, (path, _) in enumerate(made) for k in range(3)]
     (tmp_path / "q.json").write_text(json.dumps(rows), encoding="utf-8")
     questions = read_questions([tmp_path / "q.json"])
-    videos = resolve_videos(questions, tmp_path / "v")
+    videos = resolve_videos(questions, folder)
     calls = chat_model.tower.calls
 
     def session_decoding(*args, **kwargs):

@@ -12,7 +12,6 @@ import pytest
 from outside_programs import require
 
 from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.loader import load_chat_model
 from mugstan_chat.video import FrameTimes, VideoDecodeError, clip_spans, probe_video, read_frame_times, read_frames
 
 needs_ffmpeg = pytest.mark.requires("ffmpeg")  # skipped with its install line, failed under MUGSTAN_REQUIRE
@@ -68,8 +67,7 @@ def test_frame_i_is_the_frame_at_its_time(vfr):
 
 
 @needs_ffmpeg
-def test_session_spans_use_the_timestamps(vfr):
-    chat_model = load_chat_model(demo=True, device="cpu", frames=4)
+def test_session_spans_use_the_timestamps(vfr, chat_model):
     session = ChatSession(chat_model, vfr, frames=4, clips=3, generation=GenerationSettings(max_new_tokens=4))
     spans = session.clip_spans
     probed = _ffprobe_times(vfr)
