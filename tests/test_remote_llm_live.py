@@ -7,10 +7,7 @@ Start-up faults of the fake's /v1/models are one line and exit 1 in every front 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import openai
 import pytest
 
 import fake_llm as fake
-from live_process import free_port, stop, wait_until_up
+from live_process import free_port, serve_demo
 from mugstan_chat import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,23 +38,9 @@ def upstream():
 
 def _serve(upstream, llm_timeout: float, log_path: Path):
     """A live `serve --demo --llm-url` in front of ``upstream``, --concurrency 1 (the generator yields its URL)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("MUGSTAN_API_KEY", None)
-    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port),
-               "--allowed-local-media-path", str(EXAMPLES), "--frames", "4", "--max-new-tokens", "8",
-               "--concurrency", "1", "--queue-size", "4", "--llm-url", upstream.url,
-               "--llm-timeout", f"{llm_timeout:g}"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, f"{base}/health", log_path, STARTUP_TIMEOUT_S)
-        yield base
-    finally:
-        stop(process)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()  # nothing crashed inside
+    yield from serve_demo(log_path, "--allowed-local-media-path", str(EXAMPLES), "--frames", "4",
+                          "--max-new-tokens", "8", "--concurrency", "1", "--queue-size", "4", "--llm-url", upstream.url,
+                          "--llm-timeout", f"{llm_timeout:g}", timeout_s=STARTUP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
