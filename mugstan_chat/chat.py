@@ -152,6 +152,7 @@ class ChatSession(ClipPlanning):
         self._selected_for: str | None = None
         self._info = None  # video.VideoInfo once the header was read
         self._frame_times = None  # video.FrameTimes once the timestamps were read (clip spans)
+        self._tokenized = None  # (prompt text, its ids): the last prompt tokenised
         if text_only:  # no video: no clips, no selection
             self.clips, self.auto_clips, self.select, self.candidates = 0, False, None, None
         self.generation = generation or GenerationSettings()
@@ -347,11 +348,17 @@ class ChatSession(ClipPlanning):
         return text.replace(processor.image_token, processor.image_token * self.tokens_per_image)
 
     def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
+        """The prompt's ids; the last prompt's are kept, so checking a turn's length and running it (a server
+        checks the context before it answers) tokenise it once. Callers never change the tensors."""
+        if self._tokenized is not None and self._tokenized[0] == text:
+            return self._tokenized[1]
         tokenizer = self.chat_model.processor.tokenizer
         # like the processor: no extra BOS when the template already starts with one
         add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        result = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        self._tokenized = (text, result)
+        return result
 
     def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
         """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""

@@ -483,3 +483,23 @@ def test_references_of_the_answer_reach_the_response(chat_model, monkeypatch):
     assert info["references"][1]["start"] == spans[1]["start"] and info["references"][1]["clip"] == 2
     one_clip = _run(service, _request(mugstan={"clips": 1}))[1].info  # no times in the prompt: no references
     assert one_clip["references"] == []
+
+
+def test_one_request_tokenises_its_prompt_once(chat_model, monkeypatch):
+    """The context check and the answer share the turn's ids: the prompt goes through the tokenizer once."""
+    tokenizer_class = type(chat_model.processor.tokenizer)
+    real = tokenizer_class.__call__
+    prompts = []
+
+    def counting(self, text, *args, **kwargs):
+        if isinstance(text, str) and "how many tokens?" in text:
+            prompts.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", counting)
+    service = _service(chat_model)
+    for clips in (1, 2):
+        prompts.clear()
+        events, outcome = _run(service, _request(question="how many tokens?", mugstan={"clips": clips}))
+        assert any(kind == "done" for kind, _ in events)
+        assert len(prompts) == 1, f"{len(prompts)} tokenisations of the prompt with {clips} clip(s)"
