@@ -23,8 +23,8 @@ from pathlib import Path
 import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
 import benchmark_chat  # FixedLength, the generated clip
 
-from mugstan_chat.chat import ChatSession
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.engine.conversation import ChatSession
+from mugstan_chat.llava.loader import load_chat_model
 
 CONFIGS = {  # name -> loader settings
     "fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),

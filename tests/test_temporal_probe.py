@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.families import make_time_reversal_dataset
 from training.params import model_config
 
