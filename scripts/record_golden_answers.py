@@ -88,9 +88,9 @@ def replay_margins(video: Path) -> tuple[list[str], list[dict]]:
     chat_model.model.generate = recording_generate
     options = SessionOptions(frames=s["frames"], clips=s["clips"], clip_times=s["clip_times"]).validate()
     session = ChatSession(chat_model, video, **options.session_kwargs(), temporal=s["temporal"],
-                          generation=GenerationSettings(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                                                        top_p=s["top_p"],
-                                                        repetition_penalty=s["repetition_penalty"]))
+                          generation=GenerationSettings(
+                              max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+                              repetition_penalty=s["repetition_penalty"]))
     answers, margins = [], []
     for question in golden.QUESTIONS:
         answers.append(session.ask(question))
@@ -109,7 +109,8 @@ def add_margins(recorded: dict, video: Path) -> list[str]:
             if not answer:
                 problems.append(f"{front_end}: empty answer to {question!r}")
             if answer != answers[number]:
-                problems.append(f"{front_end}: {question!r} answered {answer!r}, the in-process replay {answers[number]!r}")
+                problems.append(f"{front_end}: {question!r} answered {answer!r}, "
+                                f"the in-process replay {answers[number]!r}")
             if margins[number]["min_relative_margin"] <= MIN_RELATIVE_MARGIN:
                 problems.append(f"{front_end}: {question!r} has a greedy step with relative margin "
                                 f"{margins[number]['min_relative_margin']:.2e}")

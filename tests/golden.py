@@ -29,7 +29,6 @@ from live_process import STARTUP_TIMEOUT_S, free_port, serve_demo, wait_until_up
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = FIXTURES / "golden_answers.json"
-EVAL_QUESTIONS = FIXTURES / "golden_questions.jsonl"
 
 # the one video: `python -m mugstan_chat.synthetic videos DIR --num 2 --seed 2` (byte-identical every run;
 # its sha256 is recorded, so a generator that changes is reported as that, not as changed answers)
@@ -38,7 +37,9 @@ VIDEO_NAME = "pair0000_a.mp4"
 QUESTIONS = ("what is shown in the video?", "what color is the shape?")  # a two-turn conversation
 SETTINGS = {"frames": 4, "clips": 1, "clip_times": "off", "temporal": "stan", "max_new_tokens": 16,
             "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "device": "cpu", "dtype": "fp32"}
-EVAL_MODES = ("stan", "mean")  # likelihood scoring, --answer-format text (the demo vocabulary has no letters)
+# eval: likelihood scoring, options scored as text (the demo vocabulary has no capital letters)
+EVAL_SETTINGS = {"questions": "tests/fixtures/golden_questions.jsonl", "modes": ["stan", "mean"],
+                 "scoring": "likelihood", "answer_format": "text", "bootstrap": 10, "seed": 0}
 TIMEOUT_S = 180
 
 
@@ -186,18 +187,19 @@ def app_answers(url: str, video: Path, questions=QUESTIONS) -> list[str]:
 
 
 def eval_results(video_root: Path, out: Path) -> dict:
-    """``python -m mugstan_chat eval`` over :data:`EVAL_QUESTIONS`: per mode and question, the option scores
-    (mean log-probability per token) and the choice, and each mode's accuracy."""
-    _run(["-m", "mugstan_chat", "eval", str(EVAL_QUESTIONS), "--video-root", str(video_root), "--out", str(out),
-          "--modes", *EVAL_MODES, "--scoring", "likelihood", "--answer-format", "text", "--no-progress",
-          "--bootstrap", "10", "--seed", "0", *model_flags(sampling=False)])
+    """``python -m mugstan_chat eval`` over the questions of :data:`EVAL_SETTINGS`: per mode and question,
+    the option scores (mean log-probability per token) and the choice, and each mode's accuracy."""
+    e = EVAL_SETTINGS
+    _run(["-m", "mugstan_chat", "eval", str(ROOT / e["questions"]), "--video-root", str(video_root), "--out", str(out),
+          "--modes", *e["modes"], "--scoring", e["scoring"], "--answer-format", e["answer_format"], "--no-progress",
+          "--bootstrap", str(e["bootstrap"]), "--seed", str(e["seed"]), *model_flags(sampling=False)])
     results: dict = {}
     for line in (out / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
         results.setdefault(row["mode"], {})[row["id"]] = {"chosen": row["chosen"], "correct": row["correct"],
                                                           "option_scores": row["option_scores"]}
     summary = json.loads((out / "summary.json").read_text())
-    for mode in EVAL_MODES:
+    for mode in EVAL_SETTINGS["modes"]:
         results[mode] = {"questions": dict(sorted(results[mode].items())),
                          "accuracy": summary["modes"][mode]["accuracy"]}
     return results
@@ -215,7 +217,7 @@ def record_all(work: Path) -> dict:
     video = make_video(work / "videos")
     recorded = {"video": {"generator": "python -m mugstan_chat.synthetic videos", **VIDEO_ARGS, "file": VIDEO_NAME,
                           "sha256": sha256(video)},
-                "settings": SETTINGS, "questions": list(QUESTIONS), "eval_modes": list(EVAL_MODES)}
+                "settings": SETTINGS, "questions": list(QUESTIONS), "eval_settings": EVAL_SETTINGS}
     answers = {"ask": {QUESTIONS[0]: ask_answer(video)},
                "chat": dict(zip(QUESTIONS, chat_answers(video)))}
     (work / "logs").mkdir(exist_ok=True)

@@ -48,6 +48,7 @@ def test_recording_matches_this_setup(video):
     """The video is byte-identical and the settings and questions are those recorded (else nothing compares)."""
     assert golden.sha256(video) == RECORDED["video"]["sha256"], "the synthetic video generator writes other bytes"
     assert RECORDED["settings"] == golden.SETTINGS and RECORDED["questions"] == list(golden.QUESTIONS)
+    assert RECORDED["eval_settings"] == golden.EVAL_SETTINGS
     assert all(answer for asked in ANSWERS.values() for answer in asked.values())  # visible text, every one
 
 
