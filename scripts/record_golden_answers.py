@@ -6,7 +6,7 @@ front end". The front ends are asked only through interfaces that survive a modu
 and HTTP; the logic is ``tests/golden.py``, shared with the test):
 
 * ``python -m mugstan_chat ask VIDEO QUESTION`` and ``chat VIDEO`` (two questions on stdin);
-* ``python -m mugstan_chat.server`` through the ``openai`` client, a two-turn conversation, whole and streamed;
+* ``python -m mugstan_chat.entrypoints.openai`` through the ``openai`` client, a two-turn conversation, whole and streamed;
 * ``python app.py`` through ``gradio_client`` (``/load_video``, then ``/ask`` twice);
 * ``python -m mugstan_chat eval`` over ``tests/fixtures/golden_questions.jsonl`` (likelihood scoring).
 

@@ -3,7 +3,7 @@
 The one copy of the logic behind ``tests/test_golden_answers.py`` (which compares with
 ``tests/fixtures/golden_answers.json``) and ``scripts/record_golden_answers.py`` (which writes it).
 Every answer comes from a subprocess or over HTTP: ``python -m mugstan_chat ask`` and ``chat`` (stdout),
-``python -m mugstan_chat.server`` (the ``openai`` client), ``python app.py`` (``gradio_client``) and
+``python -m mugstan_chat.entrypoints.openai`` (the ``openai`` client), ``python app.py`` (``gradio_client``) and
 ``python -m mugstan_chat eval`` (its ``predictions.jsonl`` and ``summary.json``). Nothing here imports
 ``mugstan_chat``: only the recording script does, to measure the greedy margins.
 
@@ -101,7 +101,7 @@ def chat_answers(video: Path, questions=QUESTIONS) -> list[str]:
 
 
 def serve(log: Path, media: Path) -> contextlib.AbstractContextManager[str]:
-    """``python -m mugstan_chat.server`` on a free port allowed to read ``media``: its base URL."""
+    """``python -m mugstan_chat.entrypoints.openai`` on a free port allowed to read ``media``: its base URL."""
     flags = [flag for flag in model_flags() if flag != "--demo"]  # serve_demo gives --demo
     return contextlib.contextmanager(serve_demo)(log, "--allowed-local-media-path", str(media), *flags)
 
