@@ -52,6 +52,7 @@ from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.evaluation.modes import MODES, session_shape  # (the library's three modes)
 from mugstan_chat.llava.loader import ChatModel, ChatSettings, load_chat_model
 from mugstan_chat.engine.turns import StopOnEvent, TimedStreamer  # the chat engine's own streamer and stop criterion
+from mugstan_chat.engine.engine import Engine
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
@@ -148,7 +149,7 @@ def session_for(chat_model: ChatModel, video: Path, mode: str, frames: int, new_
     generation = FixedLength(max_new_tokens=new_tokens)
     # "image" is concat of T=1: one frame as one image through the tower's image path
     shape = session_shape("concat" if mode == "image" else mode, frames)
-    return ChatSession(chat_model, video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
+    return ChatSession(Engine(chat_model), video, frames=shape.frames, clips=shape.clips, temporal=shape.temporal,
                        frames_as_images=shape.frames_as_images, generation=generation, prepare=False,
                        reuse_cache=reuse_cache)
 

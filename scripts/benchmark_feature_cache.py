@@ -28,6 +28,7 @@ import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on
 import torch
 
 from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.engine import Engine
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
@@ -60,7 +61,7 @@ def _ttft(app, state, question: str, max_new_tokens: int) -> float:
 
 
 def one_round(app_module, chat_model, settings, video: str, args) -> dict:
-    app = app_module.ChatApp(chat_model, settings)  # empty cache
+    app = app_module.ChatApp(Engine(chat_model), settings)  # empty cache
     first, miss_ms, first_hit = _timed_load(app, video, args.frames, args.temporal)
     first_ttft = _ttft(app, first, QUESTION, args.new_tokens)
     followup_ttft = _ttft(app, first, FOLLOW_UP, args.new_tokens)

@@ -25,6 +25,7 @@ import benchmark_chat  # FixedLength, the generated clip
 
 from mugstan_chat.engine.conversation import ChatSession
 from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.engine import Engine
 
 CONFIGS = {  # name -> loader settings
     "fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),
@@ -33,7 +34,7 @@ CONFIGS = {  # name -> loader settings
 
 
 def measure(chat_model, video: Path, frames: int, new_tokens: int) -> dict:
-    session = ChatSession(chat_model, video, frames=frames, prepare=False,
+    session = ChatSession(Engine(chat_model), video, frames=frames, prepare=False,
                           generation=benchmark_chat.FixedLength(max_new_tokens=new_tokens))
     for _ in session.ask_stream(benchmark_chat.QUESTION):
         pass

@@ -75,16 +75,17 @@ def build(args):
     return build_llava_7b_shape(args.device, dtype, 4096, size=args.size), (768, 12, 768)
 
 
-def measure(chat_model, video: Path, candidates: int, args) -> dict:
+def measure(chat_model, retriever, video: Path, candidates: int, args) -> dict:
     from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+    from mugstan_chat.engine.engine import Engine
     from mugstan_chat.engine.feature_cache import FeatureCache
 
     shortlist = args.shortlist if args.shortlist and args.select <= args.shortlist < candidates else None
-    session = ChatSession(chat_model, video, frames=args.frames, select=args.select, candidates=candidates,
+    engine = Engine(chat_model, retriever=retriever)
+    session = ChatSession(engine, video, frames=args.frames, select=args.select, candidates=candidates,
                           shortlist=shortlist, generation=GenerationSettings(max_new_tokens=1),
                           feature_cache=FeatureCache(2**30), prepare=False)
     calls = chat_model.tower.calls
-    retriever = chat_model.retrieval
     frames_before = retriever.frames_encoded
     started = time.perf_counter()
     session.prepare()  # the M candidates: decode + tower to its last layer (one frame each with --shortlist)
@@ -126,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     chat_model, text_shape = build(args)
-    chat_model.retrieval = random_retriever(chat_model, *text_shape)
+    retriever = random_retriever(chat_model, *text_shape)
     with tempfile.TemporaryDirectory() as folder:
         video = write_long_video(Path(folder) / "long.mp4", args.seconds)
         rows = []
         for m in args.candidates:
-            rows.append(measure(chat_model, video, m, args))
+            rows.append(measure(chat_model, retriever, video, m, args))
             print(markdown_table(rows[-1:], list(rows[-1])), flush=True)
     columns = ["candidates", "frames", "select", "shortlist", "first_question_tower_frames", "first_question_s",
                "decode_ms", "embed_ms", "first_rank_ms", "followup_rank_ms",

@@ -71,8 +71,9 @@ def replay_margins(video: Path) -> tuple[list[str], list[dict]]:
     """The two-turn conversation in-process with the same settings: its answers and each answer's margins."""
     from transformers import LogitsProcessorList
 
-    from mugstan_chat.chat import ChatSession, GenerationSettings
-    from mugstan_chat.loader import load_chat_model
+    from mugstan_chat.engine.engine import Engine
+    from mugstan_chat.engine.turns import GenerationSettings
+    from mugstan_chat.llava.loader import load_chat_model
     from mugstan_chat.session_options import SessionOptions
 
     s = golden.SETTINGS
@@ -87,10 +88,9 @@ def replay_margins(video: Path) -> tuple[list[str], list[dict]]:
 
     chat_model.model.generate = recording_generate
     options = SessionOptions(frames=s["frames"], clips=s["clips"], clip_times=s["clip_times"]).validate()
-    session = ChatSession(chat_model, video, **options.session_kwargs(), temporal=s["temporal"],
-                          generation=GenerationSettings(
-                              max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                              repetition_penalty=s["repetition_penalty"]))
+    session = Engine(chat_model).open(video, options, temporal=s["temporal"], lazy=True, generation=GenerationSettings(
+        max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+        repetition_penalty=s["repetition_penalty"]))
     answers, margins = [], []
     for question in golden.QUESTIONS:
         answers.append(session.ask(question))

@@ -22,6 +22,7 @@ from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
 from mugstan_chat.entrypoints.openai.planning import ServiceConfig
 from mugstan_chat.entrypoints.openai.worker import ChatService
 from mugstan_chat.video import write_video
+from mugstan_chat.engine.engine import Engine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FRAMES = 4  # T, as conftest's chat_model
@@ -42,7 +43,8 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(chat_model, videos):
     config = ServiceConfig(model_name="demo", frames=FRAMES, max_new_tokens=4)
-    service = ChatService(chat_model, config, MediaFetcher(MediaPolicy.create([videos])), FeatureCache(16 << 20))
+    service = ChatService(Engine(chat_model, feature_cache=FeatureCache(16 << 20)), config,
+                          MediaFetcher(MediaPolicy.create([videos])))
     with TestClient(create_app(service, Gate(1, 4))) as test_client:
         yield test_client
 
@@ -131,7 +133,7 @@ def test_candidates_are_capped_at_the_clips_the_video_holds(client, videos, vide
 
 
 def test_the_cap_is_the_sessions_so_every_front_end_has_it(chat_model, videos):
-    session = ChatSession(chat_model, videos / "two_frames.mp4", frames=FRAMES, select=2, candidates=8,
+    session = ChatSession(Engine(chat_model), videos / "two_frames.mp4", frames=FRAMES, select=2, candidates=8,
                           generation=GenerationSettings(max_new_tokens=2))
     session.ask("what happens?")
     assert session.clips == 1 and len(session.clip_spans) == 1 and session.candidates == 1
@@ -141,11 +143,11 @@ def test_the_cap_is_the_sessions_so_every_front_end_has_it(chat_model, videos):
 
 def test_a_shortlist_that_no_longer_fits_the_capped_candidates_is_dropped(chat_model, videos):
     """Twelve frames hold 3 clips of 4: M = 8 becomes 3; a shortlist of 4 would not be a shortlist, one of 2 is."""
-    kept = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8, shortlist=2,
+    kept = ChatSession(Engine(chat_model), videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8, shortlist=2,
                        generation=GenerationSettings(max_new_tokens=2))
     kept.ask("what happens?")
     assert kept.candidates == 3 and kept.selection.shortlist is not None and len(kept.selection.shortlist) == 2
-    dropped = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8,
+    dropped = ChatSession(Engine(chat_model), videos / "twelve_frames.mp4", frames=FRAMES, select=1, candidates=8,
                           shortlist=4, generation=GenerationSettings(max_new_tokens=2))
     dropped.ask("what happens?")
     assert dropped.selection.shortlist is None and dropped.candidates == 3
@@ -155,7 +157,7 @@ def test_a_shortlist_that_no_longer_fits_the_capped_candidates_is_dropped(chat_m
 def test_verbose_says_the_candidates_were_capped(chat_model, videos):
     from mugstan_chat.entrypoints.terminal import describe_clips
 
-    session = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=2, candidates=8,
+    session = ChatSession(Engine(chat_model), videos / "twelve_frames.mp4", frames=FRAMES, select=2, candidates=8,
                           generation=GenerationSettings(max_new_tokens=2))
     session.ask("what happens?")
     line = describe_clips(session)

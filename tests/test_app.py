@@ -10,6 +10,7 @@ import torch
 from mugstan_chat.entrypoints import web as app_module
 from mugstan_chat.engine.conversation import ConversationTooLong
 from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.engine import Engine
 
 
 
@@ -26,7 +27,7 @@ def videos(synthetic_videos):
 @pytest.fixture()
 def app(chat_model):
     settings = app_module.AppSettings(max_new_tokens=12, max_upload_mb=1.0, max_video_seconds=60.0)
-    return app_module.ChatApp(chat_model, settings)
+    return app_module.ChatApp(Engine(chat_model), settings)
 
 
 def _load(app, video, state=None, frames=4, clips=1, temporal="stan"):
@@ -55,20 +56,20 @@ def test_upload_ask_stream_follow_up(app, videos):
     assert "video features cached" in texts[-1]  # follow-up reuses the encoded video
     assert [m["role"] for m in state.messages] == ["user", "assistant"] * 2
     assert [q for q, _ in state.chat.history] == ["what happens in the video?", "and then?"]
-    assert state.chat.chat_model.tower.calls >= 1
+    assert state.chat.engine.model.tower.calls >= 1
 
 
 def test_clear_keeps_video_and_regenerate_replaces_answer(app, videos):
     state, _, _ = _load(app, videos[0])
     state, _ = _ask(app, state, "what happens?")
-    calls = app.chat_model.tower.calls
+    calls = app.engine.model.tower.calls
     state, messages = app.clear(state)
     assert messages == [] and state.chat.history == [] and state.chat is not None
     state, _ = _ask(app, state, "what moves?")
     *_, (messages, state, _) = app.regenerate(state, 12, 0.0, 1.0)
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert len(state.chat.history) == 1 and state.chat.history[0][0] == "what moves?"
-    assert app.chat_model.tower.calls == calls, "clear and regenerate must not re-encode the video"
+    assert app.engine.model.tower.calls == calls, "clear and regenerate must not re-encode the video"
 
 
 def test_ask_without_video_and_empty_question(app):
@@ -100,13 +101,13 @@ def test_oversize_upload_refused_before_decoding(chat_model, videos, monkeypatch
 
     monkeypatch.setattr(video, "probe_video", no_decoding)
     monkeypatch.setattr(video, "load_video_clips", no_decoding)
-    app = app_module.ChatApp(chat_model, app_module.AppSettings(max_upload_mb=0.001))  # ~1 KB
+    app = app_module.ChatApp(Engine(chat_model), app_module.AppSettings(max_upload_mb=0.001))  # ~1 KB
     state, messages, _ = _load(app, videos[0])
     assert state.chat is None and "limit is 0.001 MB" in messages[-1]["content"]
 
 
 def test_too_long_video_and_unsupported_type(chat_model, videos, tmp_path):
-    app = app_module.ChatApp(chat_model, app_module.AppSettings(max_video_seconds=0.5))
+    app = app_module.ChatApp(Engine(chat_model), app_module.AppSettings(max_video_seconds=0.5))
     state, messages, _ = _load(app, videos[0])
     assert state.chat is None and "exceeds the limit" in messages[-1]["content"]
     other = tmp_path / "clip.txt"
@@ -156,7 +157,7 @@ def test_stop_keeps_partial_answer(app, videos):
 def test_overlong_conversation_is_reported(app, videos, monkeypatch):
     state, _, _ = _load(app, videos[0])
 
-    def too_long(question):
+    def too_long(question, generation=None):
         raise ConversationTooLong("2048 tokens")
         yield  # a generator, like ask_stream
 
@@ -169,7 +170,7 @@ def test_out_of_memory_is_reported_and_next_request_works(app, videos, monkeypat
     state, _, _ = _load(app, videos[0])
     real = state.chat.ask_stream
 
-    def oom(question):
+    def oom(question, generation=None):
         yield "partial"
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -184,7 +185,7 @@ def test_out_of_memory_is_reported_and_next_request_works(app, videos, monkeypat
 def test_generation_error_is_reported(app, videos, monkeypatch):
     state, _, _ = _load(app, videos[0])
 
-    def broken(question):
+    def broken(question, generation=None):
         raise RuntimeError("device-side assert")
         yield
 
@@ -194,7 +195,7 @@ def test_generation_error_is_reported(app, videos, monkeypatch):
 
 
 def test_temporal_mode_is_per_session(app, videos):
-    tower = app.chat_model.tower
+    tower = app.engine.model.tower
     stan, _, _ = _load(app, videos[0], temporal="stan")
     mean, _, status = _load(app, videos[0], temporal="mean")
     assert tower.mode == "stan", "a session's mode never changes the shared tower"
@@ -205,7 +206,7 @@ def test_temporal_mode_is_per_session(app, videos):
 def test_notices_and_mean_only_model(app, videos):
     assert "demo model" in app.notice() and app.temporal_modes == ["stan", "mean"]
     mean_model = load_chat_model(demo=True, device="cpu", temporal="mean")
-    mean_app = app_module.ChatApp(mean_model)
+    mean_app = app_module.ChatApp(Engine(mean_model))
     assert mean_app.temporal_modes == ["mean"] and "no STAN branch" in mean_app.notice()
     state, messages, _ = _load(mean_app, None)
     state, messages, _ = mean_app.load_video(videos[0], 4, 1, "stan", state)
@@ -215,7 +216,7 @@ def test_notices_and_mean_only_model(app, videos):
 def test_build_demo_and_parser(chat_model):
     import gradio as gr
 
-    demo = app_module.build_demo(chat_model, app_module.AppSettings())
+    demo = app_module.build_demo(Engine(chat_model), app_module.AppSettings())
     assert isinstance(demo, gr.Blocks)
     args = app_module.build_parser().parse_args(
         ["--demo", "--stan", "branch", "--temporal", "mean", "--frames", "4", "--clips", "2", "--load-8bit",

@@ -10,6 +10,7 @@ import mugstan_chat.engine.conversation as chat_module
 from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, GenerationSettings
 from mugstan_chat.engine.turns import SeededSampler
 from mugstan_chat.video import VideoDecodeError, read_frames
+from mugstan_chat.engine.engine import Engine
 
 SHORT = GenerationSettings(max_new_tokens=12)
 
@@ -30,7 +31,7 @@ def test_follow_up_reuses_cached_features(chat_model, videos, monkeypatch):
     monkeypatch.setattr(chat_module, "load_video_clips", counting_reader)
     tower = chat_model.tower
     calls_before = tower.calls
-    session = ChatSession(chat_model, videos[0], generation=SHORT, prepare=False)
+    session = ChatSession(Engine(chat_model), videos[0], generation=SHORT, prepare=False)
     first = session.ask("what happens in the video?")
     assert len(reads) == 1 and tower.calls == calls_before + 1
     second = "".join(session.ask_stream("why?"))
@@ -46,8 +47,8 @@ def test_follow_up_reuses_cached_features(chat_model, videos, monkeypatch):
 
 
 def test_greedy_streaming_equals_whole_answer(chat_model, videos):
-    whole = ChatSession(chat_model, videos[0], generation=SHORT).ask("describe the video")
-    session = ChatSession(chat_model, videos[0], generation=SHORT)
+    whole = ChatSession(Engine(chat_model), videos[0], generation=SHORT).ask("describe the video")
+    session = ChatSession(Engine(chat_model), videos[0], generation=SHORT)
     pieces = list(session.ask_stream("describe the video"))
     assert len(pieces) > 1  # streamed in several pieces
     assert "".join(pieces).strip() == whole
@@ -58,7 +59,7 @@ def test_greedy_streaming_equals_whole_answer(chat_model, videos):
 def test_prompt_matches_the_processor_on_images(chat_model, videos):
     """With clip times off, the session's tokens are exactly what LLaVA's processor makes for C images."""
     processor = chat_model.processor
-    session = ChatSession(chat_model, videos[0], clips=3, generation=SHORT, clip_times="off")
+    session = ChatSession(Engine(chat_model), videos[0], clips=3, generation=SHORT, clip_times="off")
     ids = session.build_prompt("what happens?")["input_ids"]
     frames = read_frames(videos[0], [0, 1, 2])
     content = [{"type": "image"}] * 3 + [{"type": "text", "text": "what happens?"}]
@@ -70,7 +71,7 @@ def test_prompt_matches_the_processor_on_images(chat_model, videos):
 
 
 def test_history_enters_the_prompt_and_reset_clears_it(chat_model, videos):
-    session = ChatSession(chat_model, videos[0], generation=SHORT)
+    session = ChatSession(Engine(chat_model), videos[0], generation=SHORT)
     answer = session.ask("what happens?")
     messages = session.messages("and then?")
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
@@ -83,7 +84,7 @@ def test_history_enters_the_prompt_and_reset_clears_it(chat_model, videos):
 
 
 def test_max_new_tokens_is_clipped_to_the_context_and_overflow_is_an_error(chat_model, videos, monkeypatch):
-    session = ChatSession(chat_model, videos[0], generation=GenerationSettings(max_new_tokens=50))
+    session = ChatSession(Engine(chat_model), videos[0], generation=GenerationSettings(max_new_tokens=50))
     prompt = session.build_prompt("what happens?")["input_ids"].shape[1]
     monkeypatch.setattr(type(chat_model), "context_length", property(lambda self: prompt + 3))
     session.ask("what happens?")
@@ -97,8 +98,8 @@ def test_max_new_tokens_is_clipped_to_the_context_and_overflow_is_an_error(chat_
 
 
 def test_sessions_are_independent(chat_model, videos):
-    first = ChatSession(chat_model, videos[0], generation=SHORT)
-    second = ChatSession(chat_model, videos[1], generation=SHORT)
+    first = ChatSession(Engine(chat_model), videos[0], generation=SHORT)
+    second = ChatSession(Engine(chat_model), videos[1], generation=SHORT)
     first.ask("what happens?")
     assert second.history == [] and len(first.history) == 1
     assert first.frame_indices == second.frame_indices and len(first.frame_indices[0]) == 4
@@ -106,7 +107,7 @@ def test_sessions_are_independent(chat_model, videos):
 
 
 def test_closing_a_stream_stops_generation(chat_model, videos):
-    session = ChatSession(chat_model, videos[0], generation=GenerationSettings(max_new_tokens=400))
+    session = ChatSession(Engine(chat_model), videos[0], generation=GenerationSettings(max_new_tokens=400))
     stream = session.ask_stream("what happens?")
     next(stream)
     stream.close()
@@ -118,7 +119,7 @@ def test_closing_a_stream_stops_generation(chat_model, videos):
 def test_missing_video_names_the_file(chat_model, tmp_path):
     missing = tmp_path / "nowhere.mp4"
     with pytest.raises(VideoDecodeError, match="nowhere.mp4"):
-        ChatSession(chat_model, missing)
+        ChatSession(Engine(chat_model), missing)
 
 
 def test_generation_settings_are_validated():
@@ -163,16 +164,16 @@ def test_seeded_sampler_draws_from_the_softmax_with_its_own_generator():
 def test_sessions_choose_their_temporal_mode_without_touching_the_shared_tower(chat_model, videos):
     tower = chat_model.tower
     assert tower.mode == "stan" and tower.available_modes == ["stan", "mean"]
-    fused = ChatSession(chat_model, videos[0], generation=SHORT)
-    plain = ChatSession(chat_model, videos[0], generation=SHORT, temporal="mean")
+    fused = ChatSession(Engine(chat_model), videos[0], generation=SHORT)
+    plain = ChatSession(Engine(chat_model), videos[0], generation=SHORT, temporal="mean")
     assert tower.mode == "stan" and (fused.temporal, plain.temporal) == ("stan", "mean")
     assert not torch.allclose(fused.features[0], plain.features[0])
     with pytest.raises(ValueError, match="not available"):
-        ChatSession(chat_model, videos[0], temporal="max")
+        ChatSession(Engine(chat_model), videos[0], temporal="max")
 
 
 def test_undo_last_forgets_one_turn_so_the_question_can_be_asked_again(chat_model, videos):
-    session = ChatSession(chat_model, videos[0], generation=SHORT)
+    session = ChatSession(Engine(chat_model), videos[0], generation=SHORT)
     first = session.ask("what happens?")
     session.ask("and then?")
     assert session.undo_last()[0] == "and then?"
@@ -186,5 +187,5 @@ def test_session_decodes_under_the_limits_it_is_given(chat_model, videos):
     from mugstan_chat.video import VideoLimits
 
     with pytest.raises(VideoDecodeError, match="pair"):  # the synthetic file names start with "pair"
-        ChatSession(chat_model, videos[0], limits=VideoLimits(max_seconds=0.5))
-    assert ChatSession(chat_model, videos[0], limits=VideoLimits(max_seconds=60)).prepared
+        ChatSession(Engine(chat_model), videos[0], limits=VideoLimits(max_seconds=0.5))
+    assert ChatSession(Engine(chat_model), videos[0], limits=VideoLimits(max_seconds=60)).prepared

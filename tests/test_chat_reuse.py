@@ -14,6 +14,7 @@ from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, G
 from mugstan_chat.entrypoints.cli import main
 from mugstan_chat.llava.loader import ChatModel, load_chat_model
 from mugstan_chat.engine.prefix_cache import CacheBudget, cache_bytes, common_prefix_length, kv_bytes_per_token
+from mugstan_chat.engine.engine import Engine
 
 GREEDY = GenerationSettings(max_new_tokens=10)
 SAMPLED = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9)
@@ -92,7 +93,7 @@ def run_both(chat_model, video, monkeypatch, script, **session_kwargs):
     for reuse in (True, False):
         with monkeypatch.context() as patch:  # each recorder's wrapper undone before the next
             recorder = Recorder(chat_model, patch)
-            session = ChatSession(chat_model, video, reuse_cache=reuse, cache_budget=CacheBudget(), **session_kwargs)
+            session = ChatSession(Engine(chat_model), video, reuse_cache=reuse, cache_budget=CacheBudget(), **session_kwargs)
             script(session)
             recorder.close()
         recorders.append((recorder, session))
@@ -152,8 +153,8 @@ def test_reset_undo_and_overflow_keep_answers_exact(chat_model, video, monkeypat
 
 
 def test_new_features_drop_the_cache(chat_model, video, monkeypatch):
-    other = ChatSession(chat_model, video, generation=GREEDY, temporal="mean", cache_budget=CacheBudget())
-    session = ChatSession(chat_model, video, generation=GREEDY, cache_budget=CacheBudget())
+    other = ChatSession(Engine(chat_model), video, generation=GREEDY, temporal="mean", cache_budget=CacheBudget())
+    session = ChatSession(Engine(chat_model), video, generation=GREEDY, cache_budget=CacheBudget())
     session.ask(QUESTIONS[0])
     assert session.cached_tokens > 0
     session.attach_features(other.video_features)  # same placeholder ids, different features
@@ -165,13 +166,13 @@ def test_new_features_drop_the_cache(chat_model, video, monkeypatch):
 
 def test_budget_drops_the_least_recently_used_cache(chat_model, video):
     config, dtype = chat_model.model.config.text_config, chat_model.model.dtype
-    first = ChatSession(chat_model, video, generation=GREEDY, cache_budget=CacheBudget())
+    first = ChatSession(Engine(chat_model), video, generation=GREEDY, cache_budget=CacheBudget())
     first.ask(QUESTIONS[0])
     per_token = kv_bytes_per_token(config, dtype)
     assert cache_bytes(first.kv.cache) == per_token * first.cached_tokens
     budget = CacheBudget(max_bytes=per_token * (first.cached_tokens + 4))  # room for one such cache
-    a = ChatSession(chat_model, video, generation=GREEDY, cache_budget=budget)
-    b = ChatSession(chat_model, video, generation=GREEDY, cache_budget=budget)
+    a = ChatSession(Engine(chat_model), video, generation=GREEDY, cache_budget=budget)
+    b = ChatSession(Engine(chat_model), video, generation=GREEDY, cache_budget=budget)
     a.ask(QUESTIONS[0])
     assert a.cached_tokens > 0 and budget.used_bytes == per_token * a.cached_tokens
     b.ask(QUESTIONS[0])
@@ -181,7 +182,7 @@ def test_budget_drops_the_least_recently_used_cache(chat_model, video):
     a.ask(QUESTIONS[0])  # a prefills its whole prompt again, and b's cache goes
     assert a.last_stats.reused_tokens == 0 and a.cached_tokens > 0 and b.cached_tokens == 0
     tiny = CacheBudget(max_bytes=per_token)  # no cache fits: none is kept
-    c = ChatSession(chat_model, video, generation=GREEDY, cache_budget=tiny)
+    c = ChatSession(Engine(chat_model), video, generation=GREEDY, cache_budget=tiny)
     c.ask(QUESTIONS[0])
     assert c.cached_tokens == 0 and tiny.used_bytes == 0
 
@@ -199,7 +200,7 @@ def failing_reader(*args, **kwargs):
 
 def test_prompt_size_is_known_before_decoding(chat_model, video):
     for frames_as_images in (False, True):
-        session = ChatSession(chat_model, video, clips=2, frames_as_images=frames_as_images, prepare=False)
+        session = ChatSession(Engine(chat_model), video, clips=2, frames_as_images=frames_as_images, prepare=False)
         predicted = session.check_fits(QUESTIONS[0])
         assert not session.prepared
         session.prepare()
@@ -208,7 +209,7 @@ def test_prompt_size_is_known_before_decoding(chat_model, video):
 
 def test_a_prompt_that_cannot_fit_is_refused_before_decoding(chat_model, video, monkeypatch):
     monkeypatch.setattr(chat_module, "load_video_clips", failing_reader)
-    session = ChatSession(chat_model, video, frames=64, clips=8, frames_as_images=True, prepare=False)
+    session = ChatSession(Engine(chat_model), video, frames=64, clips=8, frames_as_images=True, prepare=False)
     with pytest.raises(ConversationTooLong, match=r"largest --clips that fits is (\d+)") as error:
         session.ask(QUESTIONS[0])
     largest = int(str(error.value).split("fits is ")[1].split()[0])
@@ -216,7 +217,7 @@ def test_a_prompt_that_cannot_fit_is_refused_before_decoding(chat_model, video, 
     context = chat_model.context_length
     assert session._prompt_tokens(QUESTIONS[0], largest) < context <= session._prompt_tokens(QUESTIONS[0], largest + 1)
     with pytest.raises(ConversationTooLong, match="largest --clips"):
-        ChatSession(chat_model, video, frames=64, clips=8, frames_as_images=True)  # prepare=True: same refusal
+        ChatSession(Engine(chat_model), video, frames=64, clips=8, frames_as_images=True)  # prepare=True: same refusal
 
 
 def test_cli_refuses_too_many_clips_without_decoding(video, monkeypatch, capsys):

@@ -11,6 +11,7 @@ from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, G
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.timeline import ClipSpan, clip_label, format_time, label_images
 from mugstan_chat.video import read_frames, write_video
+from mugstan_chat.engine.engine import Engine
 
 FPS = 8
 SEGMENT_FRAMES = 12  # 1.5 s per segment
@@ -32,7 +33,7 @@ def _segment_of(seconds: float) -> int:
 
 
 def test_spans_are_the_sampled_frames_times_and_the_prompt_carries_them(chat_model, segmented):
-    session = ChatSession(chat_model, segmented, frames=4, clips=4, generation=SHORT)
+    session = ChatSession(Engine(chat_model), segmented, frames=4, clips=4, generation=SHORT)
     spans = session.clip_spans
     indices = session.frame_indices
     assert [(s.start, s.end) for s in spans] == [(min(c) / FPS, max(c) / FPS) for c in indices]
@@ -54,20 +55,20 @@ def test_spans_are_the_sampled_frames_times_and_the_prompt_carries_them(chat_mod
 
 
 def test_a_window_reports_times_in_the_whole_video(chat_model, segmented):
-    session = ChatSession(chat_model, segmented, frames=2, clips=2, start=3.0, end=6.0, generation=SHORT)
+    session = ChatSession(Engine(chat_model), segmented, frames=2, clips=2, start=3.0, end=6.0, generation=SHORT)
     assert all(3.0 <= s.start <= s.end < 6.0 for s in session.clip_spans)
     assert [_segment_of(s.start) for s in session.clip_spans] == [2, 3]
 
 
 def test_one_clip_keeps_the_stock_prompt_unless_asked(chat_model, segmented):
-    default = ChatSession(chat_model, segmented, frames=4, clips=1, generation=SHORT)
-    off = ChatSession(chat_model, segmented, frames=4, clips=3, generation=SHORT, clip_times="off")
-    on = ChatSession(chat_model, segmented, frames=4, clips=1, generation=SHORT, clip_times="on")
+    default = ChatSession(Engine(chat_model), segmented, frames=4, clips=1, generation=SHORT)
+    off = ChatSession(Engine(chat_model), segmented, frames=4, clips=3, generation=SHORT, clip_times="off")
+    on = ChatSession(Engine(chat_model), segmented, frames=4, clips=1, generation=SHORT, clip_times="on")
     assert "Clip" not in default.prompt_text("what happens?")
     assert "Clip" not in off.prompt_text("what happens?")
     assert on.prompt_text("what happens?").count("Clip 1 (") == 1
     with pytest.raises(ValueError, match="clip_times"):
-        ChatSession(chat_model, segmented, clip_times="sometimes", prepare=False)
+        ChatSession(Engine(chat_model), segmented, clip_times="sometimes", prepare=False)
 
 
 def test_time_format_and_labels():
@@ -93,11 +94,11 @@ def small_context():
 def test_auto_clips_fill_the_context_and_no_more(small_context, segmented, question, answer_budget):
     """Counted with the tokenizer: C clips fit with the answer budget, C + 1 do not (or exceed the video)."""
     generation = GenerationSettings(max_new_tokens=answer_budget)
-    session = ChatSession(small_context, segmented, frames=2, clips="auto", generation=generation, prepare=False)
+    session = ChatSession(Engine(small_context), segmented, frames=2, clips="auto", generation=generation, prepare=False)
     chosen = session.resolve_clips(question)
     context = small_context.context_length
     assert session.check_fits(question) + answer_budget <= context
-    more = ChatSession(small_context, segmented, frames=2, clips=chosen + 1, generation=generation, prepare=False)
+    more = ChatSession(Engine(small_context), segmented, frames=2, clips=chosen + 1, generation=generation, prepare=False)
     try:
         assert more.check_fits(question) + answer_budget > context
     except ConversationTooLong:
@@ -110,7 +111,7 @@ def test_auto_clips_fill_the_context_and_no_more(small_context, segmented, quest
 
 def test_auto_clips_never_exceed_what_the_video_holds(chat_model, segmented):
     """48 frames at T = 8 hold 6 distinct clips, however much context is left."""
-    session = ChatSession(chat_model, segmented, frames=8, clips="auto", generation=SHORT, prepare=False)
+    session = ChatSession(Engine(chat_model), segmented, frames=8, clips="auto", generation=SHORT, prepare=False)
     assert session.resolve_clips("what happens?") == 6
     session.ask("what happens?")
     indices = [i for clip in session.frame_indices for i in clip]
@@ -119,6 +120,6 @@ def test_auto_clips_never_exceed_what_the_video_holds(chat_model, segmented):
 
 def test_auto_clips_never_exceed_the_given_limit(chat_model, segmented):
     """A server passes its --max-clips: auto stops there even when the video and the context hold more."""
-    session = ChatSession(chat_model, segmented, frames=8, clips="auto", generation=SHORT, prepare=False,
+    session = ChatSession(Engine(chat_model), segmented, frames=8, clips="auto", generation=SHORT, prepare=False,
                           max_auto_clips=4)
     assert session.resolve_clips("what happens?") == 4

@@ -17,6 +17,7 @@ from mugstan_chat.entrypoints.cli import main as cli_main
 from mugstan_chat.llava.demo import build_demo_llava, build_demo_processor
 from mugstan_chat.llava.export import vllm_key
 from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.engine import Engine
 
 VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
 
@@ -41,7 +42,7 @@ def test_export_writes_vllm_layout_and_loads_back_as_the_same_model(tmp_path, ca
     ours, theirs = demo.model.state_dict(), exported.model.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert exported.model.config.text_config.num_attention_heads == 2  # head_dim 32: what vLLM's kernels need
-    answers = [ChatSession(m, VIDEO, generation=GenerationSettings(max_new_tokens=8)).ask("what happens ?")
+    answers = [ChatSession(Engine(m), VIDEO, generation=GenerationSettings(max_new_tokens=8)).ask("what happens ?")
                for m in (demo, exported)]
     assert answers[0] == answers[1]  # the same weights; only the attention's head split differs
 

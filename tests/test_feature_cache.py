@@ -17,7 +17,9 @@ import pytest
 import mugstan_chat.engine.conversation as chat_module
 from mugstan_chat.engine.conversation import ChatSession
 from mugstan_chat.entrypoints.cli import main as cli_main
-from mugstan_chat.engine.feature_cache import file_sha256, model_identity, session_key
+from mugstan_chat.engine.feature_cache import FeatureCache, file_sha256, model_identity, session_key
+from mugstan_chat.entrypoints.values import megabytes_to_bytes
+from mugstan_chat.engine.engine import Engine
 from scriptload import load_script
 from test_app import _ask, _load, app_module  # app.py imported once, as tests/test_app.py does
 
@@ -45,9 +47,8 @@ def reads(monkeypatch):
 
 
 def _app(chat_model, cache_mb: float = 64.0):
-    settings = app_module.AppSettings(max_new_tokens=8, max_upload_mb=1.0, max_video_seconds=60.0,
-                                      feature_cache_mb=cache_mb)
-    return app_module.ChatApp(chat_model, settings)
+    settings = app_module.AppSettings(max_new_tokens=8, max_upload_mb=1.0, max_video_seconds=60.0)
+    return app_module.ChatApp(Engine(chat_model, feature_cache=FeatureCache(megabytes_to_bytes(cache_mb))), settings)
 
 
 def test_two_visitors_picking_the_same_example_share_one_decode_and_encode(chat_model, reads, monkeypatch):
@@ -137,7 +138,7 @@ def test_key_holds_everything_that_changes_the_features(chat_model, tmp_path):
     assert file_sha256(copy) == digest and file_sha256(EXAMPLES / "blue_triangle_left.mp4") != digest
 
     def key(**kwargs):
-        return session_key(ChatSession(chat_model, video, prepare=False, **{"frames": 4, **kwargs}), digest)
+        return session_key(ChatSession(Engine(chat_model), video, prepare=False, **{"frames": 4, **kwargs}), digest)
 
     base = key()
     variants = [key(frames=8), key(clips=2), key(temporal="mean"), key(start=0.5), key(end=1.5),
@@ -157,7 +158,7 @@ def test_cli_chat_returns_to_a_video_from_the_cache(reads, monkeypatch, capsys, 
     assert sum(line.startswith("assistant> ") for line in out.splitlines()) == 5  # the bad /video did not stop it
 
 
-def test_cache_size_option_is_checked_before_the_model_loads(chat_model, capsys):
+def test_cache_size_option_is_checked_before_the_model_loads(chat_model, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         app_module.main(["--demo", "--feature-cache-mb", "-1"])
     assert exit_info.value.code == 2 and "--feature-cache-mb" in capsys.readouterr().err
@@ -165,7 +166,9 @@ def test_cache_size_option_is_checked_before_the_model_loads(chat_model, capsys)
         cli_main(["chat", "video.mp4", "--demo", "--feature-cache-mb", "nan"])
     assert exit_info.value.code == 2 and "--feature-cache-mb" in capsys.readouterr().err
     assert app_module.build_parser().parse_args(["--demo"]).feature_cache_mb == 1024.0
-    assert _app(chat_model, 2.0).feature_cache.max_bytes == 2 * 2**20
+    given = []  # the engine main() would load: its feature cache is --feature-cache-mb's size
+    monkeypatch.setattr(app_module, "load_engine_or_report", lambda args, prog, cache: given.append(cache))
+    assert app_module.main(["--demo", "--feature-cache-mb", "2"]) == 1 and given[0].max_bytes == 2 * 2**20
 
 
 def test_benchmark_script_measures_a_hit_against_a_follow_up(tmp_path, capsys):

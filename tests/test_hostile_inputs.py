@@ -27,6 +27,7 @@ from mugstan_chat import video as V
 from mugstan_chat.entrypoints.cli import main
 from mugstan_chat.video import backends, limits as video_limits
 from mugstan_chat.video.guard import Progress
+from mugstan_chat.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -46,7 +47,7 @@ def web(chat_model):
     """The web app's callbacks (app.py) on the demo model."""
     from test_app import app_module
 
-    return app_module.ChatApp(chat_model, app_module.AppSettings(examples_dir=None))
+    return app_module.ChatApp(Engine(chat_model), app_module.AppSettings(examples_dir=None))
 
 
 def _run(argv: list[str], timeout: float = TIMEOUT_S, env: dict | None = None, prefix: tuple = ()):
@@ -297,7 +298,7 @@ def test_permission_error_on_open_is_named(tmp_path, monkeypatch, rotated):
 def test_literal_image_token_in_a_question_is_answered(rotated, chat_model, capsys):
     from mugstan_chat.engine.conversation import ChatSession
 
-    session = ChatSession(chat_model, rotated[(180, 48, 96)], frames=4, clips=2)
+    session = ChatSession(Engine(chat_model), rotated[(180, 48, 96)], frames=4, clips=2)
     session.generation.max_new_tokens = 4
     question = "is there an <image> tag in <image>?"
     assert isinstance(session.ask(question), str)
@@ -361,7 +362,7 @@ def test_sliders_take_their_ranges_from_the_same_bounds(chat_model):
     settings = app_module.AppSettings(examples_dir=None, frames=options.FRAMES.high, clips=options.CLIPS.high,
                                       max_new_tokens=options.MAX_NEW_TOKENS.high, temperature=options.TEMPERATURE.high,
                                       top_p=options.TOP_P.low)
-    demo = app_module.build_demo(chat_model, settings)
+    demo = app_module.build_demo(Engine(chat_model), settings)
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     expected = {"Frames per clip (T)": options.FRAMES, "Clips (C)": options.CLIPS,
                 "Max new tokens": options.MAX_NEW_TOKENS, "Temperature (0 = greedy)": options.TEMPERATURE,

@@ -7,6 +7,7 @@ from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.engine.moments import find_references, parse_time
 from mugstan_chat.timeline import ClipSpan, clip_label, format_time
 from mugstan_chat.video import write_video
+from mugstan_chat.engine.engine import Engine
 
 SPANS = [ClipSpan(1, 2.0, 28.5), ClipSpan(2, 32.0, 58.5), ClipSpan(3, 62.0, 88.5)]
 
@@ -56,15 +57,15 @@ def chat_model(demo_chat_model):
 
 def test_a_session_references_only_when_its_prompt_showed_times(chat_model, video):
     short = GenerationSettings(max_new_tokens=4)
-    several = ChatSession(chat_model, video, frames=2, clips=3, generation=short)
+    several = ChatSession(Engine(chat_model), video, frames=2, clips=3, generation=short)
     refs = several.references("look at 00:03 and Clip 1")
     assert [(r.text, r.clip) for r in refs] == [("00:03", 2), ("Clip 1", 1)]
     assert refs[1].start == several.clip_spans[0].start
-    one = ChatSession(chat_model, video, frames=2, clips=1, generation=short)  # stock prompt: no times shown
+    one = ChatSession(Engine(chat_model), video, frames=2, clips=1, generation=short)  # stock prompt: no times shown
     assert one.references("look at 00:03") == []
-    forced = ChatSession(chat_model, video, frames=2, clips=1, clip_times="on", generation=short)
+    forced = ChatSession(Engine(chat_model), video, frames=2, clips=1, clip_times="on", generation=short)
     assert [r.text for r in forced.references("look at 00:03")] == ["00:03"]
-    off = ChatSession(chat_model, video, frames=2, clips=3, clip_times="off", generation=short)
+    off = ChatSession(Engine(chat_model), video, frames=2, clips=3, clip_times="off", generation=short)
     assert off.references("look at 00:03 and Clip 1") == []
 
 

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.engine import Engine
 
 VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
 QUESTIONS = ("what happens in the video ?", "describe the scene", "what moves ?", "where is the circle ?")
@@ -28,7 +29,7 @@ def full():
 
 def _answer_logits(chat_model, question: str, answer: torch.Tensor) -> torch.Tensor:
     """(answer tokens, vocab) logits predicting each answer token, teacher-forced."""
-    session = ChatSession(chat_model, VIDEO)
+    session = ChatSession(Engine(chat_model), VIDEO)
     prompt = session.build_prompt(question)["input_ids"]
     ids = torch.cat([prompt, answer[None]], dim=1)
     with torch.inference_mode():
@@ -44,7 +45,7 @@ def test_8bit_picks_full_precision_tokens(full):
     assert eight.model.get_memory_footprint() < full.model.get_memory_footprint()
     agree = steps = 0
     for question in QUESTIONS:
-        session = ChatSession(full, VIDEO, generation=GenerationSettings(max_new_tokens=24))
+        session = ChatSession(Engine(full), VIDEO, generation=GenerationSettings(max_new_tokens=24))
         session.ask(question)
         answer = full.processor.tokenizer(session.history[-1][1], add_special_tokens=False,
                                           return_tensors="pt")["input_ids"][0]
@@ -60,6 +61,6 @@ def test_4bit_loads_and_streams(full):
     assert four.settings.quantization == "4bit"
     assert type(four.model.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert four.model.get_memory_footprint() < full.model.get_memory_footprint()
-    session = ChatSession(four, VIDEO, generation=GenerationSettings(max_new_tokens=8))
+    session = ChatSession(Engine(four), VIDEO, generation=GenerationSettings(max_new_tokens=8))
     pieces = list(session.ask_stream(QUESTIONS[0]))
     assert len(pieces) > 1 and session.last_stats.new_tokens == 8 and session.history[-1][1]

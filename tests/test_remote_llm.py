@@ -22,6 +22,7 @@ from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
 from mugstan_chat.entrypoints.openai.planning import ServiceConfig
 from mugstan_chat.entrypoints.openai.protocol import ChatCompletionRequest
 from mugstan_chat.entrypoints.openai.worker import ChatService
+from mugstan_chat.engine.engine import Engine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -38,9 +39,9 @@ def chat_model():
 
 
 def _service(chat_model, llm: RemoteLLM) -> ChatService:
-    chat_model.llm = llm
-    return ChatService(chat_model, ServiceConfig(model_name="demo", frames=4, max_new_tokens=8),
-                       MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(1 << 20))
+    return ChatService(Engine(chat_model, llm=llm, feature_cache=FeatureCache(1 << 20)),
+                       ServiceConfig(model_name="demo", frames=4, max_new_tokens=8),
+                       MediaFetcher(MediaPolicy.create([EXAMPLES])))
 
 
 def _ask(service: ChatService, on_start=None, bound_s: float = 60, mugstan: dict | None = None):
@@ -108,10 +109,7 @@ def test_clip_labels_go_upstream_as_text_parts_before_each_image(chat_model, cli
 
     with fake.running("answer") as server:
         service = _service(chat_model, RemoteLLM(server.url).connect())
-        try:
-            events, (kind, outcome) = _ask(service, mugstan={"clips": 3, "clip_times": clip_times})
-        finally:
-            chat_model.llm = None
+        events, (kind, outcome) = _ask(service, mugstan={"clips": 3, "clip_times": clip_times})
         sent = server.requests[-1]["messages"]
     assert kind == "done" and outcome.text == "hello world"
     parts = sent[0]["content"]
@@ -119,7 +117,7 @@ def test_clip_labels_go_upstream_as_text_parts_before_each_image(chat_model, cli
     labels = [p["text"] for p in parts[0:6:2]]
     assert [label.split(" (")[0] for label in labels] == ["Clip 1", "Clip 2", "Clip 3"]
     assert parts[-1] == {"type": "text", "text": "what happens?"}
-    local = ChatSession(chat_model, EXAMPLES / "red_triangle_growing.mp4", frames=4, clips=3, clip_times=clip_times,
+    local = ChatSession(Engine(chat_model), EXAMPLES / "red_triangle_growing.mp4", frames=4, clips=3, clip_times=clip_times,
                         generation=GenerationSettings(max_new_tokens=8))
     ours = local.prompt_text("what happens?")
     assert [label + "<image>" in ours for label in labels] == [True] * 3  # the very labels our engine writes
@@ -133,11 +131,8 @@ def test_clip_labels_go_upstream_as_text_parts_before_each_image(chat_model, cli
 def test_one_clip_sends_no_labels_unless_asked(chat_model):
     with fake.running("answer") as server:
         service = _service(chat_model, RemoteLLM(server.url).connect())
-        try:
-            _ask(service)
-            _ask(service, mugstan={"clip_times": "on"})
-        finally:
-            chat_model.llm = None
+        _ask(service)
+        _ask(service, mugstan={"clip_times": "on"})
         auto, on = (r["messages"][0]["content"] for r in server.requests)
     assert [p["type"] for p in auto] == ["image_embeds", "text"]  # one uniform clip: stock LLaVA's prompt
     assert [p["type"] for p in on] == ["text", "image_embeds", "text"] and on[0]["text"].startswith("Clip 1 (")
@@ -154,7 +149,7 @@ def test_unreachable_server_is_one_clear_error():
 
 def test_server_going_away_mid_answer_ends_the_stream_with_an_error(fake_llm, chat_model):
     service = _service(chat_model, RemoteLLM(fake_llm.url).connect())
-    assert chat_model.llm.model == "fake"
+    assert service.engine.llm.client.model == "fake"
     for _ in range(2):  # the service survives and answers (here: fails the same way) again
         events, (kind, error) = _ask(service)
         assert "".join(v for k, v in events if k == "text") == "hello world"

@@ -30,10 +30,11 @@ from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.model.loss import mug_contrastive_loss
 from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
 from mugstan_chat.model.mug import MugConfig
-from mugstan_chat.engine.selection import cover, rank, retriever_for
+from mugstan_chat.engine.selection import cover, rank
 from mugstan_chat.model.stan import StanConfig
 from mugstan_chat.synthetic.render import COLOURS, SHAPES, Canvas, shape_mask
 from mugstan_chat.video import preprocess_frames, write_video
+from mugstan_chat.engine.engine import Engine
 
 T = 4  # frames per clip, in training and in chat
 SIZE = 64  # rendered and written frame side; the tower reads 32 px
@@ -116,8 +117,7 @@ def trained(tmp_path_factory):
         model = _train()
         print(f"\ntiny dual encoder: {WARM_STEPS + MUG_STEPS} steps in {time.perf_counter() - started:.1f} s")
         llava, branch = _export(model, tmp_path_factory.mktemp("selection"))
-        chat_model = load_chat_model(model=llava, stan=branch, device="cpu", frames=T)
-        yield chat_model
+        yield Engine(load_chat_model(model=llava, stan=branch, device="cpu", frames=T))  # one retriever for the file
     finally:
         torch.set_num_threads(threads)
 
@@ -199,7 +199,7 @@ def test_a_follow_up_re_ranks_without_the_tower(trained, long_videos):
     """The candidates are embedded once; later questions only score them (counted)."""
     path, order = long_videos[1]
     session = ChatSession(trained, path, frames=T, select=1, candidates=CANDIDATES, generation=SHORT, prepare=False)
-    retriever, tower = retriever_for(trained), trained.tower
+    retriever, tower = trained.retriever(), trained.model.tower
     before = retriever.encodes
     session.ask(f"where is the {order[0][0]} {order[0][1]}?")
     assert retriever.encodes - before == CANDIDATES and session.selection.embed_ms > 0
@@ -219,7 +219,7 @@ def test_a_branch_without_retrieval_falls_back_to_uniform_clips(tmp_path, long_v
     """The demo branch's export records no text tower: one line says so, K uniform clips are shown."""
     branch = save_demo_branch(tmp_path / "branch")
     chat_model = load_chat_model(demo=True, stan=branch, device="cpu", frames=T)
-    session = ChatSession(chat_model, long_videos[0][0], frames=T, select=2, candidates=8, generation=SHORT)
+    session = ChatSession(Engine(chat_model), long_videos[0][0], frames=T, select=2, candidates=8, generation=SHORT)
     session.ask("what happens?")
     assert session.selection is None and len(session.clip_spans) == 2
     assert "\n" not in session.selection_notice and "names no CLIP text tower" in session.selection_notice
@@ -320,7 +320,7 @@ def test_a_coarse_pass_finds_the_segments_at_a_fraction_of_the_frames(trained, l
     """
     shortlist = 3
     cache = FeatureCache(64 * 2**20)
-    retriever = retriever_for(trained)
+    retriever = trained.retriever()
     hits = trials = 0
     total_before = retriever.frames_encoded
     for path, order in long_videos:
@@ -348,7 +348,7 @@ def test_a_shortlist_repeats_no_tower_work_for_a_repeated_question(trained, long
     path, order = long_videos[2]
     session = ChatSession(trained, path, frames=T, select=2, candidates=CANDIDATES, shortlist=4, generation=SHORT,
                           prepare=False)
-    retriever = retriever_for(trained)
+    retriever = trained.retriever()
     question = f"where is the {order[3][0]} {order[3][1]}?"
     before = retriever.frames_encoded
     first = session.select_clips(question)

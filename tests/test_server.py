@@ -16,6 +16,7 @@ import pytest
 
 from live_process import serve_demo
 from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -76,7 +77,7 @@ def _await_running(server, busy: bool, timeout_s: float = 30) -> None:
 
 
 def _reference(chat_model, video: Path, question: str) -> tuple[str, object]:
-    session = ChatSession(chat_model, video, frames=FRAMES, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    session = ChatSession(Engine(chat_model), video, frames=FRAMES, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
     return session.ask(question), session.last_stats
 
 
@@ -180,7 +181,7 @@ def test_image_url_is_answered(client):
 
 def test_text_only_requests_are_answered_by_the_language_model(client, chat_model):
     """A chat front end's title request, or a question before the video is attached: no media, no 400."""
-    reference = ChatSession(chat_model, "text", text_only=True, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
+    reference = ChatSession(Engine(chat_model), "text", text_only=True, generation=GenerationSettings(max_new_tokens=MAX_TOKENS))
     first = reference.ask("what is a video ?")
     second = reference.ask("and a frame ?")
     messages = [{"role": "user", "content": "what is a video ?"}, {"role": "assistant", "content": first},

@@ -24,6 +24,7 @@ from mugstan_chat.entrypoints.openai.jobs import Gate
 from mugstan_chat.entrypoints.openai.planning import ServiceConfig
 from mugstan_chat.entrypoints.openai.worker import ChatService, TextAssembler
 from mugstan_chat.video import VideoDecodeError
+from mugstan_chat.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -31,7 +32,8 @@ EXAMPLES = ROOT / "examples"
 
 def _service(chat_model, cache_bytes=1 << 20) -> ChatService:
     config = ServiceConfig(model_name="demo", frames=4, max_new_tokens=8)
-    return ChatService(chat_model, config, MediaFetcher(MediaPolicy.create([EXAMPLES])), FeatureCache(cache_bytes))
+    return ChatService(Engine(chat_model, feature_cache=FeatureCache(cache_bytes)), config,
+                       MediaFetcher(MediaPolicy.create([EXAMPLES])))
 
 
 def _request(video: str = "red_triangle_growing.mp4", question: str = "what happens?", **fields):
@@ -139,7 +141,7 @@ def test_concurrent_requests_for_a_new_video_share_one_decode_and_encode(chat_mo
     assert len(reads) == 1 and tower.calls == calls + 1 and service.health()["counters"]["video_encodes"] == 1
     assert sorted(o.info["cached_features"] for o in outcomes) == [False, True, True, True]
     assert len({o.text for o in outcomes}) == 1  # greedy: the same answer from the same features
-    assert service.cache.stats()["shared"] + service.cache.stats()["hits"] == 3
+    assert service.engine.features.stats()["shared"] + service.engine.features.stats()["hits"] == 3
 
 
 def test_a_failed_encode_is_each_requests_own_error(chat_model, monkeypatch):
@@ -157,7 +159,7 @@ def test_a_failed_encode_is_each_requests_own_error(chat_model, monkeypatch):
 
     _together(ask, 2)
     assert all(isinstance(e, APIError) and e.status == 400 and "broken on purpose" in e.message for e in errors)
-    assert len(service.cache) == 0
+    assert len(service.engine.features) == 0
 
 
 def test_cache_eviction_means_decoding_again(chat_model, monkeypatch):
@@ -168,7 +170,7 @@ def test_cache_eviction_means_decoding_again(chat_model, monkeypatch):
     service = _service(chat_model, cache_bytes=one_video)
     for video in ("red_triangle_growing.mp4", "blue_triangle_left.mp4", "red_triangle_growing.mp4"):
         _run(service, _request(video))
-    assert len(reads) == 3 and service.cache.evictions == 2
+    assert len(reads) == 3 and service.engine.features.evictions == 2
 
 
 # ----------------------------------------------------------------------------- answers
@@ -177,7 +179,7 @@ def test_cache_eviction_means_decoding_again(chat_model, monkeypatch):
 def test_answers_equal_chat_session_with_history(chat_model):
     service = _service(chat_model)
     video = EXAMPLES / "red_triangle_growing.mp4"
-    reference = ChatSession(chat_model, video, frames=4, generation=GenerationSettings(max_new_tokens=8))
+    reference = ChatSession(Engine(chat_model), video, frames=4, generation=GenerationSettings(max_new_tokens=8))
     first = reference.ask("what happens?")
     second = reference.ask("why?")
     messages = _request(question="what happens?").model_dump(exclude_none=True)["messages"] + [
@@ -323,7 +325,7 @@ def test_image_answers_equal_stock_llava(chat_model):
 
     image = Image.new("RGB", (48, 40), (30, 160, 220))
     image.paste((250, 250, 0), (5, 5, 20, 30))
-    session = ChatSession(chat_model, "image.png", frames=1, clips=1, generation=GenerationSettings(max_new_tokens=10),
+    session = ChatSession(Engine(chat_model), "image.png", frames=1, clips=1, generation=GenerationSettings(max_new_tokens=10),
                           prepare=False)
     session.attach_features(encode_image(chat_model, image), cached=False)
     answer = session.ask("what is in the picture?")
@@ -343,8 +345,8 @@ def test_image_answers_equal_stock_llava(chat_model):
 
 def test_attach_features_checks_clips_and_stop_event_ends_generation(chat_model):
     video = EXAMPLES / "red_triangle_growing.mp4"
-    source = ChatSession(chat_model, video, frames=4, generation=GenerationSettings(max_new_tokens=300))
-    other = ChatSession(chat_model, video, frames=4, clips=2, prepare=False)
+    source = ChatSession(Engine(chat_model), video, frames=4, generation=GenerationSettings(max_new_tokens=300))
+    other = ChatSession(Engine(chat_model), video, frames=4, clips=2, prepare=False)
     with pytest.raises(ValueError, match="1 clips, this session expects 2"):
         other.attach_features(source.video_features)
     stop = threading.Event()
@@ -396,7 +398,7 @@ def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, 
 
     from mugstan_chat.entrypoints.openai.app import create_app
 
-    def broken(self, question, stop=None):
+    def broken(self, question, stop=None, generation=None):
         yield "partial"
         raise RuntimeError("boom")
 
@@ -438,10 +440,10 @@ def test_the_api_reports_clip_spans_and_a_selection_reranks_from_the_cache(chat_
     assert [s["candidate"] for s in info["clip_spans"]] == info["selection"]["chosen"]
     assert info["timings_ms"]["candidates"] > 0 and info["timings_ms"]["rank"] > 0
     assert info["selection"]["tokens_saved"] == 4 * 16
-    encodes = chat_model.retrieval.encodes
+    encodes = service.engine.retriever().encodes
     _, again = _run(service, _request(question="what is red?", mugstan=selected))  # stateless: a new session
     assert again.info["selection"]["cached"] and again.info["timings_ms"]["candidates"] == 0
-    assert chat_model.retrieval.encodes == encodes  # ranked on the cached candidate embeddings
+    assert service.engine.retriever().encodes == encodes  # ranked on the cached candidate embeddings
     _, auto = _run(service, _request(mugstan={"clips": "auto"}))
     assert auto.info["clips"] == len(auto.info["clip_spans"]) >= 2
 
@@ -468,7 +470,7 @@ def test_references_of_the_answer_reach_the_response(chat_model, monkeypatch):
     real = ChatSession.ask_stream
     said = "It grows at 00:01, and in Clip 2 it is large; 59:00 is past the end."
 
-    def naming_times(self, question, stop=None):
+    def naming_times(self, question, stop=None, generation=None):
         for _ in real(self, question, stop=stop):
             pass
         yield said

@@ -24,6 +24,7 @@ from mugstan_chat.evaluation.summary import bootstrap_interval, markdown_tables,
 from mugstan_chat.engine.likelihood import continuation_ids
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.synthetic import make_synthetic_mc, question_for_caption
+from mugstan_chat.engine.engine import Engine
 
 FRAMES = 2
 
@@ -65,7 +66,7 @@ def _question(options, answer=0, qid="q"):
 def test_likelihood_picks_the_option_the_rigged_model_prefers(chat_model, synthetic_set, mode):
     questions_file, root = synthetic_set
     shape = session_shape(mode, FRAMES)
-    session = ChatSession(chat_model, root / "pair0000_a.mp4", frames=shape.frames, clips=shape.clips,
+    session = ChatSession(Engine(chat_model), root / "pair0000_a.mp4", frames=shape.frames, clips=shape.clips,
                           temporal=shape.temporal)
     old = _rig(chat_model, {"right": 12.0})
     try:
@@ -82,7 +83,7 @@ def test_text_scores_are_length_normalised(chat_model, synthetic_set):
     """With uniform next-token distributions every token costs log(1/V): the mean per token ties
     a two-token option with a one-token one (a sum would favour the shorter); ties go to the first."""
     _, root = synthetic_set
-    session = ChatSession(chat_model, root / "pair0000_a.mp4", frames=FRAMES)
+    session = ChatSession(Engine(chat_model), root / "pair0000_a.mp4", frames=FRAMES)
     old = _rig(chat_model, {})
     try:
         score = score_likelihood(session, _question(["moving left", "up"]), "text")
@@ -99,12 +100,12 @@ def test_letter_scoring_on_a_tiny_model_with_letter_tokens(monkeypatch, syntheti
     demo itself refuses letter scoring rather than tie every option on <unk>."""
     _, root = synthetic_set
     plain = load_chat_model(demo=True)
-    session = ChatSession(plain, root / "pair0000_a.mp4", frames=FRAMES)
+    session = ChatSession(Engine(plain), root / "pair0000_a.mp4", frames=FRAMES)
     with pytest.raises(ValueError, match="--answer-format text"):
         score_likelihood(session, _question(["left", "right"]), "letter")
     monkeypatch.setattr(demo_module, "_WORDS", demo_module._WORDS + ["A", "B", "C"])
     lettered = load_chat_model(demo=True)
-    session = ChatSession(lettered, root / "pair0000_a.mp4", frames=FRAMES)
+    session = ChatSession(Engine(lettered), root / "pair0000_a.mp4", frames=FRAMES)
     _rig(lettered, {"B": 9.0})
     score = score_likelihood(session, _question(["left", "right", "up"]), "letter")
     assert score.chosen == 1 and score.option_tokens == [1, 1, 1]
@@ -115,7 +116,7 @@ def test_cached_continuation_scores_equal_a_full_forward(chat_model, synthetic_s
     be what one forward pass over prompt + option gives. fp32, 64-wide model: rounding differences
     of the two attention orders are ~1e-6 per log-prob; 1e-4 absolute is a safe bound."""
     _, root = synthetic_set
-    session = ChatSession(chat_model, root / "pair0001_b.mp4", frames=FRAMES)
+    session = ChatSession(Engine(chat_model), root / "pair0001_b.mp4", frames=FRAMES)
     question = _question(["moving left", "growing", "up down left"])
     score = score_likelihood(session, question, "text")
     prompt = session.prompt_text(build_question_text(question, "text"))
@@ -145,7 +146,7 @@ def test_parse_choice_rule(answer, chosen):
 def _run(chat_model, questions, videos, out, modes=("stan", "mean", "concat"), done=None, scoring="likelihood"):
     settings = EvalSettings(modes=list(modes), frames=FRAMES, scoring=scoring, answer_format="text", model="demo",
                             bootstrap=200)
-    run = EvalRun(chat_model, questions, videos, settings, out, done=done, progress=False)
+    run = EvalRun(Engine(chat_model), questions, videos, settings, out, done=done, progress=False)
     return run, run.run()
 
 
@@ -191,7 +192,7 @@ def test_resume_after_a_kill_gives_the_same_summary(chat_model, synthetic_set, t
                             bootstrap=200)
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     prepare_output(full_dir, settings, resume=False)
-    full = EvalRun(chat_model, questions, videos, settings, full_dir, progress=False).run()
+    full = EvalRun(Engine(chat_model), questions, videos, settings, full_dir, progress=False).run()
 
     # the killed run: dies at its 7th question, after a half-written line (what SIGKILL mid-write leaves)
     real = runner_module.score_question
@@ -208,7 +209,7 @@ def test_resume_after_a_kill_gives_the_same_summary(chat_model, synthetic_set, t
     prepare_output(killed_dir, settings, resume=False)
     monkeypatch.setattr(runner_module, "score_question", dying)
     with pytest.raises(KeyboardInterrupt):
-        EvalRun(chat_model, questions, videos, settings, killed_dir, progress=False).run()
+        EvalRun(Engine(chat_model), questions, videos, settings, killed_dir, progress=False).run()
     monkeypatch.setattr(runner_module, "score_question", real)
     with pytest.raises(OutputError, match="--resume"):
         prepare_output(killed_dir, settings, resume=False)  # nothing is overwritten by accident
@@ -222,7 +223,7 @@ def test_resume_after_a_kill_gives_the_same_summary(chat_model, synthetic_set, t
     monkeypatch.setattr(runner_module, "score_question", counting)
     done = prepare_output(killed_dir, settings, resume=True)
     assert len(done) == 6  # the partial 7th line was dropped
-    resumed = EvalRun(chat_model, questions, videos, settings, killed_dir, done=done, progress=False).run()
+    resumed = EvalRun(Engine(chat_model), questions, videos, settings, killed_dir, done=done, progress=False).run()
     assert counted["n"] == 3 * len(questions) - 6  # only the missing (question, mode) pairs ran
     assert _strip_timing(resumed) == _strip_timing(full)
     assert len(read_predictions(killed_dir / PREDICTIONS)) == 3 * len(questions)
@@ -336,7 +337,7 @@ def test_cli_eval_checks_arguments_before_loading_the_model(synthetic_set, tmp_p
 def test_prompt_text_is_what_build_prompt_tokenises(chat_model, synthetic_set):
     """The ChatSession.prompt_text hook: build_prompt is exactly its tokenisation (one BOS)."""
     _, root = synthetic_set
-    session = ChatSession(chat_model, root / "pair0000_b.mp4", frames=FRAMES, clips=2)
+    session = ChatSession(Engine(chat_model), root / "pair0000_b.mp4", frames=FRAMES, clips=2)
     text = session.prompt_text("what happens ?")
     ids = session.build_prompt("what happens ?")["input_ids"][0].tolist()
     assert text.count(chat_model.processor.image_token) == session.visual_tokens == 2 * 16
@@ -351,7 +352,7 @@ def test_every_mode_reads_the_same_frames(chat_model, synthetic_set, frames, cli
     seen = {}
     for mode in ("stan", "mean", "concat"):
         shape = session_shape(mode, frames, clips)
-        session = ChatSession(chat_model, root / "pair0001_a.mp4", frames=shape.frames, clips=shape.clips,
+        session = ChatSession(Engine(chat_model), root / "pair0001_a.mp4", frames=shape.frames, clips=shape.clips,
                               temporal=shape.temporal, frames_as_images=shape.frames_as_images)
         seen[mode] = session.frame_indices
         images = session.prompt_text("?").count(chat_model.processor.image_token) // 16
@@ -365,8 +366,8 @@ def test_a_mode_over_the_context_is_refused_before_any_video_is_read(chat_model,
     question = _question(["left", "right"])
     settings = EvalSettings(modes=["mean", "concat"], frames=128, answer_format="text")
     with pytest.raises(ValueError, match="'concat' at --frames 128 --clips 1 needs 2048 visual tokens"):
-        EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"}, settings, tmp_path / "o")
-    EvalRun(chat_model, [question], {"q": tmp_path / "never_read.mp4"},
+        EvalRun(Engine(chat_model), [question], {"q": tmp_path / "never_read.mp4"}, settings, tmp_path / "o")
+    EvalRun(Engine(chat_model), [question], {"q": tmp_path / "never_read.mp4"},
             EvalSettings(modes=["concat"], frames=127, answer_format="text"), tmp_path / "o")  # 2032 fits
 
 
@@ -379,12 +380,12 @@ def test_prepare_with_decoded_clips_equals_decoding_itself(chat_model, synthetic
     video = root / "pair0000_a.mp4"
     decoded = load_video_clips(video, frames_per_clip=4, num_clips=1, mode="eval",
                                image_processor=chat_model.processor.image_processor)
-    own = ChatSession(chat_model, video, frames=4)
-    shared = ChatSession(chat_model, video, frames=4, prepare=False)
+    own = ChatSession(Engine(chat_model), video, frames=4)
+    shared = ChatSession(Engine(chat_model), video, frames=4, prepare=False)
     assert shared.prepare(decoded) and not shared.prepare(decoded)
     assert torch.equal(own.features[0], shared.features[0]) and own.frame_indices == shared.frame_indices
     with pytest.raises(ValueError, match="decoded clips of shape"):
-        ChatSession(chat_model, video, frames=3, prepare=False).prepare(decoded)
+        ChatSession(Engine(chat_model), video, frames=3, prepare=False).prepare(decoded)
 
 
 def test_an_undecodable_video_stops_the_run_with_one_line_and_resume_continues(synthetic_set, tmp_path, capsys):

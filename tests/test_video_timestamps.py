@@ -13,6 +13,7 @@ from outside_programs import require
 
 from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.video import FrameTimes, VideoDecodeError, clip_spans, probe_video, read_frame_times, read_frames
+from mugstan_chat.engine.engine import Engine
 
 needs_ffmpeg = pytest.mark.requires("ffmpeg")  # skipped with its install line, failed under MUGSTAN_REQUIRE
 SLOW_FRAMES, SLOW_GAP, FAST_GAP, FAST_FROM = 10, 0.2, 0.04, 2.0
@@ -68,7 +69,7 @@ def test_frame_i_is_the_frame_at_its_time(vfr):
 
 @needs_ffmpeg
 def test_session_spans_use_the_timestamps(vfr, chat_model):
-    session = ChatSession(chat_model, vfr, frames=4, clips=3, generation=GenerationSettings(max_new_tokens=4))
+    session = ChatSession(Engine(chat_model), vfr, frames=4, clips=3, generation=GenerationSettings(max_new_tokens=4))
     spans = session.clip_spans
     probed = _ffprobe_times(vfr)
     expected = [(probed[min(c)] - probed[0], probed[max(c)] - probed[0]) for c in session.frame_indices]

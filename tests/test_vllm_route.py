@@ -22,6 +22,7 @@ import pytest
 
 from live_process import free_port, stop, wait_until_up
 from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.engine.engine import Engine
 from mugstan_chat.llava.chat_template import IN_ORDER_TEMPLATE_FILE
 from mugstan_chat.entrypoints.cli import main as cli_main
 from mugstan_chat.llava.loader import load_chat_model
@@ -90,7 +91,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def engine(exported):
     """Our own engine on the same directory: the reference."""
-    return load_chat_model(str(exported), stan=str(exported / "stan"), device="cpu", dtype="fp32", frames=FRAMES)
+    return Engine(load_chat_model(str(exported), stan=str(exported / "stan"), device="cpu", dtype="fp32",
+                                  frames=FRAMES))
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,7 @@ def remote_engine(exported, vllm):
     """The same model with its language model on vLLM (what --llm-url loads)."""
     chat_model = load_chat_model(str(exported), stan=str(exported / "stan"), device="cpu", dtype="fp32",
                                  frames=FRAMES)
-    chat_model.llm = RemoteLLM(vllm).connect()
-    return chat_model
+    return Engine(chat_model, llm=RemoteLLM(vllm).connect())
 
 
 def _reference(engine, video: str, question: str, clips: int = 1, temporal: str = "stan", clip_times: str = "auto"):

@@ -2,8 +2,8 @@
 
 Why a pool ahead of the model: decoding is I/O and FFmpeg (it releases the GIL), the tower and the
 language model are the model's; reading the next videos while one is answered keeps both busy.
-Each video is its own conversation (the same session ``ask`` builds from the same flags, so a greedy
-answer equals ``ask``'s). With ``in_flight`` > 1 several videos are answered at once: for the
+Each video is its own conversation on the engine (opened from the same options and generation
+settings ``ask`` uses, so a greedy answer equals ``ask``'s). With ``in_flight`` > 1 several videos are answered at once: for the
 vLLM route (``--llm-url``), whose server batches the requests it has in flight; on the local engine
 they share its cores. A video that cannot be read becomes a row with an ``error`` (reason and
 message) and the run goes on.
@@ -86,7 +86,9 @@ class BatchRunner:
     """Answers ``items`` one row each into ``results``.
 
     Args:
-        open_session: ``(video path) -> ChatSession`` with the run's settings (``ModelArgs.open_session``).
+        engine: the :class:`~mugstan_chat.engine.engine.Engine` answering.
+        options: the run's :class:`~mugstan_chat.session_options.SessionOptions`.
+        generation: the run's :class:`~mugstan_chat.engine.turns.GenerationSettings`.
         prompt: the question for items without their own.
         results: an opened :class:`.results.ResultsFile`.
         workers: decoding threads (videos read ahead of the model).
@@ -94,9 +96,11 @@ class BatchRunner:
         progress: a tqdm-like bar (``update``), or None.
     """
 
-    def __init__(self, open_session, prompt: str | None, results, workers: int = 2, in_flight: int = 1,
-                 progress=None):
-        self.open_session = open_session
+    def __init__(self, engine, options, generation, prompt: str | None, results, workers: int = 2,
+                 in_flight: int = 1, progress=None):
+        self.engine = engine
+        self.options = options.validate()
+        self.generation = generation
         self.prompt = prompt
         self.results = results
         self.workers = workers
@@ -138,28 +142,25 @@ class BatchRunner:
         return summary
 
     def _prepare(self, item: BatchItem):
-        """(session, its decoded clips or None, the temporary-file context, an error or None, decode ms): read ahead."""
+        """(its decoded clips or None, the temporary-file context, an error or None, decode ms): read ahead."""
         stack = contextlib.ExitStack()
         try:
             path = stack.enter_context(local_file(item))
-            session = self.open_session(path)
             decoded, began = None, time.perf_counter()
-            if session.select is None and not session.auto_clips:  # uniform clips: decode here, off the model
-                session.check_fits(self._question(item))
-                start, end = session.window
-                decoded = load_video_clips(path, frames_per_clip=session.frames, num_clips=session.clips,
-                                           mode="eval", start=start, end=end, limits=session.limits,
-                                           image_processor=session.chat_model.processor.image_processor)
-            return session, decoded, stack, None, (time.perf_counter() - began) * 1000
+            options = self.options
+            if options.select is None and options.clips != "auto":  # uniform clips: decode here, off the model
+                decoded = load_video_clips(path, frames_per_clip=options.frames, num_clips=options.clips, mode="eval",
+                                           image_processor=self.engine.model.processor.image_processor)
+            return (path, decoded), stack, None, (time.perf_counter() - began) * 1000
         except Exception as error:  # noqa: BLE001 - the row says what went wrong; the run goes on
             stack.close()
-            return None, None, None, error, 0.0
+            return None, None, error, 0.0
 
     def _question(self, item: BatchItem) -> str:
         return item.question or self.prompt or ""
 
     def _answer(self, item: BatchItem, prepared, summary: BatchSummary) -> None:
-        session, decoded, stack, error, decode_ms = prepared
+        read, stack, error, decode_ms = prepared
         question = self._question(item)
         row = {"id": item.id, "video": os.path.abspath(item.video) if item.shard is None else item.video,
                "question": question}
@@ -169,8 +170,10 @@ class BatchRunner:
             if error is not None:
                 raise error
             with stack:
-                if decoded is not None:
-                    session.prepare(decoded)
+                path, decoded = read
+                # selection or auto clips read the file inside the turn (its timings include it), as ask does
+                session = self.engine.open(path, self.options, question=question, generation=self.generation,
+                                           decoded=decoded, lazy=decoded is None)
                 answer = session.ask(question).strip()
                 stats = session.last_stats
                 row.update(answer=answer, caption=answer, clip_spans=[s.to_dict() for s in session.clip_spans],

@@ -1,4 +1,9 @@
-"""The chat engine: one :class:`ChatSession` per video, multi-turn, streaming; no UI code.
+"""One conversation about one video: :class:`ChatSession`, multi-turn, streaming; no UI code.
+
+Front ends never build one: :meth:`mugstan_chat.engine.engine.Engine.open` does, settles its video and
+hands back a :class:`~mugstan_chat.engine.engine.Conversation`. A session runs on its engine's loaded
+model, feature cache, KV budget, retrieval head and language model (ours or vLLM's,
+:mod:`mugstan_chat.engine.language_models`).
 
 Which clips a session shows (their number, times and question-aware selection) is
 :class:`~mugstan_chat.engine.planning.ClipPlanning`, which the session extends. A session
@@ -16,7 +21,7 @@ next question prefills only the tokens after the longest common prefix, with the
 answers. :meth:`ChatSession.loglikelihood` scores given continuations of a question on the
 same features and prompt (multiple-choice evaluation uses it; it never calls the model itself).
 
-Sessions are independent objects: a server holds one per conversation.
+Sessions are independent objects: a server opens one per request.
 """
 
 from __future__ import annotations
@@ -32,19 +37,20 @@ from typing import Iterator
 import torch
 
 from ..llava.chat_template import render_prompt
-from .planning import AUTO_MAX_CLIPS, ClipPlanning
-from .feature_cache import FeatureCache
-from .likelihood import ContinuationScore, score_continuations
-from ..llava.loader import ChatModel
-from .moments import Reference, find_references
-from .prefix_cache import CacheBudget, ConversationCache, budget_for
-from ..options import DEFAULT_SELECTION, SELECTIONS
-from .selection import DEFAULT_CANDIDATES, CandidateEmbeddings, Selection
+from ..options import DEFAULT_CANDIDATES, DEFAULT_SELECTION, SELECTIONS
 from ..timeline import CLIP_TIMES_CHOICES, labelled_messages
-# the turn's parts live in .turns; re-exported here, where callers have always imported them
-from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
-                    encode_image, neutralise_image_token)
 from ..video import VideoClips, VideoLimits, clip_spans, load_video_clips
+from .feature_cache import FeatureCache
+from .language_models import PreparedTurn
+from .likelihood import ContinuationScore, score_continuations
+from .moments import Reference, find_references
+from .planning import AUTO_MAX_CLIPS, ClipPlanning
+from .prefix_cache import CacheBudget, ConversationCache
+from .remote_llm import openai_messages
+from .selection import CandidateEmbeddings, Selection
+# the turn's parts live in .turns; re-exported here, where callers have always imported them
+from .turns import ConversationTooLong, GenerationSettings, TurnStats, VideoFeatures, encode_image, \
+    neutralise_image_token
 
 __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
            "VideoFeatures", "encode_image", "neutralise_image_token"]
@@ -55,7 +61,8 @@ class ChatSession(ClipPlanning):
     """A conversation about one video.
 
     Args:
-        chat_model: from :func:`mugstan_chat.llava.loader.load_chat_model`.
+        engine: the :class:`~mugstan_chat.engine.engine.Engine` it runs on (its model, caches, retrieval
+            head and language model).
         video_path: the video file.
         frames: T frames per clip (default: the model's settings).
         clips: C clips (default: the model's settings); each fills one ``<image>``. ``"auto"``: as
@@ -76,15 +83,15 @@ class ChatSession(ClipPlanning):
             alone answers; ``video_path`` only names the session in logs.
         reuse_cache: keep the conversation's KV cache and prefill only new tokens (same answers;
             False recomputes the whole prompt every turn, for tests and benchmarks).
-        cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
-            (default: the one shared by all sessions on this model, :func:`prefix_cache.budget_for`).
+        cache_budget: :class:`~mugstan_chat.engine.prefix_cache.CacheBudget` this session's cache counts
+            against (default: the engine's, shared by all its conversations).
         clip_times: "auto" (default: each clip's time span before its ``<image>`` when there are
             several clips, none for one clip, whose prompt stays stock LLaVA's), "on" or "off"
             (:mod:`mugstan_chat.timeline`).
         select: K: split the video into ``candidates`` (M) candidate clips, rank them against each
             question with the model's own dual encoder and show the top K in temporal order
             (:mod:`mugstan_chat.engine.selection`; docs/design.md section 4c). None: C uniform clips.
-        candidates: M (default :data:`selection.DEFAULT_CANDIDATES`); only with ``select``.
+        candidates: M (default :data:`mugstan_chat.options.DEFAULT_CANDIDATES`); only with ``select``.
         selection_strategy: how the K shown are picked from the ranked candidates: ``"topk"`` (the K
             best) or ``"coverage"`` (relevance balanced with coverage of the video,
             :func:`mugstan_chat.engine.selection.cover`); only with ``select``.
@@ -92,9 +99,10 @@ class ChatSession(ClipPlanning):
             on those scores are embedded with all T frames and scored again, and the K shown are chosen among
             them (:func:`mugstan_chat.engine.selection.select_with_shortlist`); K <= S < M; only with ``select``.
         feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
-            (shared by a server's requests; default: one of the session's own).
+            (default: the engine's, shared by all its conversations).
         content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
         max_auto_clips: the most clips ``clips="auto"`` may choose (a server's ``--max-clips``).
+        history: earlier (question, answer) turns the conversation starts with (a stateless request's).
 
     Raises (when preparing):
         ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
@@ -102,15 +110,16 @@ class ChatSession(ClipPlanning):
         video.VideoDecodeError: missing or undecodable video (the message names the file).
     """
 
-    def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
+    def __init__(self, engine, video_path: str | os.PathLike, frames: int | None = None,
                  clips: int | None = None, generation: GenerationSettings | None = None,
                  temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
                  limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
                  reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
                  clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
                  selection_strategy: str | None = None, shortlist: int | None = None, feature_cache: FeatureCache | None = None, content_hash: str | None = None,
-                 max_auto_clips: int = AUTO_MAX_CLIPS):
-        self.chat_model = chat_model
+                 max_auto_clips: int = AUTO_MAX_CLIPS, history: list[tuple[str, str]] | tuple = ()):
+        self.engine = engine
+        self.chat_model = chat_model = engine.model
         self.video_path = os.fspath(video_path)
         self.text_only = text_only
         self.frames = frames or chat_model.settings.frames
@@ -142,7 +151,7 @@ class ChatSession(ClipPlanning):
         self.selection_strategy = selection_strategy or DEFAULT_SELECTION
         if self.selection_strategy not in SELECTIONS:
             raise ValueError(f"selection_strategy must be one of {', '.join(SELECTIONS)}, got {selection_strategy!r}")
-        self.feature_cache = feature_cache
+        self.feature_cache = feature_cache if feature_cache is not None else engine.features
         self.content_hash = content_hash
         self.max_auto_clips = max_auto_clips
         self.selection: Selection | None = None  # what the last question chose
@@ -163,12 +172,12 @@ class ChatSession(ClipPlanning):
         self.system = system
         self.window = (start, end)
         self.limits = limits
-        self.history: list[tuple[str, str]] = []  # (question, answer) pairs
+        self.history: list[tuple[str, str]] = [(str(q), str(a)) for q, a in history]  # (question, answer) pairs
         self.turns: list[TurnStats] = []
         self._video: VideoFeatures | None = None
         self._lock = threading.Lock()  # one generation at a time per session
         self.reuse_cache = reuse_cache
-        self.cache_budget = cache_budget if cache_budget is not None else budget_for(chat_model.model)
+        self.cache_budget = cache_budget if cache_budget is not None else engine.kv_budget
         self.kv = ConversationCache(chat_model.model.config, self.cache_budget)  # the conversation's keys/values
         if text_only:  # nothing to decode or encode: the session is prepared with no clips
             self._video = VideoFeatures([], [], None, 0.0, 0.0, reported=True)
@@ -393,18 +402,22 @@ class ChatSession(ClipPlanning):
             f"{self.clips} clip(s) x {unit} visual tokens make a prompt of {tokens} tokens and the model's "
             f"context is {context}: {advice} (nothing was decoded)")
 
-    def _begin_turn(self, question: str):
-        """(question, started, tokenised prompt, stats) of a new turn, after the checks both routes share."""
+    def _begin_turn(self, question: str, generation: GenerationSettings | None) -> PreparedTurn:
+        """The checks and the prompt both language models share: the turn, ready to answer."""
         if not question or not question.strip():
             raise ValueError("empty question")
+        question = question.strip()
+        if generation is not None:
+            self.generation = generation.validate()
         started = time.perf_counter()
         if not self.prepared:
-            self.resolve_clips(question.strip())
-            self.check_fits(question.strip())  # refuse before decoding a frame
+            self.resolve_clips(question)
+            self.check_fits(question)  # refuse before decoding a frame
         if self.select is not None:
-            self.select_clips(question.strip())  # this question's clips (a re-rank of cached candidates)
+            self.select_clips(question)  # this question's clips (a re-rank of cached candidates)
         self.prepare()
-        inputs = self.build_prompt(question.strip())
+        text = self._prompt_text(question, self.images)
+        inputs = self._tokenize(text)
         prompt_tokens = inputs["input_ids"].shape[1]
         context = self.chat_model.context_length
         room = context - prompt_tokens
@@ -421,35 +434,27 @@ class ChatSession(ClipPlanning):
             clipped=max_new < self.generation.max_new_tokens, cached_features=not first_use)
         if stats.clipped:
             logger.info("max_new_tokens clipped to %d: the context has %d tokens left", max_new, room)
-        return question.strip(), started, inputs, stats
+        bos = self.chat_model.processor.tokenizer.bos_token
+        return PreparedTurn(question, started, stats, inputs, self.generation, list(self._video.features),
+                            self.kv if self.reuse_cache else None, lambda: self._openai_messages(question),
+                            add_special_tokens=not (bos and text.startswith(bos)))
 
-    def _start_turn(self, question: str):
-        question, started, inputs, stats = self._begin_turn(question)
-        max_new = stats.max_new_tokens
-        device = self.chat_model.device
-        kwargs = {k: v.to(device) for k, v in inputs.items()}
-        kwargs.update(self.generation.generate_kwargs())
-        kwargs.update(max_new_tokens=max_new)
-        ids = inputs["input_ids"][0]
-        reused = 0
-        if self.reuse_cache:
-            kwargs["cache"], reused = self.kv.take(ids)
-        if (ids[reused:] == self.chat_model.model.config.image_token_id).any():
-            kwargs["mm_encoder_outputs"] = self._cached_outputs()  # placeholders left to fill
-        stats.prefill_tokens, stats.reused_tokens = stats.prompt_tokens - reused, reused
-        tokenizer = self.chat_model.processor.tokenizer
-        if tokenizer.pad_token_id is not None:
-            kwargs["pad_token_id"] = tokenizer.pad_token_id
-        return question, started, stats, kwargs
+    def _openai_messages(self, question: str) -> list[dict]:
+        """The conversation :meth:`messages` gives, each ``<image>`` sent as its clip's projected features (after its
+        clip label when the prompt shows times, where the template ``export-llava`` writes renders it)."""
+        messages, labels = self.messages(question), self.prompt_labels(self.images)
+        if labels is not None:
+            messages = labelled_messages(messages, labels)
+        return openai_messages(messages, list(self._video.features))
 
-    def _record(self, question: str, answer: str, stats: TurnStats, sequence: torch.Tensor | None = None,
-                cache=None) -> None:
-        """Adds the turn; keeps ``cache`` (keys/values of ``sequence``'s first tokens) for the next one."""
-        self.history.append((question, answer))
-        self.turns.append(stats)
+    def _record(self, turn: PreparedTurn, answer: str) -> None:
+        """Adds the turn; keeps the language model's keys/values of its sequence for the next one."""
+        turn.stats.total_ms = (time.perf_counter() - turn.started) * 1000
+        self.history.append((turn.question, answer))
+        self.turns.append(turn.stats)
         self._video.reported = True
-        if cache is not None and sequence is not None:
-            self.kv.keep(cache, sequence)
+        if turn.kv is not None and turn.cache is not None and turn.sequence is not None:
+            turn.kv.keep(turn.cache, turn.sequence)
 
     @contextlib.contextmanager
     def _busy(self):
@@ -462,123 +467,54 @@ class ChatSession(ClipPlanning):
             self._lock.release()
 
     def _cached_outputs(self) -> dict:
-        """A fresh mm_encoder_outputs dict each turn (generate writes into it)."""
+        """A fresh mm_encoder_outputs dict (generate writes into it)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return {"image": BaseModelOutputWithPooling(pooler_output=list(self._video.features))}
 
-    def ask(self, question: str) -> str:
-        """Answers ``question`` (no streaming) and records it in the conversation."""
-        if self.chat_model.llm is not None:
-            return "".join(self.ask_stream(question)).strip()
+    def ask(self, question: str, generation: GenerationSettings | None = None) -> str:
+        """Answers ``question`` (no streaming) and records it in the conversation.
+
+        ``generation``: this turn's answer settings (they stay the session's for later turns).
+        """
         with self._busy():
-            question, started, stats, kwargs = self._start_turn(question)
-            with torch.inference_mode():
-                output = self.chat_model.model.generate(**kwargs)
-            prompt_len = kwargs["input_ids"].shape[1]
-            new = output[0, prompt_len:]
-            finished = time.perf_counter()
-            answer = self.chat_model.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-            stats.new_tokens = int(new.numel())
-            stats.total_ms = (finished - started) * 1000
-            self._record(question, answer, stats, output[0], kwargs.get("cache"))
+            turn = self._begin_turn(question, generation)
+            answer = self.engine.llm.generate(turn)
+            self._record(turn, answer)
             return answer
 
-    def ask_stream(self, question: str, stop: threading.Event | None = None) -> Iterator[str]:
+    def ask_stream(self, question: str, stop: threading.Event | None = None,
+                   generation: GenerationSettings | None = None) -> Iterator[str]:
         """Streams the answer to ``question`` as text pieces; records the turn when done.
 
         Closing the iterator early stops generation; the partial answer is kept. Setting
         ``stop`` (from any thread) ends generation after the current token, e.g. when a
-        server's client goes away; the event is set when the answer ends.
+        server's client goes away; the event is set when the answer ends. A failed answer
+        (the language model raised) is not recorded.
         Raises ConversationTooLong (before yielding) if the conversation no longer fits.
-        With ``--llm-url`` the language model runs on that server (:meth:`_ask_remote`).
         """
-        if self.chat_model.llm is not None:
-            yield from self._ask_remote(question, stop)
-            return
         with self._busy():
-            question, started, stats, kwargs = self._start_turn(question)
-            streamer = TimedStreamer.create(self.chat_model.processor.tokenizer, started)
-            stop = stop if stop is not None else threading.Event()
-            from transformers import StoppingCriteriaList
-
-            kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
-            errors: list[BaseException] = []
-            outputs: list[torch.Tensor] = []
-
-            def run():
-                try:
-                    with torch.inference_mode():
-                        outputs.append(self.chat_model.model.generate(**kwargs))
-                except BaseException as error:  # re-raised in the consumer's thread
-                    errors.append(error)
-                    streamer.end()
-
-            thread = threading.Thread(target=run, name="mugstan-chat-generate", daemon=True)
-            thread.start()
+            turn = self._begin_turn(question, generation)
             pieces: list[str] = []
-            try:
-                for piece in streamer:
-                    if piece:
-                        pieces.append(piece)
-                        yield piece
-            finally:
-                stop.set()
-                thread.join()
-                finished = time.perf_counter()
-                if streamer.first_token_at is not None:
-                    stats.first_token_ms = (streamer.first_token_at - started) * 1000
-                stats.total_ms = (finished - started) * 1000
-                stats.new_tokens = streamer.new_tokens
-                if not errors:
-                    sequence = outputs[0][0] if outputs else None
-                    self._record(question, "".join(pieces).strip(), stats, sequence, kwargs.get("cache"))
-            if errors:
-                raise errors[0]
-
-    def _ask_remote(self, question: str, stop: threading.Event | None) -> Iterator[str]:
-        """The answer from the remote language model (:mod:`mugstan_chat.engine.remote_llm`) on this session's features.
-
-        The conversation is the one :meth:`messages` gives our own engine, each ``<image>`` sent as
-        its clip's projected features (after its clip label, when the prompt shows times, which the
-        template ``export-llava`` writes renders where our engine writes it), with the same BOS rule
-        as :meth:`_tokenize`; the answer limit is clipped to the context as ours is. Raises
-        remote_llm.RemoteLLMError when the server fails.
-        """
-        from .remote_llm import RemoteLLMError, RemoteTurn, openai_messages
-
-        with self._busy():
-            question, started, inputs, stats = self._begin_turn(question)
-            tokenizer = self.chat_model.processor.tokenizer
-            text = self._prompt_text(question, self.images)
-            add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-            messages, labels = self.messages(question), self.prompt_labels(self.images)
-            if labels is not None:  # each clip's label a text part before its image: the exported template's place
-                messages = labelled_messages(messages, labels)
-            messages = openai_messages(messages, list(self._video.features))
-            turn = RemoteTurn()
-            pieces: list[str] = []
+            stream = self.engine.llm.stream(turn, stop)
             failed = False
-            stream = self.chat_model.llm.stream(messages, self.generation, stats.max_new_tokens, add_special, turn,
-                                                stop)
             try:
                 for piece in stream:
                     pieces.append(piece)
                     yield piece
-            except RemoteLLMError:
+            except Exception:
                 failed = True
                 raise
             finally:
-                stream.close()  # closes the HTTP stream now (vLLM aborts the request), not when collected
-                if stop is not None:
-                    stop.set()
-                stats.total_ms = (time.perf_counter() - started) * 1000
-                if turn.first_token_at is not None:
-                    stats.first_token_ms = (turn.first_token_at - started) * 1000
-                stats.new_tokens = turn.completion_tokens
-                stats.prefill_tokens = stats.prompt_tokens  # what vLLM's prefix cache spared is vLLM's to report
-                if not failed:  # a partial answer (the consumer stopped early) is kept, as on our engine
-                    self._record(question, "".join(pieces).strip(), stats)
+                stream.close()
+                if not failed:
+                    self._record(turn, "".join(pieces).strip())
+
+    def score(self, question: str, continuations: list[str], select_by: str | None = None) -> list[ContinuationScore]:
+        """:meth:`loglikelihood` on the clips ``select_by`` (default: ``question``) selects, when the session selects."""
+        if self.select is not None:
+            self.select_clips((select_by or question).strip())
+        return self.loglikelihood(question, continuations)
 
     def loglikelihood(self, question: str, continuations: list[str]) -> list[ContinuationScore]:
         """Log-probability of each continuation right after the assistant prompt for ``question``.

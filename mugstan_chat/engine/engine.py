@@ -53,17 +53,20 @@ class Engine:
             default: the one the STAN branch names).
         feature_cache: the cache of encoded videos (default: one of :data:`DEFAULT_FEATURE_CACHE_BYTES`).
         cache_budget: what the conversations' KV caches may hold together (default: the
-            ``MUGSTAN_KV_CACHE_MB`` budget of :class:`~mugstan_chat.engine.prefix_cache.CacheBudget`).
+            ``MUGSTAN_KV_BUDGET_MB`` budget of :class:`~mugstan_chat.engine.prefix_cache.CacheBudget`).
+        retriever: the dual encoder clip selection ranks with, given instead of loaded from the model's
+            branch on first use (a benchmark's random-weight text tower).
     """
 
     def __init__(self, chat_model, llm: RemoteLLM | None = None, retrieval_clip: str | None = None,
-                 feature_cache: FeatureCache | None = None, cache_budget: CacheBudget | None = None):
+                 feature_cache: FeatureCache | None = None, cache_budget: CacheBudget | None = None,
+                 retriever: Retriever | None = None):
         self.model = chat_model
         self.llm: LanguageModel = RemoteLanguageModel(llm) if llm is not None else LocalLanguageModel(chat_model)
         self.features = feature_cache if feature_cache is not None else FeatureCache(DEFAULT_FEATURE_CACHE_BYTES)
         self.kv_budget = cache_budget if cache_budget is not None else CacheBudget()
         self.retrieval_clip = retrieval_clip
-        self._retriever: Retriever | SelectionUnavailable | None = None
+        self._retriever: Retriever | SelectionUnavailable | None = retriever
         self._retriever_lock = threading.Lock()
 
     @property
@@ -99,7 +102,7 @@ class Engine:
              history: list[tuple[str, str]] | tuple = (), temporal: str | None = None, start: float | None = None,
              end: float | None = None, limits: VideoLimits | None = None, content_hash: str | None = None,
              max_auto_clips: int = AUTO_MAX_CLIPS, decoded=None, before_decoding: Callable[[], None] | None = None,
-             frames_as_images: bool = False, reuse_cache: bool = True) -> Conversation:
+             frames_as_images: bool = False, reuse_cache: bool = True, lazy: bool = False) -> Conversation:
         """A conversation about ``video`` whose video features are ready (from the cache, or made now).
 
         Args:
@@ -121,6 +124,8 @@ class Engine:
             before_decoding: called before the file is decoded on a cache miss (a front end's header checks).
             frames_as_images: every frame as its own ``<image>`` (the frame-concatenation baseline).
             reuse_cache: keep the conversation's KV cache between turns (False: prefill every turn).
+            lazy: leave the video to the first question, which decodes and encodes it inside its turn (so its
+                timings include them) without the cache: a one-question front end (``ask``).
         Raises:
             ValueError: bad options; video.VideoDecodeError: the file cannot be read (naming ``name``);
             ConversationTooLong: the prompt cannot fit (before a frame is decoded).
@@ -131,6 +136,8 @@ class Engine:
                               system=system, start=start, end=end, limits=limits, prepare=False,
                               content_hash=content_hash, max_auto_clips=max_auto_clips,
                               frames_as_images=frames_as_images, reuse_cache=reuse_cache, history=history)
+        if lazy:
+            return Conversation(session, False)
         try:
             cached = self._prepare(session, question, decoded, before_decoding)
         except VideoDecodeError as error:
@@ -148,7 +155,6 @@ class Engine:
             if before_decoding is not None:
                 before_decoding()
             if question:
-                session.check_fits(question)
                 embedded = session.prepare_candidates()
                 if session.select_clips(question) is not None:
                     return session.selection.cached
@@ -157,7 +163,6 @@ class Engine:
                 return not embedded
             return not session.prepare()
         session.resolve_clips(question)  # --clips auto: the number chosen is part of the cache key
-        session.check_fits(question or "")  # refuse before decoding a frame
         if decoded is not None:
             session.prepare(decoded)
             return False
@@ -221,9 +226,13 @@ class Conversation:
         """
         return self._session.ask_stream(question, stop=stop, generation=generation)
 
-    def score(self, question: str, continuations: list[str]) -> list[ContinuationScore]:
-        """Log-probability of each continuation right after the assistant prompt for ``question`` (nothing recorded)."""
-        return self._session.score(question, continuations)
+    def score(self, question: str, continuations: list[str], select_by: str | None = None) -> list[ContinuationScore]:
+        """Log-probability of each continuation right after the assistant prompt for ``question`` (nothing recorded).
+
+        ``select_by``: the text a selecting conversation ranks its clips by (default: ``question``; a
+        multiple-choice scorer gives the question without its options).
+        """
+        return self._session.score(question, continuations, select_by)
 
     def prompt_tokens(self, question: str) -> int:
         """Tokens of the prompt for ``question`` (a server's context check; the answer reuses this tokenisation)."""
@@ -244,8 +253,9 @@ class Conversation:
     # ------------------------------------------------------------------ reading
 
     @property
-    def history(self) -> tuple[tuple[str, str], ...]:
-        return tuple(self._session.history)
+    def history(self) -> list[tuple[str, str]]:
+        """The (question, answer) turns so far (a copy)."""
+        return list(self._session.history)
 
     @property
     def turn_count(self) -> int:
@@ -302,6 +312,11 @@ class Conversation:
     @property
     def visual_tokens(self) -> int:
         return self._session.visual_tokens
+
+    @property
+    def features(self) -> list:
+        """The clips' projected visual features (one tensor per ``<image>``)."""
+        return self._session.features
 
     @property
     def clip_spans(self) -> list:

@@ -179,41 +179,6 @@ class FeatureCache:
                 flight.done.set()
             return features, False
 
-    def session_features(self, session, content_hash: str | None = None, before_decoding=None) -> bool:
-        """Gives ``session`` its video features from the cache, or decodes, encodes and stores them.
-
-        Args:
-            session: a ``chat.ChatSession`` not yet prepared.
-            content_hash: sha256 of the session's video file (default: hashed here).
-            before_decoding: called on a miss only, before the decoder (e.g. the app's header limit
-                checks: a hit's bytes passed them when they were encoded, so a hit skips them).
-        Returns:
-            True on a hit (the session reports its features as cached), False if it was encoded now.
-        Raises:
-            whatever ``before_decoding`` or ``ChatSession.prepare`` raise (``video.VideoDecodeError`` ...); nothing is stored then.
-        """
-        if getattr(session, "selects", False):  # question-aware clips: the candidates' embeddings go through self
-            if before_decoding is not None:
-                before_decoding()
-            session.feature_cache = self
-            if content_hash is not None:
-                session.content_hash = content_hash
-            return not session.prepare()
-        if hasattr(session, "resolve_clips"):
-            session.resolve_clips()  # --clips auto: the key holds the number chosen
-        key = session_key(session, content_hash or file_sha256(session.video_path))
-
-        def encode():
-            if before_decoding is not None:
-                before_decoding()
-            session.prepare()
-            return session.video_features
-
-        features, cached = self.get_or_encode(key, encode)
-        if cached:
-            session.attach_features(features)
-        return cached
-
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -21,7 +21,7 @@ import torch
 from .feature_cache import FeatureCache, FeatureKey, file_sha256, model_identity, session_key
 from ..llava.retrieval import SelectionUnavailable
 from .selection import CandidateEmbeddings, Selection, candidate_plan, embed_candidates, \
-    middle_frames, retriever_for, select, select_with_shortlist
+    middle_frames, select, select_with_shortlist
 from ..timeline import ClipSpan, clip_labels, make_spans, precise_times, times_shown
 from .turns import VideoFeatures
 from ..video import (FrameTimes, VideoDecodeError, VideoLimits, clip_spans, load_video_clips, plan_clips, probe_video,
@@ -30,7 +30,6 @@ from ..video import (FrameTimes, VideoDecodeError, VideoLimits, clip_spans, load
 logger = logging.getLogger(__name__)
 
 AUTO_MAX_CLIPS = 64  # --clips auto never encodes more clips than this, whatever the context leaves room for
-SESSION_CACHE_BYTES = 256 * 2**20  # a session given no shared feature cache keeps its candidates in one this big
 QUESTION_RESERVE = 64  # tokens --clips auto keeps for a question not yet asked (a video loaded before it)
 
 
@@ -149,8 +148,6 @@ class ClipPlanning:
         return [] if self._candidates is None else list(self._candidates.times)
 
     def _cache(self) -> FeatureCache:
-        if self.feature_cache is None:
-            self.feature_cache = FeatureCache(SESSION_CACHE_BYTES)
         return self.feature_cache
 
     def _content_hash(self) -> str:
@@ -167,7 +164,7 @@ class ClipPlanning:
         if not self.selects or self._candidates is not None:
             return False
         try:
-            retriever = retriever_for(self.chat_model)
+            retriever = self.engine.retriever()
         except SelectionUnavailable as error:  # the caller prepares the uniform clips (prepare() goes on to them)
             self.selection_notice = f"clip selection unavailable ({error}): {self.clips} uniform clip(s) instead"
             logger.warning(self.selection_notice)
@@ -237,7 +234,7 @@ class ClipPlanning:
             return None
         if self._selected_for == question and self._video is not None:
             return self.selection
-        retriever = retriever_for(self.chat_model)
+        retriever = self.engine.retriever()
         if self.shortlist:
             selection = select_with_shortlist(
                 retriever, self._candidates, lambda short: self._embed_shortlisted(retriever, short), question,

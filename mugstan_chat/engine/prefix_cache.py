@@ -104,22 +104,6 @@ class CacheBudget:
             self._held.pop(id(holder), None)
 
 
-_budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_budgets_lock = threading.Lock()
-
-
-def budget_for(model) -> CacheBudget:
-    """The budget shared by every session on ``model`` (created with the default size on first use).
-
-    Its size is ``MUGSTAN_KV_BUDGET_MB`` (read once, when the budget is made).
-    """
-    with _budgets_lock:
-        budget = _budgets.get(model)
-        if budget is None:
-            budget = _budgets[model] = CacheBudget()
-        return budget
-
-
 class ConversationCache:
     """One conversation's language-model keys/values and the token ids they belong to.
 

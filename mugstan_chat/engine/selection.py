@@ -20,7 +20,7 @@ A LLaVA checkpoint holds only the vision tower: the text tower and the visual pr
 the CLIP checkpoint the branch's export names (``model.backbone``: hub id and revision, or an inline
 architecture and seed), the Mug mode and temperature from its ``model.mug``
 (:func:`~mugstan_chat.llava.retrieval.load_retrieval_head`). A branch without them falls back to uniform clips, saying so in one
-line (:class:`SelectionUnavailable`). Selection is a pure function of (video, question, settings).
+line (:class:`~mugstan_chat.llava.retrieval.SelectionUnavailable`). Selection is a pure function of (video, question, settings).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..llava.retrieval import Retriever, SelectionUnavailable, load_retriever
-from ..options import DEFAULT_CANDIDATES, DEFAULT_SELECTION, SELECTIONS  # noqa: F401  (DEFAULT_CANDIDATES: re-exported)
+from ..llava.retrieval import Retriever
+from ..options import DEFAULT_SELECTION, SELECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -234,18 +234,3 @@ def select_with_shortlist(retriever: Retriever, coarse: CandidateEmbeddings, emb
                      retriever.mug_for(temporal).mode, rank_ms, first_ms + embed_ms, cached and embed_ms == 0,
                      (total - len(chosen)) * tokens_per_clip, strategy, list(short), [float(s) for s in fine],
                      capped=capped)
-
-
-def retriever_for(chat_model) -> Retriever:
-    """The chat model's :class:`Retriever`, loaded on first use and kept on the model (thread-safe).
-
-    Raises SelectionUnavailable (every time, with the same line) when there is no text side.
-    """
-    with chat_model.retrieval_lock:
-        loaded = chat_model.retrieval
-        if loaded is None:
-            loaded = load_retriever(chat_model)
-            chat_model.retrieval = loaded
-    if isinstance(loaded, SelectionUnavailable):
-        raise loaded
-    return loaded

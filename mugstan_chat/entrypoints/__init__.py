@@ -17,8 +17,8 @@ Importing this package imports neither torch nor transformers (``--help`` stays 
 
 from .model_args import DEMO_MAX_NEW_TOKENS, ModelArgs
 from .network import is_loopback, port_in_use, port_message
-from .reporting import configure_logging, load_model_or_report, run_reporting_errors
+from .reporting import configure_logging, load_engine_or_report, run_reporting_errors
 from .serving_args import ServingArgs
 
-__all__ = ["DEMO_MAX_NEW_TOKENS", "ModelArgs", "ServingArgs", "configure_logging", "is_loopback", "load_model_or_report", "port_in_use",
+__all__ = ["DEMO_MAX_NEW_TOKENS", "ModelArgs", "ServingArgs", "configure_logging", "is_loopback", "load_engine_or_report", "port_in_use",
            "port_message", "run_reporting_errors"]

@@ -113,16 +113,16 @@ def run_batch(args: argparse.Namespace) -> int:
     except (InputError, ResultsError) as error:  # usage errors: one line, exit 2, before the model loads
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    chat_model = model_args.load()
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
+    engine = model_args.load_engine()
+    if engine.notice:
+        print(f"note: {engine.notice}", file=sys.stderr)
     done = results.open()
     print(f"{PROG}: {len(items)} videos in shard {shard[0]}/{shard[1]}, {len(done & {i.id for i in items})} already "
           f"in {args.out}", file=sys.stderr)
     bar = progress_bar(not args.no_progress, total=len(items), initial=len(done & {i.id for i in items}),
                        unit="video", desc="batch")
     try:
-        runner = BatchRunner(lambda path: model_args.open_session(chat_model, path), args.prompt, results,
+        runner = BatchRunner(engine, model_args.session_options(), model_args.generation(), args.prompt, results,
                              workers=args.workers, in_flight=args.in_flight, progress=bar)
         summary = runner.run(items, done)
     finally:

@@ -89,10 +89,10 @@ def run_eval(args) -> int:
           f"scoring: {settings.scoring} ({settings.answer_format}); {len(done)} results already in {args.out}",
           file=sys.stderr)
 
-    chat_model = model_args.load(temporal="stan" if "stan" in args.modes else "mean")
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
-    run = EvalRun(chat_model, questions, videos, settings, args.out, done=done, progress=not args.no_progress)
+    engine = model_args.load_engine(temporal="stan" if "stan" in args.modes else "mean")
+    if engine.notice:
+        print(f"note: {engine.notice}", file=sys.stderr)
+    run = EvalRun(engine, questions, videos, settings, args.out, done=done, progress=not args.no_progress)
     summary = run.run()
     print(markdown_tables(summary))
     print(f"\nper-question results: {args.out}/predictions.jsonl; summary: {args.out}/summary.json", file=sys.stderr)

@@ -198,13 +198,10 @@ class ModelArgs:
         """The clip settings a :class:`mugstan_chat.engine.conversation.ChatSession` takes from these flags."""
         return self.session_options().session_kwargs()
 
-    def open_session(self, chat_model, video: str, **extra):
-        """A :class:`mugstan_chat.engine.conversation.ChatSession` on ``video`` with these flags' clip and generation settings,
-        not yet decoded: ``ask``'s and ``batch``'s (so a batch row's greedy answer is ``ask``'s)."""
-        from ..engine.conversation import ChatSession
-
-        return ChatSession(chat_model, video, **self.session_kwargs(), generation=self.generation(), prepare=False,
-                           **extra)
+    def open(self, engine, video: str, question: str | None = None, **extra):
+        """A conversation (:meth:`mugstan_chat.engine.engine.Engine.open`) on ``video`` with these flags' clip and
+        generation settings: ``ask``'s, ``chat``'s and ``batch``'s (so a batch row's greedy answer is ``ask``'s)."""
+        return engine.open(video, self.session_options(), question=question, generation=self.generation(), **extra)
 
     @property
     def answer_limit(self) -> int:
@@ -224,10 +221,7 @@ class ModelArgs:
         return settings
 
     def load(self, **overrides):
-        """The :class:`mugstan_chat.llava.loader.ChatModel` these flags describe; ``overrides`` replace single settings.
-
-        The one loader call of every front end (the CLI, the web app, the server and eval).
-        """
+        """The :class:`mugstan_chat.llava.loader.ChatModel` these flags describe; ``overrides`` replace single settings."""
         from ..llava.loader import load_chat_model
 
         settings = dict(
@@ -235,13 +229,19 @@ class ModelArgs:
             load_4bit=self.load_4bit, load_8bit=self.load_8bit, frames=self.frames,
             clips=self.clips if isinstance(self.clips, int) else 1,  # "auto" is chosen per session
             demo=self.demo, allow_resolution_mismatch=self.allow_resolution_mismatch)
-        llm = self.remote_llm() if self.llm_url is not None else None  # unreachable: one line before minutes of loading
-        chat_model = load_chat_model(**{**settings, **overrides})
-        chat_model.settings.retrieval_clip = self.retrieval_clip
-        if llm is not None:
-            chat_model.llm = llm
-            chat_model.notices.append(f"language model: {llm.model} on {llm.url}")
-        return chat_model
+        return load_chat_model(**{**settings, **overrides})
+
+    def load_engine(self, feature_cache=None, cache_budget=None, **overrides):
+        """The :class:`mugstan_chat.engine.engine.Engine` these flags describe: the model, its language model (ours, or
+        the ``--llm-url`` server, reached before minutes of loading), the ``--retrieval-clip`` text side.
+
+        The one loader call of every front end (the CLI, the web app, the server and eval).
+        """
+        from ..engine.engine import Engine
+
+        llm = self.remote_llm() if self.llm_url is not None else None  # unreachable: one line before loading
+        return Engine(self.load(**overrides), llm=llm, retrieval_clip=self.retrieval_clip,
+                      feature_cache=feature_cache, cache_budget=cache_budget)
 
     def remote_llm(self):
         """The :class:`mugstan_chat.engine.remote_llm.RemoteLLM` of ``--llm-url``, connected (its model name resolved).

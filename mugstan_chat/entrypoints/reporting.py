@@ -57,17 +57,17 @@ def run_reporting_errors(prog: str, debug: bool, command, *args,
         return 1
 
 
-def load_model_or_report(model_args, prog: str):
-    """``model_args.load()`` for a server: a load failure is one line on stderr and None; notices print once."""
+def load_engine_or_report(model_args, prog: str, feature_cache=None):
+    """``model_args.load_engine()`` for a server: a load failure is one line on stderr and None; notices print once."""
     from ..model.checkpoint import CheckpointError
     from ..llava.loader import ModelLoadError
     from ..engine.remote_llm import RemoteLLMError
 
     try:
-        chat_model = model_args.load()
+        engine = model_args.load_engine(feature_cache=feature_cache)
     except (ModelLoadError, CheckpointError, RemoteLLMError) as error:  # RemoteLLMError: --llm-url unreachable
         print(f"{prog}: error: {error}", file=sys.stderr)
         return None
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
-    return chat_model
+    if engine.notice:
+        print(f"note: {engine.notice}", file=sys.stderr)
+    return engine

@@ -50,10 +50,6 @@ def add_commands(commands) -> None:
     chat.set_defaults(run=run_chat)
 
 
-def _session(model_args: ModelArgs, chat_model, video: str, feature_cache=None):
-    return model_args.open_session(chat_model, video, feature_cache=feature_cache)
-
-
 def describe_clips(session) -> str:
     """One line: the clips an answer was based on, with their times, and what selecting them cost."""
     from ..timeline import format_time, precise_times
@@ -117,10 +113,10 @@ def run_ask(args: argparse.Namespace) -> int:
     model_args = ModelArgs.from_cli_args(args)
     model_args.generation()  # checked before the model loads
     check_video(args.video, args.debug)
-    chat_model = model_args.load()
-    if chat_model.notice and not args.json:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
-    session = _session(model_args, chat_model, args.video)  # decode/encode inside the turn: part of its timings
+    engine = model_args.load_engine()
+    if engine.notice and not args.json:
+        print(f"note: {engine.notice}", file=sys.stderr)
+    session = model_args.open(engine, args.video, lazy=True)  # decode/encode inside the turn: part of its timings
     pieces = []
     for piece in session.ask_stream(args.question):
         if args.json:
@@ -129,7 +125,7 @@ def run_ask(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     if args.json:
-        print(json.dumps(_ask_json(session, chat_model, "".join(pieces))))
+        print(json.dumps(_ask_json(session, engine, "".join(pieces))))
     else:
         sys.stdout.write("\n")
         if args.verbose:
@@ -139,8 +135,8 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_json(session, chat_model, answer: str) -> dict:
-    stats, settings = session.last_stats, chat_model.settings
+def _ask_json(session, engine, answer: str) -> dict:
+    stats, settings = session.last_stats, engine.model.settings
     return {
         "answer": answer.strip(),
         "model": settings.model,
@@ -168,7 +164,7 @@ def _ask_json(session, chat_model, answer: str) -> dict:
         "clipped": stats.clipped,
         "device": settings.device,
         "dtype": settings.dtype,
-        "notice": chat_model.notice,
+        "notice": engine.notice,
     }
 
 
@@ -180,11 +176,10 @@ def run_chat(args: argparse.Namespace) -> int:
     model_args = ModelArgs.from_cli_args(args)
     model_args.generation()  # checked before the model loads
     check_video(args.video, args.debug)
-    chat_model = model_args.load()
-    if chat_model.notice:
-        print(f"note: {chat_model.notice}", file=sys.stderr)
-    cache = FeatureCache(megabytes_to_bytes(args.feature_cache_mb))
-    session = _open_chat(model_args, chat_model, cache, args.video)
+    engine = model_args.load_engine(feature_cache=FeatureCache(megabytes_to_bytes(args.feature_cache_mb)))
+    if engine.notice:
+        print(f"note: {engine.notice}", file=sys.stderr)
+    session = _open_chat(model_args, engine, args.video)
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -206,7 +201,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 if not path:
                     raise ValueError("/video needs a file: /video PATH")
                 check_video(path, args.debug)
-                session = _open_chat(model_args, chat_model, cache, path)
+                session = _open_chat(model_args, engine, path)
             except (VideoDecodeError, ValueError, OSError) as error:  # one line; the chat goes on
                 print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
             continue
@@ -230,10 +225,10 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_chat(model_args: ModelArgs, chat_model, cache, path: str):
-    """A new conversation about ``path``; its features come from ``cache`` when this video was seen."""
-    session = _session(model_args, chat_model, path, feature_cache=cache)
-    cached = cache.session_features(session)
+def _open_chat(model_args: ModelArgs, engine, path: str):
+    """A new conversation about ``path``; its features come from the engine's cache when this video was seen."""
+    session = model_args.open(engine, path)
+    cached = session.cached
     info = session.video_info
     shown = (f"{session.clips} of {session.candidates} candidate clips chosen per question" if session.selects
              else f"{session.clips} clip(s)")

@@ -9,8 +9,8 @@ Usage (``app.py`` at the repository root runs :func:`main`)::
 
 See docs/app.md for serving safely and the limits. This file only wires the UI: the
 flags come from :mod:`mugstan_chat.entrypoints` (the same as every other front end),
-models from :meth:`~mugstan_chat.entrypoints.ModelArgs.load`, conversations from
-:class:`mugstan_chat.engine.conversation.ChatSession`. Nothing here is global: the model reaches
+the engine from :meth:`~mugstan_chat.entrypoints.ModelArgs.load_engine`, conversations from
+:meth:`mugstan_chat.engine.engine.Engine.open`. Nothing here is global: the model reaches
 the callbacks through a :class:`ChatApp` instance (a closure), and each browser
 session keeps its own :class:`UserSession` in a ``gr.State``.
 """
@@ -29,7 +29,7 @@ from typing import Iterator
 
 from ..options import DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SELECTION
 from ..session_options import DEFAULTS, SessionOptions
-from . import ModelArgs, ServingArgs, configure_logging, load_model_or_report, port_message
+from . import ModelArgs, ServingArgs, configure_logging, load_engine_or_report, port_message
 from .serving_args import ServingDefaults
 from .values import megabytes_to_bytes, positive_float, positive_int
 
@@ -97,7 +97,6 @@ class AppSettings:
     concurrency: int = 1  # model jobs (encode or generate) at once
     queue_size: int = 16  # waiting jobs beyond this are refused
     max_sessions: int = 100  # browser sessions whose state is kept (least recently used are dropped)
-    feature_cache_mb: float = 1024.0  # encoded videos shared by all visitors (LRU, on the model's device); 0: off
     examples_dir: Path | None = EXAMPLES_DIR  # bundled example videos; None: no examples
 
     @property
@@ -109,7 +108,7 @@ class AppSettings:
 class UserSession:
     """One browser session: its conversation, its video and the displayed messages."""
 
-    chat: object | None = None  # mugstan_chat.engine.conversation.ChatSession, None until a video is loaded
+    chat: object | None = None  # an engine.Conversation, None until a video is loaded
     video_name: str | None = None
     messages: list[dict] = field(default_factory=list)  # what the Chatbot shows
     stop: threading.Event = field(default_factory=threading.Event)
@@ -174,38 +173,41 @@ def format_stats(stats, chat=None) -> str:
 
 
 class ChatApp:
-    """The callbacks of the page. Holds the model; all per-user data lives in ``UserSession``.
+    """The callbacks of the page. Holds the engine; all per-user data lives in ``UserSession``.
 
     Every callback takes the session state and returns it, so it can be tested
-    without a browser or a server (tests/test_app.py).
+    without a browser or a server (tests/test_app.py). The engine's feature cache is every
+    visitor's: the same bytes with the same settings are decoded and encoded once.
     """
 
-    def __init__(self, chat_model, settings: AppSettings | None = None):
-        from mugstan_chat.engine.feature_cache import FeatureCache
+    def __init__(self, engine, settings: AppSettings | None = None):
+        self.engine = engine
+        model = engine.model.settings
+        self.settings = settings or AppSettings(frames=model.frames, clips=model.clips)
 
-        self.chat_model = chat_model
-        self.settings = settings or AppSettings(frames=chat_model.settings.frames, clips=chat_model.settings.clips)
-        # one cache for every visitor: the same bytes with the same settings are decoded and encoded once
-        self.feature_cache = FeatureCache(megabytes_to_bytes(self.settings.feature_cache_mb))
+    @property
+    def feature_cache(self):
+        """The engine's cache of encoded videos (shared by every visitor)."""
+        return self.engine.features
 
     # ------------------------------------------------------------------ facts for the page
 
     @property
     def temporal_modes(self) -> list[str]:
         """Modes a session may choose: "stan" only when a branch is loaded."""
-        return list(self.chat_model.tower.available_modes)
+        return list(self.engine.model.tower.available_modes)
 
     def notice(self) -> str:
         """Markdown warning shown at the top of the page ('' when nothing to say)."""
         from mugstan_chat.llava.loader import MEAN_FALLBACK_NOTICE
 
-        notes = list(self.chat_model.notices)
+        notes = list(self.engine.notices)
         if "stan" not in self.temporal_modes and MEAN_FALLBACK_NOTICE not in notes:
             notes.append("no STAN branch loaded: temporal mean mode only (training-free baseline)")
         return "\n".join(f"⚠️ **Note:** {note}" for note in notes)
 
     def model_line(self) -> str:
-        s = self.chat_model.settings
+        s = self.engine.model.settings
         quant = f", {s.quantization}" if s.quantization else ""
         return (f"Model: `{s.model}` · temporal: `{s.temporal}`" + (f" (branch `{s.stan}`)" if s.stan else "")
                 + f" · {s.device}, {s.dtype}{quant}")
@@ -342,7 +344,7 @@ class ChatApp:
             yield state.messages, state, ""
             return
         if state.last_recorded:
-            state.chat.undo_last()
+            state.chat.undo()
             state.last_recorded = False
         last_user = max(i for i, m in enumerate(state.messages) if m["role"] == "user")
         del state.messages[last_user + 1:]
@@ -385,20 +387,18 @@ class ChatApp:
 
     def _new_chat(self, path: str, frames: int, clips: int | str, temporal: str, before_decoding=None,
                   select: int | None = None, candidates: int | None = None, selection: str | None = None):
-        """A ChatSession with its own temporal mode, and whether its features came from the shared cache.
+        """A conversation with its own temporal mode, and whether its features came from the shared cache.
 
         On a miss it decodes and encodes the video now and stores the features for the next visitor.
         """
-        from mugstan_chat.engine.conversation import ChatSession
-
         if temporal not in self.temporal_modes:
             raise ValueError(f"temporal mode {temporal!r} is not available (loaded: {', '.join(self.temporal_modes)})")
         options = SessionOptions(frames=frames, clips=None if select else clips, clip_times=self.settings.clip_times,
                                  select=select, candidates=candidates, selection=selection,
                                  shortlist=self._shortlist(select, candidates)).validate(PANEL_NAMES.get)
-        chat = ChatSession(self.chat_model, path, **options.session_kwargs(), temporal=temporal,
-                           limits=self.video_limits, prepare=False, feature_cache=self.feature_cache)
-        return chat, self.feature_cache.session_features(chat, before_decoding=before_decoding)
+        chat = self.engine.open(path, options, temporal=temporal, limits=self.video_limits,
+                                before_decoding=before_decoding)
+        return chat, chat.cached
 
     def _shortlist(self, select: int | None, candidates: int | None) -> int | None:
         """``--shortlist`` where it fits the page's K and M (the sliders can leave it outside K <= S < M)."""
@@ -416,7 +416,7 @@ class ChatApp:
 
     def _answer(self, state: UserSession, question: str, max_new_tokens: int, temperature: float,
                 top_p: float) -> Iterator[tuple[list[dict], UserSession, str]]:
-        from mugstan_chat.engine.conversation import ConversationTooLong, GenerationSettings
+        from mugstan_chat.engine.turns import ConversationTooLong, GenerationSettings
 
         chat = state.chat
         state.stop.clear()
@@ -425,12 +425,12 @@ class ChatApp:
         state.messages.append(answer)
         yield state.messages, state, ""
         pieces: list[str] = []
-        turns_before = len(chat.turns)
+        turns_before = chat.turn_count
         try:
-            chat.generation = GenerationSettings(
+            generation = GenerationSettings(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
                 repetition_penalty=self.settings.repetition_penalty).validate()
-            stream = chat.ask_stream(question)
+            stream = chat.ask_stream(question, generation)
             with contextlib.closing(stream):  # closing ends generation early (Stop)
                 for piece in stream:
                     pieces.append(piece)
@@ -439,7 +439,7 @@ class ChatApp:
                     if state.stop.is_set():
                         break
             stopped = state.stop.is_set()
-            state.last_recorded = len(chat.turns) > turns_before
+            state.last_recorded = chat.turn_count > turns_before
             text = "".join(pieces).strip()
             text = link_moments(text, chat.references(text)) if text else "(no answer)"
             if stopped:
@@ -469,8 +469,8 @@ class ChatApp:
         return f"Something went wrong while {doing} ({type(error).__name__}: {detail}). Please try again."
 
 
-def build_demo(chat_model, settings: AppSettings | None = None):
-    """The page, wired to a :class:`ChatApp` on ``chat_model``; returns the ``gr.Blocks``.
+def build_demo(engine, settings: AppSettings | None = None):
+    """The page, wired to a :class:`ChatApp` on ``engine``; returns the ``gr.Blocks``.
 
     Queueing and launching are the caller's (``main`` does both).
     """
@@ -481,7 +481,7 @@ def build_demo(chat_model, settings: AppSettings | None = None):
     def slider(allowed, value, label):  # the ranges argparse checked the defaults against
         return gr.Slider(allowed.low, allowed.high, value=value, step=allowed.step, label=label)
 
-    app = ChatApp(chat_model, settings)
+    app = ChatApp(engine, settings)
     settings = app.settings
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
@@ -521,7 +521,7 @@ def build_demo(chat_model, settings: AppSettings | None = None):
                 selection = gr.Radio(list(SELECTIONS), value=settings.selection, elem_id="selection",
                                      label="Pick the K by", info="topk: the K best matches; coverage: relevance "
                                      "balanced with coverage of the video")
-                temporal = gr.Radio(app.temporal_modes, value=chat_model.settings.temporal, label="Temporal mode",
+                temporal = gr.Radio(app.temporal_modes, value=engine.model.settings.temporal, label="Temporal mode",
                                     interactive=len(app.temporal_modes) > 1,
                                     info="changing frames, clips or mode re-encodes the video and starts a new chat")
             with gr.Row():
@@ -617,8 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     model_args, serving, auth, args = parse_args(argv)
     configure_logging(model_args.debug)
     logger.setLevel(logging.INFO)
-    chat_model = load_model_or_report(model_args, PROG)
-    if chat_model is None:
+    from ..engine.feature_cache import FeatureCache
+
+    engine = load_engine_or_report(model_args, PROG, FeatureCache(megabytes_to_bytes(serving.feature_cache_mb)))
+    if engine is None:
         return 1
     examples_dir = None if args.no_examples or not EXAMPLES_DIR.is_dir() else EXAMPLES_DIR
     settings = AppSettings(
@@ -628,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
         concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,
-        feature_cache_mb=serving.feature_cache_mb, examples_dir=examples_dir)
-    demo = build_demo(chat_model, settings)
+        examples_dir=examples_dir)
+    demo = build_demo(engine, settings)
     # gradio counts an event as queued until a worker takes it: room for the running ones too
     demo.queue(max_size=settings.queue_size + settings.concurrency, default_concurrency_limit=settings.concurrency)
     try:

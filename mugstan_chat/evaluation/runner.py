@@ -149,7 +149,7 @@ class EvalRun:
     """One evaluation: questions x modes on one loaded chat model.
 
     Args:
-        chat_model: from :func:`mugstan_chat.llava.loader.load_chat_model` (with a branch for "stan").
+        engine: the :class:`~mugstan_chat.engine.engine.Engine` (its model with a branch for "stan").
         questions: from :func:`.readers.read_questions`.
         videos: question id -> video file (:func:`.readers.resolve_videos`).
         settings: :class:`EvalSettings`.
@@ -159,13 +159,15 @@ class EvalRun:
         progress: show a tqdm progress bar on stderr (when it is a terminal: :func:`mugstan_chat.entrypoints.progress.progress_bar`).
     """
 
-    def __init__(self, chat_model, questions: list[Question], videos: dict[str, Path], settings: EvalSettings,
+    def __init__(self, engine, questions: list[Question], videos: dict[str, Path], settings: EvalSettings,
                  out_dir: str | os.PathLike, done: list[dict] | None = None, limits=None, progress: bool = True):
         settings.validate()
+        chat_model = engine.model
         missing = [m for m in settings.modes if session_shape(m, 1).temporal not in chat_model.tower.available_modes]
         if missing:
             raise ValueError(f"mode(s) {', '.join(missing)} need a STAN branch, and this model has none")
         self._check_context(chat_model, settings)
+        self.engine = engine
         self.chat_model = chat_model
         self.questions = questions
         self.videos = videos
@@ -191,8 +193,9 @@ class EvalRun:
                                  f"{images * per_image} visual tokens, more than the model's context of "
                                  f"{chat_model.context_length}; use fewer frames or leave {mode!r} out")
 
-    def _session(self, video: str, start, end, mode: str):
-        from ..engine.conversation import ChatSession, GenerationSettings
+    def _open(self, video: str, start, end, mode: str, decoded):
+        """The mode's conversation on ``video``: encoded from ``decoded`` (uniform clips), or its candidates embedded."""
+        from ..engine.turns import GenerationSettings
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
         if selecting(mode):
@@ -201,10 +204,10 @@ class EvalRun:
                                      shortlist=self.settings.shortlist)
         else:
             options = SessionOptions(frames=shape.frames, clips=shape.clips)
-        return ChatSession(self.chat_model, video, **options.validate().session_kwargs(), temporal=shape.temporal,
-                           frames_as_images=shape.frames_as_images,
-                           generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
-                           start=start, end=end, limits=self.limits, prepare=False)
+        return self.engine.open(video, options, temporal=shape.temporal, frames_as_images=shape.frames_as_images,
+                                generation=GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
+                                start=start, end=end, limits=self.limits,
+                                decoded=None if selecting(mode) else decoded)
 
     def run(self) -> dict:
         """Scores every (question, mode) not yet done, writes the summary; returns it."""
@@ -243,14 +246,13 @@ class EvalRun:
 
     def _score_group(self, video: str, start, end, mode: str, pending: list[Question], decoded, decode_ms: float,
                      sink, bar) -> None:
-        session = self._session(video, start, end, mode)
         started = time.perf_counter()
-        # encode once; every question below reuses the features (selecting: the candidates' embeddings)
-        session.prepare(None if session.select is not None else decoded)
+        # encode once; every question below reuses the features (selecting: the candidates' embeddings,
+        # each question choosing its clips as it is scored)
+        session = self._open(video, start, end, mode, decoded)
         encode_ms = (time.perf_counter() - started) * 1000
         self.encodes[mode] += 1
         for i, q in enumerate(pending):
-            session.select_clips(q.question)  # selecting modes: ranked by the question alone, not its options
             score = score_question(session, q, self.settings.scoring, self.settings.answer_format)
             decode, encode = (decode_ms, encode_ms) if i == 0 else (0.0, 0.0)  # with the video's first question
             record = {

@@ -62,12 +62,13 @@ def score_likelihood(session, question: Question, answer_format: str = "letter")
     """Log-likelihood of each option's continuation after the prompt (see the module docstring)."""
     started = time.perf_counter()
     try:
-        results = session.loglikelihood(build_question_text(question, answer_format),
-                                        continuations(question, answer_format))
+        # selecting conversations rank their clips by the question alone, not its options
+        results = session.score(build_question_text(question, answer_format), continuations(question, answer_format),
+                                select_by=question.question)
     except ValueError as error:
         raise ValueError(f"question {question.id!r}: {error}") from None
     check_distinct(question, answer_format, [r.ids for r in results],
-                   session.chat_model.processor.tokenizer.unk_token_id)
+                   session.engine.model.processor.tokenizer.unk_token_id)
     scores = [r.mean_logprob if answer_format == "text" else r.logprob for r in results]
     chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first option
     return Score(chosen=chosen, option_scores=scores, option_tokens=[len(r.ids) for r in results], answer_text=None,

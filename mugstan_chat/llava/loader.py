@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ class ModelLoadError(Exception):
     """The chat model cannot be loaded (missing weights, offline, bad options); one-line message."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatSettings:
     """How a chat model was loaded, and the defaults sessions inherit."""
 
@@ -50,22 +49,17 @@ class ChatSettings:
     dtype: str
     quantization: str | None  # None, "4bit" or "8bit"
     demo: bool
-    retrieval_clip: str | None = None  # CLIP checkpoint whose text tower ranks clips (--retrieval-clip)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ChatModel:
-    """A loaded LLaVA with the video tower installed: what chat sessions run on."""
+    """A loaded LLaVA with the video tower installed: what an engine runs on; never changed after loading."""
 
     model: nn.Module  # LlavaForConditionalGeneration
     processor: object  # LlavaProcessor
     tower: VideoTower
     settings: ChatSettings
-    notices: list[str] = field(default_factory=list)
-    llm: object = None  # a remote_llm.RemoteLLM answering instead of ``model``'s language model (--llm-url)
-    # clip selection's text side (retrieval.Retriever, or the SelectionUnavailable it met), loaded on first use
-    retrieval: object | None = None
-    retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    notices: tuple[str, ...] = ()
 
     @property
     def notice(self) -> str:
@@ -232,7 +226,7 @@ def load_chat_model(model: str = DEFAULT_MODEL, stan: str | os.PathLike | None =
     settings = ChatSettings(model=name, temporal=temporal, stan=branch_name,
                             frames=frames, clips=clips, device=device, dtype=dtype,
                             quantization=None if quant is None else ("4bit" if load_4bit else "8bit"), demo=demo)
-    return ChatModel(model=llava, processor=processor, tower=tower, settings=settings, notices=notices)
+    return ChatModel(model=llava, processor=processor, tower=tower, settings=settings, notices=tuple(notices))
 
 
 def _quantised_copy(llava, device: str, dtype: str, quant):

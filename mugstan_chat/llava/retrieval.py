@@ -205,11 +205,10 @@ def demo_retrieval_head(tower_backbone: VisionBackbone, seed: int = 0) -> Retrie
                          MugConfig(mode="frame-token"), "demo (random text tower)")
 
 
-def load_retriever(chat_model) -> Retriever | SelectionUnavailable:
+def load_retriever(chat_model, clip: str | None = None) -> Retriever | SelectionUnavailable:
     """The retriever for a loaded chat model (its tower and branch, the text side its settings name), or the
-    :class:`SelectionUnavailable` saying why there is none (logged once)."""
+    :class:`SelectionUnavailable` saying why there is none (logged once). ``clip``: ``--retrieval-clip``."""
     settings, tower = chat_model.settings, chat_model.tower
-    clip = getattr(settings, "retrieval_clip", None)
     try:
         if settings.stan == "demo" and clip is None:
             head = demo_retrieval_head(tower.backbone)

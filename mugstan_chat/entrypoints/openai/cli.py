@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from .. import ModelArgs, ServingArgs, configure_logging, load_model_or_report
+from .. import ModelArgs, ServingArgs, configure_logging, load_engine_or_report
 from ..serving_args import ServingDefaults
 from ..values import megabytes_to_bytes, positive_float
 from ...options import CLIPS, FRAMES
@@ -99,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(str(error))
     configure_logging(model_args.debug)
     logger.setLevel(logging.INFO)
-    chat_model = load_model_or_report(model_args, PROG)
-    if chat_model is None:
+    engine = load_engine_or_report(model_args, PROG, FeatureCache(serving.feature_cache_bytes))
+    if engine is None:
         return 1
     generation = model_args.generation()
     config = ServiceConfig(
-        model_name=args.served_model_name or chat_model.settings.model, frames=model_args.frames,
+        model_name=args.served_model_name or engine.model.settings.model, frames=model_args.frames,
         clips=model_args.clips if model_args.select is None else 1, max_new_tokens=generation.max_new_tokens,
         temperature=generation.temperature, top_p=generation.top_p, repetition_penalty=generation.repetition_penalty,
         max_frames=args.max_frames, max_clips=args.max_clips, limits=VideoLimits(max_seconds=serving.max_video_seconds),
         clip_times=model_args.clip_times, select=model_args.select,
         candidates=model_args.candidate_count or ServiceConfig.candidates,
         selection=model_args.selection or ServiceConfig.selection, shortlist=model_args.shortlist)
-    service = ChatService(chat_model, config, MediaFetcher(policy), FeatureCache(serving.feature_cache_bytes))
+    service = ChatService(engine, config, MediaFetcher(policy))
     app = create_app(service, Gate(serving.concurrency, serving.queue_size), api_key=args.api_key,
                      max_body_bytes=megabytes_to_bytes(args.max_body_mb))
     import uvicorn

@@ -1,10 +1,9 @@
 """The work that answers a planned request, in a worker thread; no HTTP here.
 
 :meth:`ChatService.start` runs one :class:`~mugstan_chat.entrypoints.openai.planning.Plan` as a :class:`~mugstan_chat.entrypoints.openai.jobs.Job`: fetch
-the media, take its features from the shared
-:class:`~mugstan_chat.engine.feature_cache.FeatureCache` (or decode and encode them once, however
-many requests ask at the same moment), then stream the answer through
-:class:`~mugstan_chat.engine.conversation.ChatSession`, applying OpenAI's stop sequences
+the media, open a conversation on the engine (:meth:`mugstan_chat.engine.engine.Engine.open`: its
+features come from the engine's cache, or are decoded and encoded once, however many requests ask
+at the same moment), then stream the answer, applying OpenAI's stop sequences
 (:class:`TextAssembler`). Seeded sampling draws from the request's own generator
 (:class:`~mugstan_chat.engine.turns.GenerationSettings`), so concurrent requests never share
 random state. The worker frees its slot only when generation has really ended.
@@ -13,16 +12,14 @@ random state. The worker frees its slot only when generation has really ended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
-from ...engine.conversation import ChatSession
-from ...engine.feature_cache import FeatureCache, image_key, session_key
+from ...engine.engine import Conversation, Engine
 from ...engine.remote_llm import RemoteLLMError
-from ...engine.turns import ConversationTooLong, VideoFeatures, encode_image
+from ...engine.turns import ConversationTooLong
 from ...video import VideoDecodeError
 from .jobs import Job
 from .media import MediaFetcher, describe_url, open_image
@@ -49,7 +46,7 @@ class TextAssembler:
     The answer ends before the first stop sequence (which is not included). Text that
     might be the start of a stop sequence, and trailing whitespace, is held back until
     it is known, so the streamed pieces join to exactly the non-streamed answer
-    (stripped, as :meth:`ChatSession.ask` returns it).
+    (stripped, as :meth:`mugstan_chat.engine.engine.Conversation.ask` returns it).
     """
 
     def __init__(self, stops: list[str]):
@@ -99,24 +96,22 @@ class ChatService:
     """Answers chat completion requests with one loaded model.
 
     Args:
-        chat_model: from :func:`mugstan_chat.llava.loader.load_chat_model`.
+        engine: the :class:`~mugstan_chat.engine.engine.Engine` (its feature cache is every request's).
         config: :class:`ServiceConfig`.
         fetcher: :class:`media.MediaFetcher` (its policy decides which URLs are allowed).
-        cache: :class:`FeatureCache` shared by all requests.
     """
 
-    def __init__(self, chat_model, config: ServiceConfig, fetcher: MediaFetcher, cache: FeatureCache):
-        self.chat_model = chat_model
+    def __init__(self, engine: Engine, config: ServiceConfig, fetcher: MediaFetcher):
+        self.engine = engine
         self.config = config
         self.fetcher = fetcher
-        self.cache = cache
         self._lock = threading.Lock()
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0, "video_encodes": 0,
                          "image_encodes": 0, "completion_tokens": 0}
 
     def plan(self, request: ChatCompletionRequest) -> Plan:
         """Checks a request and reads its conversation; raises APIError (400/404) before any work."""
-        return plan_request(request, self.config, self.chat_model.tower)
+        return plan_request(request, self.config, self.engine.model.tower)
 
     def count(self, name: str, value: int = 1) -> None:
         with self._lock:
@@ -154,10 +149,10 @@ class ChatService:
         media = None
         try:
             if plan.media is None:
-                session, cached = self._text_session(plan), False
+                session, cached = self._open_text(plan), False
             else:
                 media = self.fetcher.fetch(plan.media.url, plan.media.kind, plan.media.param)
-                session, cached = self._session(plan, media)
+                session, cached = self._open(plan, media)
             prompt_tokens = self._check_context(session, plan.question)
             job.emit("ready", {"prompt_tokens": prompt_tokens})
             outcome = self._generate(plan, job, session, cached, 0.0 if media is None else media.fetch_ms, started)
@@ -179,78 +174,57 @@ class ChatService:
         self.count("completion_tokens", outcome.completion_tokens)
         return "done", outcome
 
-    def _text_session(self, plan: Plan) -> ChatSession:
-        """A session without media: the language model alone answers (no fetch, no tower)."""
-        session = ChatSession(self.chat_model, "text-only request", generation=plan.generation, system=plan.system,
-                              text_only=True, prepare=False)
-        session.history = list(plan.history)
-        return session
+    def _open_text(self, plan: Plan) -> Conversation:
+        """A conversation without media: the language model alone answers (no fetch, no tower)."""
+        return self.engine.open_text(generation=plan.generation, system=plan.system, history=plan.history,
+                                     name="text-only request")
 
-    def _session(self, plan: Plan, media) -> tuple[ChatSession, bool]:
-        """A session for this request; its features come from the shared cache, or are made now.
+    def _open(self, plan: Plan, media) -> tuple[Conversation, bool]:
+        """A conversation for this request; its features come from the engine's cache, or are made now.
 
         Concurrent requests for the same new media wait for one decode and encode
-        (:meth:`FeatureCache.get_or_encode`); the others report their features as cached.
+        (:meth:`~mugstan_chat.engine.feature_cache.FeatureCache.get_or_encode`); the others report theirs as cached.
+        Errors reading the file are 400s that name the media, never the server's temporary path.
         """
         what = describe_url(plan.media.url)
-        session = ChatSession(self.chat_model, what, **plan.session.session_kwargs(), generation=plan.generation,
-                              temporal=None if plan.media.kind == "image" else plan.temporal,
-                              system=plan.system, start=plan.start, end=plan.end, limits=self.config.limits,
-                              prepare=False, feature_cache=self.cache, content_hash=media.sha256,
-                              max_auto_clips=self.config.max_clips)
-        session.history = list(plan.history)
-        if plan.media.kind == "video" and (plan.select or plan.clips == "auto"):
-            # choosing the clips reads the file: the question's selection, or how many clips fit
-            with self._reading(plan, media, what, session):
-                if plan.select and session.select_clips(plan.question) is not None:
-                    return session, session.selection.cached
-                session.resolve_clips(plan.question)
         if plan.media.kind == "image":
-            key = image_key(self.chat_model, media.sha256)
-            features, cached = self.cache.get_or_encode(key, lambda: self._encode_image(plan, media, what))
-        else:
-            key = session_key(session, media.sha256)
-            features, cached = self.cache.get_or_encode(key, lambda: self._encode_video(plan, media, what, session))
-        session.attach_features(features, cached=cached)
-        return session, cached
+            limits = self.config.limits
+            counted = []
 
-    def _encode_image(self, plan: Plan, media, what: str) -> VideoFeatures:
-        limits = self.config.limits
-        image = open_image(media.local_path(), limits.max_width, limits.max_height, what, plan.media.param)
-        features = encode_image(self.chat_model, image)
-        self.count("image_encodes")
-        return features
+            def load_image():
+                counted.append(1)
+                return open_image(media.local_path(), limits.max_width, limits.max_height, what, plan.media.param)
 
-    def _encode_video(self, plan: Plan, media, what: str, session: ChatSession) -> VideoFeatures:
-        with self._reading(plan, media, what, session):
-            session.prepare()
-        self.count("video_encodes")
-        return session.video_features
-
-    @contextlib.contextmanager
-    def _reading(self, plan: Plan, media, what: str, session: ChatSession):
-        """The session reads the fetched file inside; its errors become 400s that never show the temp path."""
-        session.video_path = media.local_path()
+            conversation = self.engine.open_image(load_image, media.sha256, name=what, generation=plan.generation,
+                                                  system=plan.system, history=plan.history)
+            if counted:
+                self.count("image_encodes")
+            return conversation, conversation.cached
         try:
-            yield
+            conversation = self.engine.open(
+                media.local_path(), plan.session, question=plan.question, name=what, generation=plan.generation,
+                system=plan.system, history=plan.history, temporal=plan.temporal, start=plan.start, end=plan.end,
+                limits=self.config.limits, content_hash=media.sha256, max_auto_clips=self.config.max_clips)
         except VideoDecodeError as error:
-            message = str(error).replace(session.video_path, what)  # never show server-side temp paths
-            raise bad_request(message, plan.media.param, "invalid_video") from error
+            raise bad_request(str(error), plan.media.param, "invalid_video") from error
+        except ConversationTooLong as error:
+            raise bad_request(str(error), "messages", "context_length_exceeded") from error
         except ValueError as error:  # e.g. an empty time window
             raise bad_request(f"{what}: {error}", "mugstan", "invalid_video") from error
-        finally:
-            session.video_path = what  # the temporary file is closed after the request
+        if not conversation.cached and plan.select is None:  # this request decoded and encoded the video
+            self.count("video_encodes")
+        return conversation, conversation.cached
 
-    def _check_context(self, session: ChatSession, question: str) -> int:
-        prompt_tokens = int(session.build_prompt(question)["input_ids"].shape[1])
-        context = self.chat_model.context_length
+    def _check_context(self, session: Conversation, question: str) -> int:
+        prompt_tokens = session.prompt_tokens(question)
+        context = self.engine.context_length
         if prompt_tokens >= context:
             raise bad_request(f"This model's maximum context length is {context} tokens. However, your messages "
                               f"resulted in {prompt_tokens} tokens ({session.visual_tokens} of them for the video). "
                               "Please reduce the length of the messages.", "messages", "context_length_exceeded")
         return prompt_tokens
 
-    def _generate(self, plan: Plan, job: Job, session: ChatSession, cached: bool, fetch_ms: float,
+    def _generate(self, plan: Plan, job: Job, session: Conversation, cached: bool, fetch_ms: float,
                   started: float) -> Outcome:
         assembler = TextAssembler(plan.stop)
         pieces = []
@@ -292,7 +266,7 @@ class ChatService:
             "temporal": plan.temporal,
             "max_new_tokens": stats.max_new_tokens,
             "clipped": stats.clipped,
-            "notice": self.chat_model.notice,
+            "notice": self.engine.notice,
             "clip_spans": [span.to_dict() for span in session.clip_spans],
             "references": [ref.to_dict() for ref in session.references("".join(pieces))],
             "selection": None if selection is None else selection.to_dict(),
@@ -303,4 +277,4 @@ class ChatService:
     def health(self) -> dict:
         with self._lock:
             counters = dict(self.counters)
-        return {"counters": counters, "feature_cache": self.cache.stats()}
+        return {"counters": counters, "feature_cache": self.engine.features.stats()}
