@@ -14,11 +14,11 @@ from mugstan_chat.synthetic.pairs import write_pair
 from mugstan_chat.synthetic.render import COLOURS, Canvas, shape_mask
 
 from scriptload import load_script
-from training.data import Columns, DataError, read_annotations
-from training.evaluate import main as evaluate_main
-from training.params import model_config, parse_args
-from training.post_pretrain import train
-from training.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
+from mugstan_train.data import Columns, DataError, read_annotations
+from mugstan_train.evaluate import main as evaluate_main
+from mugstan_train.params import model_config, parse_args
+from mugstan_train.post_pretrain import train
+from mugstan_train.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
 
 SSV2 = Path(__file__).parent / "fixtures" / "ssv2"
 SIZE, FRAMES = 32, 12

@@ -15,10 +15,10 @@ from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.video import write_video
 
 from scriptload import load_script
-from training.data import ClipSettings, DataError
-from training.params import parse_args
-from training.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, StreamAccount,
-                             count_samples, expand_shards, is_shard_spec)
+from mugstan_train.data import ClipSettings, DataError
+from mugstan_train.params import parse_args
+from mugstan_train.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, StreamAccount,
+                                  count_samples, expand_shards, is_shard_spec)
 
 CLIP = ClipSettings(frames=4, size=32)
 

@@ -13,7 +13,7 @@ import torch
 
 from mugstan_chat.model import MugStan
 from mugstan_chat.synthetic.families import make_time_reversal_dataset
-from training.params import model_config
+from mugstan_train.params import model_config
 
 _spec = importlib.util.spec_from_file_location(
     "temporal_probe", Path(__file__).resolve().parents[1] / "scripts" / "temporal_probe.py")

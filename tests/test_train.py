@@ -15,9 +15,9 @@ from mugstan_chat.backbone import tiny_backbone_config
 from mugstan_chat.checkpoint import CheckpointError
 from mugstan_chat.model import MugStan, MugStanConfig
 
-from training import checkpoints as ckpt
-from training import train as train_module
-from training.post_pretrain import train
+from mugstan_train import checkpoints as ckpt
+from mugstan_train import train as train_module
+from mugstan_train.post_pretrain import train
 from tiny_training import tiny_training_args
 
 REPO = Path(__file__).resolve().parents[1]

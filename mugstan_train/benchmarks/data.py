@@ -23,8 +23,8 @@ import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on
 import make_shards
 from benchmark_video import make_benchmark_video
 
-from training.data import ClipSettings, GlobalBatchSampler, TrainDataset, build_train_loader, read_annotations
-from training.shards import ShardTrainData, expand_shards
+from mugstan_train.data import ClipSettings, GlobalBatchSampler, TrainDataset, build_train_loader, read_annotations
+from mugstan_train.shards import ShardTrainData, expand_shards
 
 PAPER_CLIPS_PER_GPU = 11.0
 COLUMNS = ["source", "workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker", "workers_per_gpu"]

@@ -29,8 +29,8 @@ from mugstan_chat.entrypoints.progress import add_progress_flag, progress_bar
 from mugstan_chat.model import MugStan
 from mugstan_chat.mug import MODES
 
-from training.data import ClipSettings, DataError, EvalDataset, VideoRecord, build_eval_loader, read_annotations
-from training.recognition_data import ClassIndex, read_class_names, recognition_columns
+from mugstan_train.data import ClipSettings, DataError, EvalDataset, VideoRecord, build_eval_loader, read_annotations
+from mugstan_train.recognition_data import ClassIndex, read_class_names, recognition_columns
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names
                          clip: ClipSettings, device: torch.device, batch_size: int = 32, workers: int = 0,
                          precision: str = "fp32", progress: bool = False) -> dict[str, float]:
     """Zero-shot recognition: class names (no prompt template) as captions; labels are names, SSv2 templates or
-    indices (:class:`training.recognition_data.ClassIndex`). Leaves the model in the mode it came in."""
+    indices (:class:`mugstan_train.recognition_data.ClassIndex`). Leaves the model in the mode it came in."""
     was_training = model.training
     model.eval()
     classes = ClassIndex(class_names)
@@ -241,7 +241,7 @@ def evaluate_recognition(model: MugStan, records: list[VideoRecord], class_names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.params import add_data_arguments
+    from mugstan_train.params import add_data_arguments
 
     p = argparse.ArgumentParser(prog="mugstan-evaluate",
                                 description="Zero-shot retrieval / recognition of a Mug-STAN model or plain CLIP.")
@@ -299,7 +299,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def load_model(checkpoint: str | None, backbone: str | None, text_length: int | None) -> MugStan:
     """A saved model, or the plain-CLIP baseline (no STAN, mean pooling) of a backbone."""
-    from training.params import model_config
+    from mugstan_train.params import model_config
 
     if checkpoint:
         model = MugStan.from_pretrained(checkpoint)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.params import columns_from_args
+    from mugstan_train.params import columns_from_args
 
     if args.threads:
         torch.set_num_threads(args.threads)

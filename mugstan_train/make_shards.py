@@ -31,7 +31,7 @@ from mugstan_chat.entrypoints.reporting import run_reporting_errors
 from mugstan_chat.output_dir import atomic_output_dir, output_dir_problem
 from mugstan_chat.video import VideoDecodeError, probe_video
 
-from training.data import PRESETS, Columns, DataError, read_annotations
+from mugstan_train.data import PRESETS, Columns, DataError, read_annotations
 
 
 def build_parser() -> argparse.ArgumentParser:

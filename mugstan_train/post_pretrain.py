@@ -22,10 +22,10 @@ import os
 
 from mugstan_chat.entrypoints.reporting import run_reporting_errors
 
-from training.checkpoints import TrainingCheckpointError
-from training.data import DataError
-from training.params import parse_args
-from training.train import TrainingDiverged, TrainResult, run
+from mugstan_train.checkpoints import TrainingCheckpointError
+from mugstan_train.data import DataError
+from mugstan_train.params import parse_args
+from mugstan_train.train import TrainingDiverged, TrainResult, run
 
 PROG = "mugstan-train"
 #: The trainer's own errors whose message is for users (printed as one line, exit 1; --debug: the traceback).

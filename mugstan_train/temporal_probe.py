@@ -1,7 +1,7 @@
 """Temporal probe: does the model know which way time runs? (plain-CLIP mean baseline vs STAN + Mug)
 
 One fixed recipe, decided in advance and the same for every motion family and for
-users' own data, run with the trainer itself (:func:`training.post_pretrain.train`):
+users' own data, run with the trainer itself (:func:`mugstan_train.post_pretrain.train`):
 
 1. **image-text warm-up** (shared): the tiny random CLIP is first trained as an
    image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``)
@@ -57,10 +57,10 @@ import torch
 from mugstan_chat.model import MugStan
 from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset
 
-from training.data import ClipSettings, EvalDataset, VideoRecord
-from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,
-                               score, score_tolerance)
-from training.post_pretrain import train
+from mugstan_train.data import ClipSettings, EvalDataset, VideoRecord
+from mugstan_train.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,
+                                    score, score_tolerance)
+from mugstan_train.post_pretrain import train
 
 # The recipe, fixed in advance: no per-family or per-dataset settings.
 RECIPE = {
