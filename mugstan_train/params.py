@@ -175,7 +175,7 @@ TASKS = ("contrastive", "recognition")
 
 
 def add_recognition_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--task`` and the class names of recognition fine-tuning (training/recognition.py)."""
+    """``--task`` and the class names of recognition fine-tuning (mugstan_train/recognition.py)."""
     r = parser.add_argument_group("recognition fine-tuning (docs/training.md)")
     r.add_argument("--task", choices=TASKS, default="contrastive",
                    help="contrastive: video-text post-pretraining on captions (Mug InfoNCE); recognition: fine-tune "

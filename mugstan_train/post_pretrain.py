@@ -1,6 +1,7 @@
 """Mug-STAN video-text post-pretraining (docs/design.md section 3): the command-line entry point.
 
-One process (CPU or one GPU)::
+``mugstan-train ARGS`` once installed; ``python training/post_pretrain.py ARGS`` from a checkout (a
+shim that runs this module's :func:`main`). One process (CPU or one GPU)::
 
     python training/post_pretrain.py --backbone openai/clip-vit-large-patch14 \\
         --train-data webvid/results_10M_train.csv --preset webvid --video-root webvid/videos \\
@@ -11,7 +12,7 @@ Several GPUs (global batch = 8 x 128 = 1024, the paper's)::
     torchrun --nproc_per_node 8 training/post_pretrain.py ... (same arguments)
 
 Recognition fine-tuning (Kinetics-400, Something-Something v2) is ``--task recognition --class-names FILE``
-(training/recognition.py). See docs/training.md for every setting, resume and evaluation.
+(mugstan_train/recognition.py). See docs/training.md for every setting, resume and evaluation.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     model = MugStan(config_from_args(args))
     if args.init_from:
         initialise_towers(model, args.init_from, args.seed, keep_stan=args.init_stan)
-    task = None  # post-pretraining; --task recognition: the class-name classifier (training/recognition.py)
+    task = None  # post-pretraining; --task recognition: the class-name classifier (mugstan_train/recognition.py)
     if getattr(args, "task", "contrastive") == "recognition":
         from mugstan_train.recognition import RecognitionTask
 
