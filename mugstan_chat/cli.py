@@ -8,6 +8,7 @@ Usage::
     mugstan-chat serve --demo                                      # mugstan_chat.server.cli (docs/serve.md)
     mugstan-chat export-llava DIR --demo                           # mugstan_chat.export (for vLLM)
     mugstan-chat batch VIDEOS --prompt "..." --out rows.jsonl      # mugstan_chat.batch (docs/batch.md)
+    mugstan-chat bench chat --demo                                 # mugstan_chat.benchmarks (bench --help)
     python -m mugstan_chat ...                                     # the same
 
 Every front end takes the shared flags from :mod:`mugstan_chat.entrypoints`; none imports
@@ -22,6 +23,7 @@ import sys
 
 from . import export, terminal
 from .batch import cli as batch_cli
+from .benchmarks import cli as bench_cli
 from .entrypoints import ModelArgs, configure_logging, run_reporting_errors
 from .evaluation import cli as evaluation_cli
 from .server import cli as server_cli
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation_cli.add_eval_command(commands)  # multiple-choice video QA: docs/evaluation.md
     export.add_export_command(commands)  # a LLaVA directory for vLLM: docs/serve.md
     batch_cli.add_batch_command(commands)  # many videos, one JSONL row each: docs/batch.md
+    bench_cli.add_bench_command(commands)  # mugstan-chat bench NAME ARGS: a benchmark's own main(ARGS)
     # listed for --help only: main() hands `serve` and its arguments to the server's own parser
     commands.add_parser("serve", add_help=False, help="OpenAI-compatible API server (mugstan-chat serve --help)")
     return parser

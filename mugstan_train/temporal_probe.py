@@ -35,10 +35,10 @@ every figure.
 
 Usage (CPU)::
 
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 58 min, 1 thread
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe --print-commands   # the trainer commands
-    python scripts/temporal_probe.py --out-dir runs/quick --quick             # a few minutes, fewer pairs
-    python scripts/temporal_probe.py --out-dir runs/mine --train-data my/train --test-data my/test
+    python -m mugstan_train.temporal_probe --out-dir runs/temporal_probe            # about 58 min, 1 thread
+    python -m mugstan_train.temporal_probe --out-dir runs/temporal_probe --print-commands   # the trainer commands
+    python -m mugstan_train.temporal_probe --out-dir runs/quick --quick             # a few minutes, fewer pairs
+    python -m mugstan_train.temporal_probe --out-dir runs/mine --train-data my/train --test-data my/test
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def training_summary(run_dir: Path, losses: list[float], grouped: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mugstan_train.temporal_probe", description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default="runs/temporal_probe")
     p.add_argument("--train-data", type=Path, default=None, help="folder of time-reversal pairs (annotations.csv)")
     p.add_argument("--test-data", type=Path, default=None, help="held-out folder in the same layout")
