@@ -2,7 +2,7 @@
 
 WebVid-like clips are written locally (10 s, 640x360, 25 fps, H.264), once as files
 with a CSV and once as video2dataset-layout shards (:mod:`mugstan_train.make_shards`); each
-path is read through the trainer's own loaders (training/data.py, training/shards.py)
+path is read through the trainer's own loaders (mugstan_train/data.py, mugstan_train/shards.py)
 at 8 frames and 224 px, random frames and crops as in training. The table gives
 clips/s, clips/s per worker, and the workers per GPU needed for the paper's
 11 clips/s per GPU (0.8k GPU hours for 3 epochs of WebVid10M on 32 A100s).
