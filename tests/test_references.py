@@ -206,8 +206,8 @@ def our_modules():
 
 
 CODE = re.compile(r"`([^`\n]+)`")
-PATH = re.compile(r"^(?:mugstan_chat|training|scripts|tests|docs|examples)/[\w./-]*$")
-DOTTED = re.compile(r"\b((?:mugstan_chat|training)(?:\.\w+)+)")
+PATH = re.compile(r"^(?:mugstan_chat|mugstan_train|training|scripts|tests|docs|examples)/[\w./-]*$")
+DOTTED = re.compile(r"\b((?:mugstan_chat|mugstan_train)(?:\.\w+)+)")
 CLASS_MEMBER = re.compile(r"\b([A-Z]\w*)\.(\w+)")
 MODULE_CALL = re.compile(r"(?<![\w.])([a-z_]\w*)\.(\w+)\(")
 
