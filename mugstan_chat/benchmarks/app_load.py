@@ -73,13 +73,13 @@ def _wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise SystemExit(f"load_test_app: app.py exited with {process.returncode}")
+            raise SystemExit(f"mugstan-chat bench app-load: app.py exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.3)
-    raise SystemExit(f"load_test_app: {url} did not answer within {timeout_s:.0f} s")
+    raise SystemExit(f"mugstan-chat bench app-load: {url} did not answer within {timeout_s:.0f} s")
 
 
 def _listener_pid(port: int) -> int | None:
