@@ -1,5 +1,5 @@
 """``python -m mugstan_chat``: the same as the ``mugstan-chat`` command."""
 
-from .cli import main
+from .entrypoints.cli import main
 
 raise SystemExit(main())

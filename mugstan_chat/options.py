@@ -17,6 +17,8 @@ DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 #: Container extensions the project accepts for upload/CLI (both backends are FFmpeg based, so other
 #: containers FFmpeg understands usually work too); here, not in the video package, so listing videos needs no torch.
 SUPPORTED_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".ts")
+#: Mug's scoring modes (:class:`mugstan_chat.model.mug.MugConfig`); here so commands list them without torch.
+MUG_MODES = ("frame-token", "frame-token-simple", "frame-text", "video-token", "mean")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ CANDIDATES = Range("candidates", 2, 256, integer=True)
 # --shortlist S: a coarse pass (one frame per candidate) first, then only S candidates with all T frames; K <= S < M
 SHORTLIST = Range("shortlist", 1, 255, integer=True)
 DEFAULT_CANDIDATES = 32
-# how --select picks its K from the ranked candidates (mugstan_chat.selection.STRATEGIES): the top K, or
+# how --select picks its K from the ranked candidates (mugstan_chat.engine.selection.STRATEGIES): the top K, or
 # relevance balanced with coverage of the video
 SELECTIONS = ("topk", "coverage")
 DEFAULT_SELECTION = "coverage"  # measured: docs/performance.md, "Which clips: topk or coverage"

@@ -102,7 +102,7 @@ class SessionOptions:
         return dataclasses.replace(self, **changes)
 
     def session_kwargs(self) -> dict:
-        """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes."""
+        """The clip settings a :class:`mugstan_chat.engine.conversation.ChatSession` takes."""
         return {"frames": self.frames, "clips": self.clips if self.select is None else None,
                 "clip_times": self.clip_times, "select": self.select, "candidates": self.candidate_count,
                 "selection_strategy": self.selection, "shortlist": self.shortlist}

@@ -13,7 +13,7 @@ so the language model can say when things happen (docs/design.md section 4c). Th
 written into the prompt the processor's chat template rendered, in front of each image
 placeholder, so they work with any template (LLaVA-1.5's puts every image before the text).
 The vLLM route sends each label as a text part right before its image (:func:`labelled_messages`),
-which the template ``export-llava`` writes renders in that same place (:mod:`mugstan_chat.chat_template`).
+which the template ``export-llava`` writes renders in that same place (:mod:`mugstan_chat.llava.chat_template`).
 
 Default (``auto``): times are shown for several clips or a selection, and never for a single
 uniform clip, whose prompt stays exactly stock LLaVA's one-image prompt. ``on``/``off`` force it.
@@ -99,7 +99,7 @@ def labelled_messages(messages: list[dict], labels: list[str]) -> list[dict]:
     """A processor-format conversation with ``labels[i]`` as a text part right before its i-th image part.
 
     What the vLLM route sends: the chat template export-llava writes renders such a text right
-    before the image's placeholder (:mod:`mugstan_chat.chat_template`), as :func:`write_labels` does.
+    before the image's placeholder (:mod:`mugstan_chat.llava.chat_template`), as :func:`write_labels` does.
     """
     if image_parts(messages) != len(labels):
         raise ValueError(f"{len(labels)} clip labels for {image_parts(messages)} images")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 
 
 def _norm(tensor: torch.Tensor | None) -> float:

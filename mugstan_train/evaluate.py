@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mugstan_chat.backbone import TextFeatures
+from mugstan_chat.model.backbone import TextFeatures
 from mugstan_chat.entrypoints import run_reporting_errors
 from mugstan_chat.entrypoints.progress import add_progress_flag, progress_bar
-from mugstan_chat.model import MugStan
-from mugstan_chat.mug import MODES
+from mugstan_chat.model.dual_encoder import MugStan
+from mugstan_chat.model.mug import MODES
 
 from mugstan_train.data import ClipSettings, DataError, EvalDataset, VideoRecord, build_eval_loader, read_annotations
 from mugstan_train.recognition_data import ClassIndex, read_class_names, recognition_columns

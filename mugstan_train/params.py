@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
-from mugstan_chat.model import MugStanConfig
-from mugstan_chat.mug import MODES, MugConfig
-from mugstan_chat.stan import StanConfig
+from mugstan_chat.model.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.model.dual_encoder import MugStanConfig
+from mugstan_chat.model.mug import MODES, MugConfig
+from mugstan_chat.model.stan import StanConfig
 
 from mugstan_chat.entrypoints.values import positive_int
 

@@ -38,10 +38,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from mugstan_chat.backbone import TextFeatures
-from mugstan_chat.model import MugStan
-from mugstan_chat.mug import score_matrix
-from mugstan_chat.tokenizer import TokenizedText
+from mugstan_chat.model.backbone import TextFeatures
+from mugstan_chat.model.dual_encoder import MugStan
+from mugstan_chat.model.mug import score_matrix
+from mugstan_chat.model.tokenizer import TokenizedText
 
 from mugstan_train.data import ClipSettings, VideoRecord, read_annotations
 from mugstan_train.distributed import DistEnv, all_reduce_sum

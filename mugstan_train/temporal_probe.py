@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset
 
 from mugstan_train.data import ClipSettings, EvalDataset, VideoRecord

@@ -1,7 +1,7 @@
 """The post-pretraining loop: one step, checkpoint/resume, and the run from start to export (docs/design.md section 3).
 
 Each step encodes this rank's clips and captions, gathers the global batch
-inside :func:`mugstan_chat.loss.mug_contrastive_loss` (symmetric InfoNCE over
+inside :func:`mugstan_chat.model.loss.mug_contrastive_loss` (symmetric InfoNCE over
 the Mug score matrix), and updates AdamW. A step whose loss or gradient norm is
 not finite changes no weight; too many in a row abort the run. Resuming restores
 weights, optimiser, schedule, scaler, data position and every rank's RNG, so the
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mugstan_chat.checkpoint import CheckpointError
-from mugstan_chat.loss import mug_contrastive_loss
-from mugstan_chat.model import MugStan
-from mugstan_chat.stan import STAN
+from mugstan_chat.model.checkpoint import CheckpointError
+from mugstan_chat.model.loss import mug_contrastive_loss
+from mugstan_chat.model.dual_encoder import MugStan
+from mugstan_chat.model.stan import STAN
 
 from mugstan_train import checkpoints as ckpt
 from mugstan_train.data import (ClipSettings, DataError, DecodeFailureMonitor, EvalDataset, GlobalBatchSampler,

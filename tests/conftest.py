@@ -16,7 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from app_import import import_app  # noqa: E402
 from outside_programs import pytest_configure, pytest_runtest_setup  # noqa: E402,F401  (hooks: requires(...) marks)
 
 
@@ -30,7 +29,7 @@ class SyntheticVideos(NamedTuple):
 @pytest.fixture(scope="session")
 def demo_chat_model():
     """``demo_chat_model(frames)``: the demo chat model on the CPU with T = ``frames``, one per frame count."""
-    from mugstan_chat.loader import load_chat_model  # here, not at the top: most tests never load a model
+    from mugstan_chat.llava.loader import load_chat_model  # here, not at the top: most tests never load a model
 
     models = {}
 
@@ -68,8 +67,10 @@ def synthetic_videos(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def app_module():
-    """``app.py`` (it lives at the repository root, outside the package)."""
-    return import_app()
+    """The web app's module (:mod:`mugstan_chat.entrypoints.web`; ``app.py`` launches it)."""
+    from mugstan_chat.entrypoints import web
+
+    return web
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -51,7 +51,7 @@ def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
 
 
 def serve_demo(log_path: Path, *flags: str, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
-    """``python -m mugstan_chat.server --demo --device cpu FLAGS`` on a free port, for a fixture to ``yield from``.
+    """``python -m mugstan_chat.entrypoints.openai --demo --device cpu FLAGS`` on a free port, for a fixture to ``yield from``.
 
     Yields the base URL once ``/health`` answers; afterwards stops the server and fails if its log shows a
     traceback (nothing may crash inside). No API key comes from the environment: ``FLAGS`` give any.
@@ -60,7 +60,7 @@ def serve_demo(log_path: Path, *flags: str, timeout_s: float = STARTUP_TIMEOUT_S
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     env.pop("MUGSTAN_API_KEY", None)
-    command = [sys.executable, "-m", "mugstan_chat.server", "--demo", "--device", "cpu", "--port", str(port), *flags]
+    command = [sys.executable, "-m", "mugstan_chat.entrypoints.openai", "--demo", "--device", "cpu", "--port", str(port), *flags]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

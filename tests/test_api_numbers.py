@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.feature_cache import FeatureCache
-from mugstan_chat.server.app import create_app
-from mugstan_chat.server.jobs import Gate
-from mugstan_chat.server.media import MediaFetcher, MediaPolicy
-from mugstan_chat.server.planning import ServiceConfig
-from mugstan_chat.server.worker import ChatService
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.engine.feature_cache import FeatureCache
+from mugstan_chat.entrypoints.openai.app import create_app
+from mugstan_chat.entrypoints.openai.jobs import Gate
+from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
+from mugstan_chat.entrypoints.openai.planning import ServiceConfig
+from mugstan_chat.entrypoints.openai.worker import ChatService
 from mugstan_chat.video import write_video
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -153,7 +153,7 @@ def test_a_shortlist_that_no_longer_fits_the_capped_candidates_is_dropped(chat_m
 
 
 def test_verbose_says_the_candidates_were_capped(chat_model, videos):
-    from mugstan_chat.terminal import describe_clips
+    from mugstan_chat.entrypoints.terminal import describe_clips
 
     session = ChatSession(chat_model, videos / "twelve_frames.mp4", frames=FRAMES, select=2, candidates=8,
                           generation=GenerationSettings(max_new_tokens=2))

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_import import import_app
-from mugstan_chat.chat import ConversationTooLong
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.entrypoints import web as app_module
+from mugstan_chat.engine.conversation import ConversationTooLong
+from mugstan_chat.llava.loader import load_chat_model
 
-app_module = import_app()
 
 
 @pytest.fixture(scope="module")

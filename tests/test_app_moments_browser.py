@@ -26,7 +26,7 @@ ANSWER = "The square turns green at 00:04, and in Clip 1 it is still red."
 LAUNCH = f"""
 import sys
 import app
-from mugstan_chat.chat import ChatSession
+from mugstan_chat.engine.conversation import ChatSession
 
 real = ChatSession.ask_stream
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mugstan_chat.model import MugStan, MugStanConfig
-from mugstan_chat.mug import MugConfig, mean_frames, score_matrix
+from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
+from mugstan_chat.model.mug import MugConfig, mean_frames, score_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "authors"
@@ -44,7 +44,7 @@ def outputs() -> dict[str, torch.Tensor]:
 def converted(tmp_path_factory) -> MugStan:
     out = tmp_path_factory.mktemp("converted") / "model"
     # the tiny CLIP's layer and head counts are stated nowhere in the file (its config names a local directory)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_official_checkpoint.py"), str(CHECKPOINT),
+    done = subprocess.run([sys.executable, "-m", "mugstan_chat", "convert-official", str(CHECKPOINT),
                            str(out), "--vision-layers", "6", "--text-layers", "2", "--vision-heads", "4", "--text-heads", "4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mugstan_chat import cli
+from mugstan_chat.entrypoints import cli
 from mugstan_chat.batch.inputs import BatchItem, read_items, shard_items, this_shard
 from mugstan_chat.batch.results import ResultsFile
 from mugstan_chat.entrypoints import ModelArgs
@@ -73,7 +73,7 @@ def test_every_video_gets_a_row_and_bad_ones_a_named_error(folder, tmp_path, cap
 def test_a_killed_run_continues_where_it_stopped(folder, tmp_path):
     """SIGKILL after some rows (and a torn last line), then the same command: 40 rows, no id twice."""
     out = tmp_path / "rows.jsonl"
-    command = [sys.executable, "-m", "mugstan_chat.cli", "batch", str(folder), "--prompt", PROMPT, "--out", str(out),
+    command = [sys.executable, "-m", "mugstan_chat.entrypoints.cli", "batch", str(folder), "--prompt", PROMPT, "--out", str(out),
                *FAST]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from mugstan_chat import cli
+from mugstan_chat.entrypoints import cli
 from mugstan_chat.benchmarks import batch as benchmark_batch
 from mugstan_chat.benchmarks import chat as benchmark_chat
 from mugstan_chat.benchmarks import selection as benchmark_selection

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import mugstan_chat.chat as chat_module
-from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettings
-from mugstan_chat.turns import SeededSampler
+import mugstan_chat.engine.conversation as chat_module
+from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, GenerationSettings
+from mugstan_chat.engine.turns import SeededSampler
 from mugstan_chat.video import VideoDecodeError, read_frames
 
 SHORT = GenerationSettings(max_new_tokens=12)

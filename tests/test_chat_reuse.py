@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-import mugstan_chat.chat as chat_module
-from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettings
-from mugstan_chat.cli import main
-from mugstan_chat.loader import ChatModel, load_chat_model
-from mugstan_chat.prefix_cache import CacheBudget, cache_bytes, common_prefix_length, kv_bytes_per_token
+import mugstan_chat.engine.conversation as chat_module
+from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, GenerationSettings
+from mugstan_chat.entrypoints.cli import main
+from mugstan_chat.llava.loader import ChatModel, load_chat_model
+from mugstan_chat.engine.prefix_cache import CacheBudget, cache_bytes, common_prefix_length, kv_bytes_per_token
 
 GREEDY = GenerationSettings(max_new_tokens=10)
 SAMPLED = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mugstan_chat.cli import main
-from mugstan_chat.demo import save_demo_branch
+from mugstan_chat.entrypoints.cli import main
+from mugstan_chat.llava.demo import save_demo_branch
 
 FAST = ["--demo", "--frames", "4", "--max-new-tokens", "8"]
 
@@ -42,7 +42,7 @@ def test_ask_json_has_answer_settings_and_timings(video, capsys):
 @pytest.mark.slow
 def test_ask_as_a_real_subprocess(video):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "mugstan_chat.cli", "ask", video, "what happens?", *FAST,
+    done = subprocess.run([sys.executable, "-m", "mugstan_chat.entrypoints.cli", "ask", video, "what happens?", *FAST,
                            "--temporal", "mean"], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()

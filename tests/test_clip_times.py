@@ -7,8 +7,8 @@ be read off its pixels as well as off its reported times.
 import numpy as np
 import pytest
 
-from mugstan_chat.chat import ChatSession, ConversationTooLong, GenerationSettings
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.engine.conversation import ChatSession, ConversationTooLong, GenerationSettings
+from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.timeline import ClipSpan, clip_label, format_time, label_images
 from mugstan_chat.video import read_frames, write_video
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat import official
+from mugstan_chat.model import authors_checkpoint as official
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "authors" / "mugstan_tiny.pth"
@@ -61,7 +61,7 @@ def test_missing_backbone_layer_is_refused_and_named(authors, layer):
 
 def test_keys_are_only_the_last_resort_and_warn(authors, caplog):
     trimmed = _without(authors, "backbone.layers.5.")
-    with caplog.at_level(logging.WARNING, logger="mugstan_chat.official"):
+    with caplog.at_level(logging.WARNING, logger="mugstan_chat.model.authors_checkpoint"):
         model, arch = official.convert(trimmed, text_layers=2, **SIZES)
     assert arch.vision_layers == 5 and "vision layers: nothing states it" in caplog.text
 
@@ -69,17 +69,35 @@ def test_keys_are_only_the_last_resort_and_warn(authors, caplog):
 def test_cli_refuses_in_one_line_and_converts(authors, tmp_path):
     trimmed = _without(authors, "backbone.STAN_S_layers.2.", "backbone.STAN_T_layers.2.")
     torch.save({"meta": {"cfg": authors.config_text}, "state_dict": trimmed.state}, tmp_path / "trimmed.pth")
-    cli = [sys.executable, str(ROOT / "scripts" / "convert_official_checkpoint.py")]
+    cli = [sys.executable, "-m", "mugstan_chat", "convert-official"]
     flags = ["--vision-layers", "6", "--text-layers", "2", "--vision-heads", "4", "--text-heads", "4"]
     done = subprocess.run([*cli, str(tmp_path / "trimmed.pth"), str(tmp_path / "out"), *flags],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: ") and "backbone.STAN_T_layers.2.*" in done.stderr
+    assert done.stderr.startswith("mugstan-chat convert-official: error: ") and "backbone.STAN_T_layers.2.*" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     done = subprocess.run([*cli, str(FIXTURE), str(tmp_path / "ok"), *flags], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def test_cli_never_replaces_a_folder_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cli = [sys.executable, "-m", "mugstan_chat", "convert-official", str(FIXTURE), str(out), "--vision-layers", "6",
+           "--text-layers", "2", "--vision-heads", "4", "--text-heads", "4"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "OUTPUT" in done.stderr and "--overwrite" in done.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    missing = subprocess.run([*cli[:4], str(tmp_path / "nope.pth"), str(tmp_path / "new")], capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 2 and "nope.pth" in missing.stderr and not (tmp_path / "new").exists()
+    done = subprocess.run([*cli, "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_unmapped_and_invented_keys_are_refused(authors):

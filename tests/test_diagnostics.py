@@ -2,7 +2,7 @@
 
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_train.diagnostics import branch_norms, order_sensitivity
 from mugstan_train.params import model_config
 

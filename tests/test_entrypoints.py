@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from mugstan_chat import cli
+from mugstan_chat.entrypoints import cli
 from mugstan_chat.entrypoints import ModelArgs, ServingArgs
 from mugstan_chat.entrypoints.serving_args import ServingDefaults
 from mugstan_chat.entrypoints.values import non_negative_float, port, positive_float

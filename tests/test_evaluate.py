@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 
 from mugstan_train.data import VideoRecord
 from mugstan_train.evaluate import (classification_metrics, main, pairwise_accuracy, pairwise_from_pairs,

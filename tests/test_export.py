@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mugstan_chat import export
+from mugstan_chat.llava import export
 
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.chat_template import (IN_ORDER_TEMPLATE_FILE, TemplateMismatch, check_in_order_template,
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.llava.chat_template import (IN_ORDER_TEMPLATE_FILE, TemplateMismatch, check_in_order_template,
                                         in_order_template, render_prompt)
-from mugstan_chat.cli import main as cli_main
-from mugstan_chat.demo import build_demo_llava, build_demo_processor
-from mugstan_chat.export import vllm_key
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.entrypoints.cli import main as cli_main
+from mugstan_chat.llava.demo import build_demo_llava, build_demo_processor
+from mugstan_chat.llava.export import vllm_key
+from mugstan_chat.llava.loader import load_chat_model
 
 VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
 

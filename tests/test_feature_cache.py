@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import mugstan_chat.chat as chat_module
+import mugstan_chat.engine.conversation as chat_module
 from mugstan_chat.benchmarks import feature_cache as benchmark_feature_cache
-from mugstan_chat.chat import ChatSession
-from mugstan_chat.cli import main as cli_main
-from mugstan_chat.feature_cache import file_sha256, model_identity, session_key
+from mugstan_chat.engine.conversation import ChatSession
+from mugstan_chat.entrypoints.cli import main as cli_main
+from mugstan_chat.engine.feature_cache import file_sha256, model_identity, session_key
 from test_app import _ask, _load, app_module  # app.py imported once, as tests/test_app.py does
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -24,7 +24,7 @@ import pytest
 
 from live_process import free_port
 from mugstan_chat import video as V
-from mugstan_chat.cli import main
+from mugstan_chat.entrypoints.cli import main
 from mugstan_chat.video import backends, limits as video_limits
 from mugstan_chat.video.guard import Progress
 
@@ -258,7 +258,7 @@ def test_symlink_loop_and_broken_symlink(tmp_path):
     os.symlink(tmp_path / "gone.mp4", dangling)
     with pytest.raises(V.VideoDecodeError, match="broken symlink"):
         V.probe_video(dangling)
-    done = _run(["-m", "mugstan_chat.cli", "ask", str(loop), "q", "--demo"])
+    done = _run(["-m", "mugstan_chat.entrypoints.cli", "ask", str(loop), "q", "--demo"])
     _assert_one_line_error(done, "loop.mp4", "symlink loop")
 
 
@@ -274,7 +274,7 @@ def test_unreadable_file_says_permission_denied(tmp_path, rotated):
         if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode:
             pytest.skip("running as root without a working setpriv: cannot make a permission error")
     try:
-        done = _run(["-m", "mugstan_chat.cli", "ask", str(locked), "q", "--demo"], prefix=prefix)
+        done = _run(["-m", "mugstan_chat.entrypoints.cli", "ask", str(locked), "q", "--demo"], prefix=prefix)
     finally:
         locked.chmod(0o644)
     _assert_one_line_error(done, "locked.mp4", "permission denied")
@@ -295,7 +295,7 @@ def test_permission_error_on_open_is_named(tmp_path, monkeypatch, rotated):
 # 5. A literal <image> in a question
 # --------------------------------------------------------------------------- #
 def test_literal_image_token_in_a_question_is_answered(rotated, chat_model, capsys):
-    from mugstan_chat.chat import ChatSession
+    from mugstan_chat.engine.conversation import ChatSession
 
     session = ChatSession(chat_model, rotated[(180, 48, 96)], frames=4, clips=2)
     session.generation.max_new_tokens = 4
@@ -321,13 +321,13 @@ BAD_SETTINGS = [("--frames", "65"), ("--frames", "0"), ("--clips", "9"), ("--max
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any model load or video probe during a usage error is a failure."""
-    import mugstan_chat.loader
+    import mugstan_chat.llava.loader
     import mugstan_chat.video
 
     def forbidden(*args, **kwargs):
         raise AssertionError("usage errors must be caught before any model loads or video is read")
 
-    monkeypatch.setattr(mugstan_chat.loader, "load_chat_model", forbidden)
+    monkeypatch.setattr(mugstan_chat.llava.loader, "load_chat_model", forbidden)
     monkeypatch.setattr(mugstan_chat.video, "probe_video", forbidden)
 
 
@@ -393,21 +393,20 @@ def test_chat_help_lists_the_commands_instead_of_asking_the_model(rotated, monke
 # 9. --help imports neither torch nor transformers
 # --------------------------------------------------------------------------- #
 def test_help_does_not_import_torch():
-    code = ("import sys, importlib.util\n"
-            "import mugstan_chat.cli as cli\n"
+    code = ("import sys\n"
+            "import mugstan_chat.entrypoints.cli as cli\n"
             "for args in ([], ['ask'], ['chat']):\n"
             "    parser = cli.build_parser()\n"
             "    text = parser.format_help() if not args else parser._subparsers._group_actions[0]"
             ".choices[args[0]].format_help()\n"
-            "spec = importlib.util.spec_from_file_location('app', 'app.py')\n"
-            "app = sys.modules['app'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(app)\n"
-            "app.build_parser().format_help()\n"
+            "import mugstan_chat.entrypoints.web as web\n"
+            "web.build_parser().format_help()\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'gradio', 'av', 'decord') if m in sys.modules)\n"
             "print(heavy)\n")
     done = _run(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-    shown = _run(["-m", "mugstan_chat.cli", "ask", "--help"])
+    shown = _run(["-m", "mugstan_chat.entrypoints.cli", "ask", "--help"])
     assert shown.returncode == 0 and "--frames" in shown.stdout and "1..64" in shown.stdout
 
 
@@ -416,7 +415,7 @@ def test_help_does_not_import_torch():
 # --------------------------------------------------------------------------- #
 def test_offline_without_the_model_fails_in_one_line(rotated, tmp_path):
     env = {**ENV, "HF_HOME": str(tmp_path / "empty_hf_home")}  # nothing cached; offline mode: no network
-    for argv in (["-m", "mugstan_chat.cli", "ask", str(rotated[(180, 48, 96)]), "what happens?"],
+    for argv in (["-m", "mugstan_chat.entrypoints.cli", "ask", str(rotated[(180, 48, 96)]), "what happens?"],
                  ["app.py", "--port", str(free_port())]):
         done = _run(argv, env=env, timeout=90)
         prog = "mugstan-chat" if "-m" in argv else "app.py"
@@ -425,8 +424,8 @@ def test_offline_without_the_model_fails_in_one_line(rotated, tmp_path):
 
 def test_unreachable_hub_without_the_model_fails_before_any_download(monkeypatch):
     """The probe is replaced (tests never touch the network): unreachable, nothing cached."""
-    from mugstan_chat import hub
-    from mugstan_chat.loader import ModelLoadError, load_chat_model
+    from mugstan_chat.model import hub
+    from mugstan_chat.llava.loader import ModelLoadError, load_chat_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

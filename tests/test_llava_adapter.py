@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mugstan_chat.backbone import HFCLIPVision
-from mugstan_chat.checkpoint import CheckpointError
-from mugstan_chat.demo import DemoSizes, build_demo_branch, build_demo_llava, save_demo_branch
-from mugstan_chat.llava_adapter import (
+from mugstan_chat.model.backbone import HFCLIPVision
+from mugstan_chat.model.checkpoint import CheckpointError
+from mugstan_chat.llava.demo import DemoSizes, build_demo_branch, build_demo_llava, save_demo_branch
+from mugstan_chat.llava.tower import (
     VideoTower, install_video_tower, load_stan_branch, resolve_feature_layer, uninstall_video_tower)
-from mugstan_chat.loader import (
+from mugstan_chat.llava.loader import (
     QUANT_SKIP_MODULES, ModelLoadError, build_quantization_config, load_chat_model)
 
 
@@ -138,9 +138,9 @@ def test_branch_fingerprint_is_checked(llava, tmp_path):
 
 
 def test_branch_saved_by_mugstan_loads_onto_the_llava_tower(llava, tmp_path):
-    from mugstan_chat.backbone import BackboneConfig
-    from mugstan_chat.model import MugStan, MugStanConfig
-    from mugstan_chat.stan import StanConfig
+    from mugstan_chat.model.backbone import BackboneConfig
+    from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
+    from mugstan_chat.model.stan import StanConfig
 
     model, _ = llava
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,

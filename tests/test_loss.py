@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from live_process import free_port
-from mugstan_chat.loss import mug_contrastive_loss, symmetric_infonce
-from mugstan_chat.mug import MugConfig
+from mugstan_chat.model.loss import mug_contrastive_loss, symmetric_infonce
+from mugstan_chat.model.mug import MugConfig
 
 
 def test_symmetric_infonce_matches_definition():

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from mugstan_chat.backbone import BackboneConfig, create_backbone, tiny_backbone_config
-from mugstan_chat.checkpoint import CheckpointError
-from mugstan_chat.model import MugStan, MugStanConfig
-from mugstan_chat.mug import MugConfig
-from mugstan_chat.stan import StanConfig
-from mugstan_chat.tokenizer import CaptionTokenizer
+from mugstan_chat.model.backbone import BackboneConfig, create_backbone, tiny_backbone_config
+from mugstan_chat.model.checkpoint import CheckpointError
+from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
+from mugstan_chat.model.mug import MugConfig
+from mugstan_chat.model.stan import StanConfig
+from mugstan_chat.model.tokenizer import CaptionTokenizer
 
 FAMILIES = [("hf", False), ("open_clip", False), ("open_clip", True)]
 

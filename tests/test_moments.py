@@ -1,10 +1,10 @@
-"""Moments an answer names (mugstan_chat.moments): times, ranges and clip numbers read back as references."""
+"""Moments an answer names (mugstan_chat.engine.moments): times, ranges and clip numbers read back as references."""
 
 import numpy as np
 import pytest
 
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.moments import find_references, parse_time
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.engine.moments import find_references, parse_time
 from mugstan_chat.timeline import ClipSpan, clip_label, format_time
 from mugstan_chat.video import write_video
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mugstan_chat.mug import MugConfig, score_matrix
+from mugstan_chat.model.mug import MugConfig, score_matrix
 
 from reference import mug_score_reference
 
@@ -64,7 +64,7 @@ def test_chunked_equals_unchunked(chunk):
 
 
 def test_chunk_size_bounds_the_block_size(monkeypatch):
-    import mugstan_chat.mug as mug
+    import mugstan_chat.model.mug as mug
 
     seen = []
     original = mug.pair_scores

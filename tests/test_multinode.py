@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.video import write_video
 
 from live_process import free_port

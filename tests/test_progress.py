@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from mugstan_chat.cli import main as cli_main
+from mugstan_chat.entrypoints.cli import main as cli_main
 from mugstan_chat.entrypoints.progress import progress_bar
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic import make_synthetic_mc
 from mugstan_chat.synthetic.cli import main as synthetic_main
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.llava.loader import load_chat_model
 
 VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
 QUESTIONS = ("what happens in the video ?", "describe the scene", "what moves ?", "where is the circle ?")

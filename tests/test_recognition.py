@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.pairs import write_pair
 from mugstan_chat.synthetic.render import COLOURS, Canvas, shape_mask
 

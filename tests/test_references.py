@@ -241,11 +241,11 @@ def test_every_doc_reference_resolves(path):
 def test_the_checks_catch_stale_names():
     """The resolver is not vacuous: made-up names in each form are reported, real ones are not."""
     classes, modules = our_classes(), our_modules()
-    stale = ("`mugstan_chat/nowhere.py` `mugstan_chat.feature_cache.NoSuchCache` `FeatureCache.no_such_method` "
+    stale = ("`mugstan_chat/nowhere.py` `mugstan_chat.engine.feature_cache.NoSuchCache` `FeatureCache.no_such_method` "
              "`prefix_cache.no_such_function(model)`")
     assert len(list(doc_problems(stale, classes, modules))) == 4
-    real = "`mugstan_chat/chat.py` `mugstan_chat.feature_cache.FeatureCache` `FeatureCache.get_or_encode`"
+    real = "`mugstan_chat/engine/conversation.py` `mugstan_chat.engine.feature_cache.FeatureCache` `FeatureCache.get_or_encode`"
     assert list(doc_problems(real, classes, modules)) == []
-    assert not resolves(".service.ChatService", "mugstan_chat.server.app", None)
-    assert resolves(".worker", "mugstan_chat.server.app", None)
+    assert not resolves(".service.ChatService", "mugstan_chat.entrypoints.openai.app", None)
+    assert resolves(".worker", "mugstan_chat.entrypoints.openai.app", None)
     assert resolves(".readers.Question", "mugstan_chat.evaluation", None)

@@ -15,13 +15,13 @@ import pytest
 import fake_llm as fake
 
 from mugstan_chat.entrypoints import ModelArgs
-from mugstan_chat.feature_cache import FeatureCache
-from mugstan_chat.loader import load_chat_model
-from mugstan_chat.remote_llm import RemoteLLM, RemoteLLMError, normalise_llm_url, openai_messages
-from mugstan_chat.server.media import MediaFetcher, MediaPolicy
-from mugstan_chat.server.planning import ServiceConfig
-from mugstan_chat.server.protocol import ChatCompletionRequest
-from mugstan_chat.server.worker import ChatService
+from mugstan_chat.engine.feature_cache import FeatureCache
+from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.remote_llm import RemoteLLM, RemoteLLMError, normalise_llm_url, openai_messages
+from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
+from mugstan_chat.entrypoints.openai.planning import ServiceConfig
+from mugstan_chat.entrypoints.openai.protocol import ChatCompletionRequest
+from mugstan_chat.entrypoints.openai.worker import ChatService
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -103,8 +103,8 @@ def _as_vllm_renders(messages: list[dict]) -> list[dict]:
 def test_clip_labels_go_upstream_as_text_parts_before_each_image(chat_model, clip_times):
     """Three clips with times (``auto`` means on for several clips, on this route too): each label is a text part
     right before its clip's embeddings, and the exported template renders what was sent as our engine's prompt."""
-    from mugstan_chat.chat import ChatSession, GenerationSettings
-    from mugstan_chat.chat_template import in_order_template
+    from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+    from mugstan_chat.llava.chat_template import in_order_template
 
     with fake.running("answer") as server:
         service = _service(chat_model, RemoteLLM(server.url).connect())

@@ -17,7 +17,7 @@ import pytest
 
 import fake_llm as fake
 from live_process import free_port, serve_demo
-from mugstan_chat import cli
+from mugstan_chat.entrypoints import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 import torch
 
-from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.demo import DemoSizes, build_demo_llava, save_demo_branch
-from mugstan_chat.feature_cache import FeatureCache
-from mugstan_chat.loader import load_chat_model
-from mugstan_chat.loss import mug_contrastive_loss
-from mugstan_chat.model import MugStan, MugStanConfig
-from mugstan_chat.mug import MugConfig
-from mugstan_chat.selection import cover, rank, retriever_for
-from mugstan_chat.stan import StanConfig
+from mugstan_chat.model.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.llava.demo import DemoSizes, build_demo_llava, save_demo_branch
+from mugstan_chat.engine.feature_cache import FeatureCache
+from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.model.loss import mug_contrastive_loss
+from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
+from mugstan_chat.model.mug import MugConfig
+from mugstan_chat.engine.selection import cover, rank, retriever_for
+from mugstan_chat.model.stan import StanConfig
 from mugstan_chat.synthetic.render import COLOURS, SHAPES, Canvas, shape_mask
 from mugstan_chat.video import preprocess_frames, write_video
 

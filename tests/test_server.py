@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from live_process import serve_demo
-from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

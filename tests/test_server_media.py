@@ -1,4 +1,4 @@
-"""Where the server may fetch media from (mugstan_chat/server/media.py): no model, no network
+"""Where the server may fetch media from (mugstan_chat/entrypoints/openai/media.py): no model, no network
 (http(s) is exercised against a local http.server on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mugstan_chat.server.media import MediaFetcher, MediaPolicy, open_image
-from mugstan_chat.server.protocol import APIError
+from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy, open_image
+from mugstan_chat.entrypoints.openai.protocol import APIError
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT / "examples" / "red_triangle_growing.mp4"

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import mugstan_chat.chat as chat_module
-import mugstan_chat.loader as loader_module
-from mugstan_chat.chat import ChatSession, GenerationSettings, encode_image
-from mugstan_chat.cli import main as cli_main
-from mugstan_chat.feature_cache import FeatureCache, FeatureKey, features_nbytes
-from mugstan_chat.server.media import MediaFetcher, MediaPolicy
-from mugstan_chat.server.protocol import APIError, ChatCompletionRequest
-from mugstan_chat.server.jobs import Gate
-from mugstan_chat.server.planning import ServiceConfig
-from mugstan_chat.server.worker import ChatService, TextAssembler
+import mugstan_chat.engine.conversation as chat_module
+import mugstan_chat.llava.loader as loader_module
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings, encode_image
+from mugstan_chat.entrypoints.cli import main as cli_main
+from mugstan_chat.engine.feature_cache import FeatureCache, FeatureKey, features_nbytes
+from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
+from mugstan_chat.entrypoints.openai.protocol import APIError, ChatCompletionRequest
+from mugstan_chat.entrypoints.openai.jobs import Gate
+from mugstan_chat.entrypoints.openai.planning import ServiceConfig
+from mugstan_chat.entrypoints.openai.worker import ChatService, TextAssembler
 from mugstan_chat.video import VideoDecodeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_concurrent_seeded_requests_equal_the_same_requests_alone(chat_model, mo
     requests = [_request(temperature=1.0, seed=seed, max_tokens=16) for seed in (1, 2)]
     _run(service, _request())  # the video's features are cached: both requests go straight to sampling
     alone = [_run(service, r)[1].text for r in requests]
-    from mugstan_chat import turns
+    from mugstan_chat.engine import turns
 
     real_call = turns.SeededSampler.__call__
     together = threading.Barrier(2, timeout=30)
@@ -319,7 +319,7 @@ def test_image_answers_equal_stock_llava(chat_model):
     """An image_url is stock LLaVA image chat: same answer as LLaVA with its own CLIP tower and processor."""
     from PIL import Image
 
-    from mugstan_chat.demo import build_demo_llava
+    from mugstan_chat.llava.demo import build_demo_llava
 
     image = Image.new("RGB", (48, 40), (30, 160, 220))
     image.paste((250, 250, 0), (5, 5, 20, 30))
@@ -394,7 +394,7 @@ def test_a_failure_mid_answer_is_an_openai_error_and_frees_the_slot(chat_model, 
 
     from fastapi.testclient import TestClient
 
-    from mugstan_chat.server.app import create_app
+    from mugstan_chat.entrypoints.openai.app import create_app
 
     def broken(self, question, stop=None):
         yield "partial"

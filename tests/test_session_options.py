@@ -14,9 +14,9 @@ import pytest
 from mugstan_chat.entrypoints import ModelArgs
 from mugstan_chat.evaluation.runner import EvalSettings
 from mugstan_chat.options import DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SELECTION
-from mugstan_chat.server.planning import ServiceConfig, api_name
+from mugstan_chat.entrypoints.openai.planning import ServiceConfig, api_name
 from mugstan_chat.session_options import DEFAULTS, OptionError, SessionOptions, flag_name
-from mugstan_chat.turns import GenerationSettings
+from mugstan_chat.engine.turns import GenerationSettings
 
 BAD = [  # (options, the field named, words of the message)
     (SessionOptions(frames=0), "frames", "frames"),
@@ -74,6 +74,6 @@ def test_the_web_panel_refuses_in_its_own_words(app_module):
 
 
 def app_settings():
-    from app_import import import_app
+    from mugstan_chat.entrypoints.web import AppSettings
 
-    return import_app().AppSettings()
+    return AppSettings()

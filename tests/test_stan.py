@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mugstan_chat.backbone import create_backbone, tiny_backbone_config
-from mugstan_chat.stan import STAN, CrossFrameModule, StanConfig, encode_video_tokens, fuse, temporal_mean
+from mugstan_chat.model.backbone import create_backbone, tiny_backbone_config
+from mugstan_chat.model.stan import STAN, CrossFrameModule, StanConfig, encode_video_tokens, fuse, temporal_mean
 
 from reference import cross_frame_reference, intra_frame_reference, stan_encode_reference
 
@@ -97,7 +97,7 @@ def test_intra_frame_drop_path_on_attention_per_frame_not_on_mlp():
     x = torch.randn(B, 1 + T * L, 32)
     real = STAN(backbone, StanConfig(num_layers=1, drop_path=0.0)).intra_frame[0]
     zero = lambda layer, h: torch.zeros_like(h)  # noqa: E731
-    from mugstan_chat.stan import IntraFrameModule
+    from mugstan_chat.model.stan import IntraFrameModule
 
     mlp_only = IntraFrameModule(real.layer, zero, backbone.mlp_branch, drop_path=0.5).train()
     torch.testing.assert_close(mlp_only(x, T), x + backbone.mlp_branch(real.layer, x), rtol=0, atol=0)

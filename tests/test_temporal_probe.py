@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat.model import MugStan
+from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.families import make_time_reversal_dataset
 from mugstan_train import temporal_probe
 from mugstan_train.params import model_config

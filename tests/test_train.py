@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugstan_chat.backbone import tiny_backbone_config
-from mugstan_chat.checkpoint import CheckpointError
-from mugstan_chat.model import MugStan, MugStanConfig
+from mugstan_chat.model.backbone import tiny_backbone_config
+from mugstan_chat.model.checkpoint import CheckpointError
+from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
 
 from mugstan_train import checkpoints as ckpt
 from mugstan_train import train as train_module

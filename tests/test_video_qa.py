@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mugstan_chat import demo as demo_module
-from mugstan_chat.chat import ChatSession
-from mugstan_chat.cli import main
+from mugstan_chat.llava import demo as demo_module
+from mugstan_chat.engine.conversation import ChatSession
+from mugstan_chat.entrypoints.cli import main
 from mugstan_chat.evaluation import runner as runner_module
 from mugstan_chat.evaluation.modes import session_shape
 from mugstan_chat.evaluation.readers import Question, read_questions, resolve_videos
@@ -21,8 +21,8 @@ from mugstan_chat.evaluation.runner import (
 from mugstan_chat.evaluation.scoring import (
     build_question_text, parse_choice, score_likelihood)
 from mugstan_chat.evaluation.summary import bootstrap_interval, markdown_tables, summarize
-from mugstan_chat.likelihood import continuation_ids
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.engine.likelihood import continuation_ids
+from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.synthetic import make_synthetic_mc, question_for_caption
 
 FRAMES = 2
@@ -161,7 +161,7 @@ def test_features_are_computed_once_per_video_and_mode(chat_model, synthetic_vid
     def session_decoding(*args, **kwargs):
         raise AssertionError("sessions must encode the frames the run decoded, not decode again")
 
-    monkeypatch.setattr("mugstan_chat.chat.load_video_clips", session_decoding)
+    monkeypatch.setattr("mugstan_chat.engine.conversation.load_video_clips", session_decoding)
     run, summary = _run(chat_model, questions, videos, tmp_path / "out")
     assert run.decodes == 2  # each video decoded once, for all three modes (they read the same frames)
     assert run.encodes == {"stan": 2, "mean": 2, "concat": 2}  # 2 videos x 3 modes, 3 questions each
@@ -318,7 +318,7 @@ def test_cli_eval_checks_arguments_before_loading_the_model(synthetic_set, tmp_p
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("mugstan_chat.loader.load_chat_model", no_load)
+    monkeypatch.setattr("mugstan_chat.llava.loader.load_chat_model", no_load)
     argv = ["eval", str(questions_file), "--out", str(tmp_path / "o"), "--no-progress"]
     if "--video-root" not in extra:
         argv += ["--video-root", str(root)]

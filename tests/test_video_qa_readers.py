@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mugstan_chat.cli import main
+from mugstan_chat.entrypoints.cli import main
 from mugstan_chat.evaluation.readers import (
     QUESTION_SUFFIXES, QuestionFileError, detect_layout, read_questions, resolve_video, resolve_videos)
 from mugstan_chat.synthetic import make_synthetic_mc

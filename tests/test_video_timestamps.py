@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from outside_programs import require
 
-from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.video import FrameTimes, VideoDecodeError, clip_spans, probe_video, read_frame_times, read_frames
 
 needs_ffmpeg = pytest.mark.requires("ffmpeg")  # skipped with its install line, failed under MUGSTAN_REQUIRE

@@ -21,11 +21,11 @@ import openai
 import pytest
 
 from live_process import free_port, stop, wait_until_up
-from mugstan_chat.chat import ChatSession, GenerationSettings
-from mugstan_chat.chat_template import IN_ORDER_TEMPLATE_FILE
-from mugstan_chat.cli import main as cli_main
-from mugstan_chat.loader import load_chat_model
-from mugstan_chat.remote_llm import RemoteLLM, openai_messages
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+from mugstan_chat.llava.chat_template import IN_ORDER_TEMPLATE_FILE
+from mugstan_chat.entrypoints.cli import main as cli_main
+from mugstan_chat.llava.loader import load_chat_model
+from mugstan_chat.engine.remote_llm import RemoteLLM, openai_messages
 from mugstan_chat.timeline import labelled_messages
 from outside_programs import require
 
@@ -67,7 +67,7 @@ def vllm(exported, tmp_path_factory):
 def server(exported, vllm, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("ours") / "server.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "mugstan_chat.server", "--model", str(exported), "--stan",
+    command = [sys.executable, "-m", "mugstan_chat.entrypoints.openai", "--model", str(exported), "--stan",
                str(exported / "stan"), "--device", "cpu", "--dtype", "fp32", "--port", str(port), "--llm-url", vllm,
                "--served-model-name", "demo",
                "--allowed-local-media-path", str(EXAMPLES), "--frames", str(FRAMES), "--max-new-tokens",

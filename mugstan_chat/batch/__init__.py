@@ -7,5 +7,5 @@
   run's settings beside it) and the trainer's caption file;
 * :mod:`.run`: the loop: videos decoded ahead in a thread pool while the model answers, one row
   per video (an ``error`` for a video that cannot be read, and the run goes on);
-* :mod:`.cli`: the command line (docs/batch.md).
+* :mod:`mugstan_chat.entrypoints.batch`: the command line (docs/batch.md).
 """

@@ -21,7 +21,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from ..turns import ConversationTooLong
+from ..engine.turns import ConversationTooLong
 from ..video import VideoDecodeError, load_video_clips
 from .inputs import BatchItem, InputError
 

@@ -11,7 +11,7 @@ For T frames of one clip (default 8, 16, 32) and each way of feeding the video:
 * ``image`` (reference, T=1): one frame as one image, stock LLaVA image chat. Its prompt has
   the same length as a ``stan``/``mean`` prompt, so it is the equal-length decoding reference.
 
-it measures, through the chat engine (:class:`mugstan_chat.chat.ChatSession`), on a generated
+it measures, through the chat engine (:class:`mugstan_chat.engine.conversation.ChatSession`), on a generated
 720p H.264 clip: video decode ms, tower encode ms (tower + projector), prompt tokens, time to
 first token, decode tokens/s over a fixed number of new tokens, peak memory, and the follow-up
 turn's time to first token (cached features) next to a text-only turn of the same prompt length.
@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
-from mugstan_chat import shapes
-from mugstan_chat.chat import ChatSession, GenerationSettings
+from mugstan_chat.llava import shapes
+from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.evaluation.modes import MODES, session_shape  # (the library's three modes)
-from mugstan_chat.loader import ChatModel, ChatSettings, load_chat_model
-from mugstan_chat.turns import StopOnEvent, TimedStreamer  # the chat engine's own streamer and stop criterion
+from mugstan_chat.llava.loader import ChatModel, ChatSettings, load_chat_model
+from mugstan_chat.engine.turns import StopOnEvent, TimedStreamer  # the chat engine's own streamer and stop criterion
 
 from . import common
 from .followups import FOLLOWUP_COLUMNS, followup_targets, followup_turns
@@ -75,7 +75,7 @@ TEXT_SHAPES = shapes.TEXT_SHAPES  # text models by --size: Llama-2-7B (LLaVA-1.5
 
 
 def llava_7b_shape_config(context: int = 4096, size: str = "7b"):
-    """(LlavaConfig, processor) of LLaVA-1.5-7B's architecture (:func:`mugstan_chat.shapes.llava_shape_config`)."""
+    """(LlavaConfig, processor) of LLaVA-1.5-7B's architecture (:func:`mugstan_chat.llava.shapes.llava_shape_config`)."""
     return shapes.llava_shape_config(context, size)
 
 
@@ -86,10 +86,10 @@ def build_llava_7b_shape(device: str = "cuda", dtype: str = "bf16", context: int
 
     Building under ``torch.device(device)`` never materialises the 14 GB of weights in CPU memory.
     """
-    from mugstan_chat.backbone import HFCLIPVision
-    from mugstan_chat.llava_adapter import install_video_tower
-    from mugstan_chat.loader import DTYPES
-    from mugstan_chat.stan import STAN, StanConfig
+    from mugstan_chat.model.backbone import HFCLIPVision
+    from mugstan_chat.llava.tower import install_video_tower
+    from mugstan_chat.llava.loader import DTYPES
+    from mugstan_chat.model.stan import STAN, StanConfig
 
     torch_dtype = DTYPES[dtype]
     model, processor = shapes.build_random_llava(size, device, torch_dtype, context, seed)
@@ -110,7 +110,7 @@ def load_model(args) -> ChatModel:
     if args.size == "7b":
         return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else "bf16", args.context)
     if args.size == "small":
-        from mugstan_chat.loader import resolve_dtype  # auto: bf16 on GPUs and on CPUs with native bf16
+        from mugstan_chat.llava.loader import resolve_dtype  # auto: bf16 on GPUs and on CPUs with native bf16
 
         default = resolve_dtype("auto", args.device.split(":")[0])
         return build_llava_7b_shape(args.device, args.dtype if args.dtype != "auto" else default, args.context,

@@ -1,6 +1,6 @@
 """Time to first token of a repeated video in a new web-app session (shared feature cache) vs a follow-up's.
 
-Each round, through the web app's own callbacks (:class:`app.ChatApp`, no server
+Each round, through the web app's own callbacks (:class:`mugstan_chat.entrypoints.web.ChatApp`, no server
 and no browser), with a fresh app so its feature cache starts empty:
 
 * visitor A loads the video (a miss: probe, hash, decode, encode), asks a question, then a
@@ -19,15 +19,13 @@ visitor waits for that too. Warm-up round first, then medians of ``--runs``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.llava.loader import load_chat_model
 
 from . import common
 
@@ -38,19 +36,10 @@ COLUMNS = ["round", "miss_load_ms", "hit_load_ms", "first_ttft_ms", "followup_tt
 
 
 def _import_app():
-    """app.py lives at the repository root, outside the package.
+    """The web app's module (its callbacks are what this measures)."""
+    from mugstan_chat.entrypoints import web
 
-    FLAGGED (issue 25): the one benchmark that imports the web app (its callbacks are what it
-    times); imported here, by path and only when the benchmark runs, never by the library.
-    """
-    loaded = sys.modules.get("app")
-    if loaded is not None and getattr(loaded, "__file__", None) == str(common.REPO_ROOT / "app.py"):
-        return loaded
-    spec = importlib.util.spec_from_file_location("app", common.REPO_ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return web
 
 
 def _timed_load(app, video: str, frames: int, temporal: str):

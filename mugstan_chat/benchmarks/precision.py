@@ -20,8 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from mugstan_chat.chat import ChatSession
-from mugstan_chat.loader import load_chat_model
+from mugstan_chat.engine.conversation import ChatSession
+from mugstan_chat.llava.loader import load_chat_model
 
 from . import common
 from .chat import QUESTION, FixedLength, benchmark_video  # the chat benchmark's clip and answer length

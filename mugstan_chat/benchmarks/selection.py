@@ -47,10 +47,10 @@ def random_retriever(chat_model, width: int, layers: int, projection: int):
     """A random CLIP text tower of the given shape and a visual projection onto LLaVA's tower."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mugstan_chat.backbone import HFCLIPText
-    from mugstan_chat.mug import MugConfig
-    from mugstan_chat.selection import Retriever
-    from mugstan_chat.tokenizer import CaptionTokenizer
+    from mugstan_chat.model.backbone import HFCLIPText
+    from mugstan_chat.model.mug import MugConfig
+    from mugstan_chat.llava.retrieval import Retriever
+    from mugstan_chat.model.tokenizer import CaptionTokenizer
 
     tower = chat_model.tower
     config = CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
@@ -67,7 +67,7 @@ def random_retriever(chat_model, width: int, layers: int, projection: int):
 
 def build(args):
     if args.size == "demo":
-        from mugstan_chat.loader import load_chat_model
+        from mugstan_chat.llava.loader import load_chat_model
 
         return load_chat_model(demo=True, device=args.device), (32, 2, 16)
     from .chat import build_llava_7b_shape
@@ -77,8 +77,8 @@ def build(args):
 
 
 def measure(chat_model, video: Path, candidates: int, args) -> dict:
-    from mugstan_chat.chat import ChatSession, GenerationSettings
-    from mugstan_chat.feature_cache import FeatureCache
+    from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
+    from mugstan_chat.engine.feature_cache import FeatureCache
 
     shortlist = args.shortlist if args.shortlist and args.select <= args.shortlist < candidates else None
     session = ChatSession(chat_model, video, frames=args.frames, select=args.select, candidates=candidates,

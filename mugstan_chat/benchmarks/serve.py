@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from mugstan_chat.chat_template import IN_ORDER_TEMPLATE_FILE
+from mugstan_chat.llava.chat_template import IN_ORDER_TEMPLATE_FILE
 
 from . import common
 
@@ -105,7 +105,7 @@ def start_ours(args, model_dir: Path, stan: Path | None, media: Path, log: Path,
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     if args.our_threads:
         env["OMP_NUM_THREADS"] = str(args.our_threads)  # vLLM's CPU worker runs 1 torch thread on 2 cores
-    command = [sys.executable, "-m", "mugstan_chat.server", "--model", str(model_dir), "--device", "cpu",
+    command = [sys.executable, "-m", "mugstan_chat.entrypoints.openai", "--model", str(model_dir), "--device", "cpu",
                "--dtype", args.dtype, "--port", str(port), "--allowed-local-media-path", str(media),
                "--frames", str(args.frames), "--concurrency", str(max(args.concurrency)), "--queue-size", "64",
                "--max-new-tokens", str(args.new_tokens)]

@@ -1,8 +1,8 @@
 """What every front end shares: typed arguments, their one validation, the loader call, logging, network checks.
 
-The front ends (``mugstan-chat ask|chat`` in :mod:`mugstan_chat.terminal`, ``eval`` in
-:mod:`mugstan_chat.evaluation.cli`, ``serve`` in :mod:`mugstan_chat.server.cli` and the web
-app ``app.py``) build on this package and never import each other; :mod:`mugstan_chat.cli`
+The front ends (``mugstan-chat ask|chat`` in :mod:`mugstan_chat.entrypoints.terminal`, ``eval`` in
+:mod:`mugstan_chat.entrypoints.evaluation`, ``serve`` in :mod:`mugstan_chat.entrypoints.openai.cli` and the web
+app ``app.py``) build on this package and never import each other; :mod:`mugstan_chat.entrypoints.cli`
 only dispatches ``mugstan-chat SUBCOMMAND`` to them.
 
 * :mod:`.values`: argparse types for numbers and ports (one message per bad value, exit 2);

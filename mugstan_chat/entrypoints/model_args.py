@@ -17,7 +17,7 @@ from ..options import (CANDIDATES, CLIPS, CLIP_TIMES, DEFAULT_CANDIDATES, DEFAUL
                        DEFAULT_SELECTION, FRAMES, MAX_NEW_TOKENS, REPETITION_PENALTY, SELECT, SELECTIONS, SHORTLIST,
                        TEMPERATURE, TOP_P, Range)
 
-from ..remote_llm import DEFAULT_TIMEOUT_S as DEFAULT_LLM_TIMEOUT_S
+from ..engine.remote_llm import DEFAULT_TIMEOUT_S as DEFAULT_LLM_TIMEOUT_S
 from ..session_options import DEFAULTS, SessionOptions
 from .values import llm_url, non_empty, positive_float
 
@@ -160,7 +160,7 @@ class ModelArgs:
         if self.load_4bit and self.load_8bit:
             raise ValueError("choose one of --load-4bit and --load-8bit")
         if self.llm_url is not None:
-            from ..remote_llm import normalise_llm_url
+            from ..engine.remote_llm import normalise_llm_url
 
             self.llm_url = normalise_llm_url(self.llm_url)
             if self.load_4bit or self.load_8bit:
@@ -195,13 +195,13 @@ class ModelArgs:
         return SessionOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SessionOptions)})
 
     def session_kwargs(self) -> dict:
-        """The clip settings a :class:`mugstan_chat.chat.ChatSession` takes from these flags."""
+        """The clip settings a :class:`mugstan_chat.engine.conversation.ChatSession` takes from these flags."""
         return self.session_options().session_kwargs()
 
     def open_session(self, chat_model, video: str, **extra):
-        """A :class:`mugstan_chat.chat.ChatSession` on ``video`` with these flags' clip and generation settings,
+        """A :class:`mugstan_chat.engine.conversation.ChatSession` on ``video`` with these flags' clip and generation settings,
         not yet decoded: ``ask``'s and ``batch``'s (so a batch row's greedy answer is ``ask``'s)."""
-        from ..chat import ChatSession
+        from ..engine.conversation import ChatSession
 
         return ChatSession(chat_model, video, **self.session_kwargs(), generation=self.generation(), prepare=False,
                            **extra)
@@ -214,8 +214,8 @@ class ModelArgs:
         return DEMO_MAX_NEW_TOKENS if self.demo else DEFAULT_MAX_NEW_TOKENS
 
     def generation(self, **overrides):
-        """The :class:`mugstan_chat.turns.GenerationSettings` these flags describe, checked."""
-        from ..turns import GenerationSettings
+        """The :class:`mugstan_chat.engine.turns.GenerationSettings` these flags describe, checked."""
+        from ..engine.turns import GenerationSettings
 
         settings = GenerationSettings(**{
             "max_new_tokens": self.answer_limit, "temperature": self.temperature, "top_p": self.top_p,
@@ -224,11 +224,11 @@ class ModelArgs:
         return settings
 
     def load(self, **overrides):
-        """The :class:`mugstan_chat.loader.ChatModel` these flags describe; ``overrides`` replace single settings.
+        """The :class:`mugstan_chat.llava.loader.ChatModel` these flags describe; ``overrides`` replace single settings.
 
         The one loader call of every front end (the CLI, the web app, the server and eval).
         """
-        from ..loader import load_chat_model
+        from ..llava.loader import load_chat_model
 
         settings = dict(
             model=self.model, stan=self.stan, temporal=self.temporal, device=self.device, dtype=self.dtype,
@@ -244,13 +244,13 @@ class ModelArgs:
         return chat_model
 
     def remote_llm(self):
-        """The :class:`mugstan_chat.remote_llm.RemoteLLM` of ``--llm-url``, connected (its model name resolved).
+        """The :class:`mugstan_chat.engine.remote_llm.RemoteLLM` of ``--llm-url``, connected (its model name resolved).
 
         Raises remote_llm.RemoteLLMError (one line) when the server cannot be reached or lacks the model.
         """
         import os
 
-        from ..remote_llm import LLM_API_KEY_ENV, RemoteLLM
+        from ..engine.remote_llm import LLM_API_KEY_ENV, RemoteLLM
 
         key = self.llm_api_key if self.llm_api_key is not None else os.environ.get(LLM_API_KEY_ENV) or None
         timeout = self.llm_timeout if self.llm_timeout is not None else DEFAULT_LLM_TIMEOUT_S

@@ -24,10 +24,10 @@ def configure_logging(debug: bool) -> None:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is for users: printed as they are, without 'unexpected'."""
-    from ..checkpoint import CheckpointError
-    from ..loader import ModelLoadError
-    from ..remote_llm import RemoteLLMError
-    from ..turns import ConversationTooLong
+    from ..model.checkpoint import CheckpointError
+    from ..llava.loader import ModelLoadError
+    from ..engine.remote_llm import RemoteLLMError
+    from ..engine.turns import ConversationTooLong
     from ..video import VideoDecodeError
 
     return (VideoDecodeError, CheckpointError, ModelLoadError, ConversationTooLong, RemoteLLMError, ValueError,
@@ -59,9 +59,9 @@ def run_reporting_errors(prog: str, debug: bool, command, *args,
 
 def load_model_or_report(model_args, prog: str):
     """``model_args.load()`` for a server: a load failure is one line on stderr and None; notices print once."""
-    from ..checkpoint import CheckpointError
-    from ..loader import ModelLoadError
-    from ..remote_llm import RemoteLLMError
+    from ..model.checkpoint import CheckpointError
+    from ..llava.loader import ModelLoadError
+    from ..engine.remote_llm import RemoteLLMError
 
     try:
         chat_model = model_args.load()

@@ -69,7 +69,7 @@ def megabytes_to_bytes(megabytes: float) -> int:
 
 def llm_url(text: str) -> str:
     """An http(s) URL of an OpenAI-compatible server, as its API base ending in /v1."""
-    from ..remote_llm import normalise_llm_url
+    from ..engine.remote_llm import normalise_llm_url
 
     try:
         return normalise_llm_url(text)

@@ -1,6 +1,6 @@
 """Multiple-choice video QA: benchmark readers, option scoring, the stan / mean / concat comparison.
 
-``mugstan-chat eval`` (:mod:`.cli`) runs it; the pieces are:
+``mugstan-chat eval`` (:mod:`mugstan_chat.entrypoints.evaluation`) runs it; the pieces are:
 
 * :mod:`.readers`: MVBench, Video-MME, NExT-QA (MC), EgoSchema, Perception Test (MC) and the
   plain layout, all read into the same :class:`.readers.Question` record;

@@ -31,7 +31,7 @@ def selecting(mode: str) -> bool:
 
 @dataclass(frozen=True)
 class SessionShape:
-    """How a :class:`mugstan_chat.chat.ChatSession` must be built for one mode."""
+    """How a :class:`mugstan_chat.engine.conversation.ChatSession` must be built for one mode."""
 
     frames: int  # T per clip
     clips: int  # C clips

@@ -1,7 +1,7 @@
 """The evaluation loop: every question in every mode, video features computed once per video and mode.
 
 Questions are grouped by video (and time window). Each video's C x T frames are decoded once
-(every mode reads the same frames); for each mode one :class:`mugstan_chat.chat.ChatSession`
+(every mode reads the same frames); for each mode one :class:`mugstan_chat.engine.conversation.ChatSession`
 encodes them once, and all the group's questions are scored on its cached features. Each
 result is appended to ``predictions.jsonl`` as soon as it exists (one JSON object per line,
 flushed), so a killed run loses at most the question in flight; ``resume`` skips the (question, mode) pairs already there. ``run.json`` holds
@@ -149,7 +149,7 @@ class EvalRun:
     """One evaluation: questions x modes on one loaded chat model.
 
     Args:
-        chat_model: from :func:`mugstan_chat.loader.load_chat_model` (with a branch for "stan").
+        chat_model: from :func:`mugstan_chat.llava.loader.load_chat_model` (with a branch for "stan").
         questions: from :func:`.readers.read_questions`.
         videos: question id -> video file (:func:`.readers.resolve_videos`).
         settings: :class:`EvalSettings`.
@@ -192,7 +192,7 @@ class EvalRun:
                                  f"{chat_model.context_length}; use fewer frames or leave {mode!r} out")
 
     def _session(self, video: str, start, end, mode: str):
-        from ..chat import ChatSession, GenerationSettings
+        from ..engine.conversation import ChatSession, GenerationSettings
 
         shape = session_shape(mode, self.settings.frames, self.settings.clips)
         if selecting(mode):

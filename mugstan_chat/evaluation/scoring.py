@@ -3,7 +3,7 @@
 The prompt is one template for every mode (:data:`PROMPT_TEMPLATE`): the question, the options
 as ``A. text`` lines, and an instruction that depends only on the answer format. It goes through
 the model's own chat template with the video's ``<image>`` entries first
-(:meth:`mugstan_chat.chat.ChatSession.prompt_text`), so stan, mean and concat differ only in
+(:meth:`mugstan_chat.engine.conversation.ChatSession.prompt_text`), so stan, mean and concat differ only in
 the visual tokens.
 
 * ``likelihood`` (default): each option's continuation after the assistant prompt is scored by
@@ -13,7 +13,7 @@ the visual tokens.
 * ``generate``: greedy decoding (at most ``max_new_tokens``); the choice is parsed from the text
   by :func:`parse_choice`.
 
-The likelihoods come from the chat engine (:meth:`mugstan_chat.chat.ChatSession.loglikelihood`:
+The likelihoods come from the chat engine (:meth:`mugstan_chat.engine.conversation.ChatSession.loglikelihood`:
 the prompt once, continuation tokens by the lm-evaluation-harness rule); scoring never calls
 the model itself.
 """

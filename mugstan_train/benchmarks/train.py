@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mugstan_chat.backbone import BackboneConfig, tiny_backbone_config
 from mugstan_chat.benchmarks import common
-from mugstan_chat.loss import mug_contrastive_loss
-from mugstan_chat.model import MugStan, MugStanConfig
-from mugstan_chat.mug import MugConfig, score_matrix
-from mugstan_chat.stan import StanConfig
+from mugstan_chat.model.backbone import BackboneConfig, tiny_backbone_config
+from mugstan_chat.model.loss import mug_contrastive_loss
+from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
+from mugstan_chat.model.mug import MugConfig, score_matrix
+from mugstan_chat.model.stan import StanConfig
 
 METHODS = {  # name -> (temporal branch?, Mug mode)
     "clip-mean": (False, "mean"),

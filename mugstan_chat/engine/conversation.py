@@ -1,0 +1,621 @@
+"""The chat engine: one :class:`ChatSession` per video, multi-turn, streaming; no UI code.
+
+Which clips a session shows (their number, times and question-aware selection) is
+:class:`~mugstan_chat.engine.planning.ClipPlanning`, which the session extends. A session
+decodes and encodes its video once (video reader -> video tower ->
+LLaVA's projector) and keeps the projected visual features; every question
+reuses them through ``generate(mm_encoder_outputs=...)``, so follow-ups never
+touch the video file or the tower again. The prompt is built with the model
+processor's own chat template (one ``{"type": "image"}`` entry per clip in the
+first user turn), and each ``<image>`` is expanded to one clip's worth of
+placeholder tokens, as the processor does for an image.
+
+Each session also keeps its conversation's language-model cache (keys/values of the
+previous prompt and answer, a :class:`~mugstan_chat.engine.prefix_cache.ConversationCache`); the
+next question prefills only the tokens after the longest common prefix, with the same
+answers. :meth:`ChatSession.loglikelihood` scores given continuations of a question on the
+same features and prompt (multiple-choice evaluation uses it; it never calls the model itself).
+
+Sessions are independent objects: a server holds one per conversation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from ..llava.chat_template import render_prompt
+from .planning import AUTO_MAX_CLIPS, ClipPlanning
+from .feature_cache import FeatureCache
+from .likelihood import ContinuationScore, score_continuations
+from ..llava.loader import ChatModel
+from .moments import Reference, find_references
+from .prefix_cache import CacheBudget, ConversationCache, budget_for
+from ..options import DEFAULT_SELECTION, SELECTIONS
+from .selection import DEFAULT_CANDIDATES, CandidateEmbeddings, Selection
+from ..timeline import CLIP_TIMES_CHOICES, labelled_messages
+# the turn's parts live in .turns; re-exported here, where callers have always imported them
+from .turns import (ConversationTooLong, GenerationSettings, StopOnEvent, TimedStreamer, TurnStats, VideoFeatures,
+                    encode_image, neutralise_image_token)
+from ..video import VideoClips, VideoLimits, clip_spans, load_video_clips
+
+__all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "GenerationSettings", "TurnStats",
+           "VideoFeatures", "encode_image", "neutralise_image_token"]
+
+logger = logging.getLogger(__name__)
+
+class ChatSession(ClipPlanning):
+    """A conversation about one video.
+
+    Args:
+        chat_model: from :func:`mugstan_chat.llava.loader.load_chat_model`.
+        video_path: the video file.
+        frames: T frames per clip (default: the model's settings).
+        clips: C clips (default: the model's settings); each fills one ``<image>``. ``"auto"``: as
+            many as the context leaves room for after the clip labels, the question and the answer
+            budget (:meth:`resolve_clips`; docs/design.md section 4c).
+        generation: :class:`GenerationSettings` (greedy by default).
+        temporal: "stan" or "mean" for this session's video features (default: the tower's mode);
+            sessions sharing one model can differ without touching the shared tower.
+        system: optional system prompt (rendered only if the chat template supports it).
+        start, end: optional time window of the video, in seconds.
+        limits: :class:`mugstan_chat.video.VideoLimits` the video must satisfy (default: the module's defaults).
+        prepare: decode and encode the video now (else on the first question).
+        frames_as_images: give LLaVA every decoded frame as its own image (C x T ``<image>``
+            entries, plain CLIP per frame: the frame-concatenation baseline) instead of one
+            image's worth per clip; the frames are the same C x T the clips would use.
+        text_only: a conversation without a video (a chat front end's title request, a question
+            asked before the video is attached): no ``<image>`` in the prompt, the language model
+            alone answers; ``video_path`` only names the session in logs.
+        reuse_cache: keep the conversation's KV cache and prefill only new tokens (same answers;
+            False recomputes the whole prompt every turn, for tests and benchmarks).
+        cache_budget: :class:`prefix_cache.CacheBudget` this session's cache counts against
+            (default: the one shared by all sessions on this model, :func:`prefix_cache.budget_for`).
+        clip_times: "auto" (default: each clip's time span before its ``<image>`` when there are
+            several clips, none for one clip, whose prompt stays stock LLaVA's), "on" or "off"
+            (:mod:`mugstan_chat.timeline`).
+        select: K: split the video into ``candidates`` (M) candidate clips, rank them against each
+            question with the model's own dual encoder and show the top K in temporal order
+            (:mod:`mugstan_chat.engine.selection`; docs/design.md section 4c). None: C uniform clips.
+        candidates: M (default :data:`selection.DEFAULT_CANDIDATES`); only with ``select``.
+        selection_strategy: how the K shown are picked from the ranked candidates: ``"topk"`` (the K
+            best) or ``"coverage"`` (relevance balanced with coverage of the video,
+            :func:`mugstan_chat.engine.selection.cover`); only with ``select``.
+        shortlist: S: a coarse pass first: every candidate is scored on its middle frame, only the S picked
+            on those scores are embedded with all T frames and scored again, and the K shown are chosen among
+            them (:func:`mugstan_chat.engine.selection.select_with_shortlist`); K <= S < M; only with ``select``.
+        feature_cache: the :class:`FeatureCache` candidate embeddings and chosen clips go through
+            (shared by a server's requests; default: one of the session's own).
+        content_hash: sha256 of the video file for cache keys (default: hashed when first needed).
+        max_auto_clips: the most clips ``clips="auto"`` may choose (a server's ``--max-clips``).
+
+    Raises (when preparing):
+        ConversationTooLong: the prompt cannot fit the context with these clips/frames (raised
+            before any frame is decoded; the message names the largest clips that fits).
+        video.VideoDecodeError: missing or undecodable video (the message names the file).
+    """
+
+    def __init__(self, chat_model: ChatModel, video_path: str | os.PathLike, frames: int | None = None,
+                 clips: int | None = None, generation: GenerationSettings | None = None,
+                 temporal: str | None = None, system: str | None = None, start: float | None = None, end: float | None = None,
+                 limits: VideoLimits | None = None, prepare: bool = True, frames_as_images: bool = False,
+                 reuse_cache: bool = True, cache_budget: CacheBudget | None = None, text_only: bool = False,
+                 clip_times: str = "auto", select: int | None = None, candidates: int | None = None,
+                 selection_strategy: str | None = None, shortlist: int | None = None, feature_cache: FeatureCache | None = None, content_hash: str | None = None,
+                 max_auto_clips: int = AUTO_MAX_CLIPS):
+        self.chat_model = chat_model
+        self.video_path = os.fspath(video_path)
+        self.text_only = text_only
+        self.frames = frames or chat_model.settings.frames
+        clips = clips or chat_model.settings.clips
+        self.auto_clips = clips == "auto"
+        self.clips: int | None = None if self.auto_clips else int(clips)  # None until resolve_clips
+        if self.frames < 1 or (self.clips is not None and self.clips < 1):
+            raise ValueError(f"frames and clips must be positive (got {self.frames}, {self.clips})")
+        if clip_times not in CLIP_TIMES_CHOICES:
+            raise ValueError(f"clip_times must be one of {', '.join(CLIP_TIMES_CHOICES)}, got {clip_times!r}")
+        self.clip_times = clip_times
+        self.frames_as_images = frames_as_images
+        self.select = select
+        self.candidates = (candidates or DEFAULT_CANDIDATES) if select is not None else None
+        if select is not None:
+            if self.auto_clips or frames_as_images:
+                raise ValueError("clip selection shows K clips: it combines with neither clips='auto' nor frames "
+                                 "as images")
+            if select < 1 or self.candidates < select:
+                raise ValueError(f"candidates (M={self.candidates}) must be at least select (K={select}) >= 1")
+            self.clips = select
+            if shortlist is not None and not select <= shortlist < self.candidates:
+                raise ValueError(f"shortlist (S={shortlist}) must lie between select (K={select}) and candidates "
+                                 f"(M={self.candidates}): K <= S < M")
+        elif candidates is not None or selection_strategy is not None or shortlist is not None:
+            raise ValueError("candidates, selection_strategy and shortlist apply to clip selection only "
+                             "(give select too)")
+        self.shortlist = shortlist if select is not None else None
+        self.selection_strategy = selection_strategy or DEFAULT_SELECTION
+        if self.selection_strategy not in SELECTIONS:
+            raise ValueError(f"selection_strategy must be one of {', '.join(SELECTIONS)}, got {selection_strategy!r}")
+        self.feature_cache = feature_cache
+        self.content_hash = content_hash
+        self.max_auto_clips = max_auto_clips
+        self.selection: Selection | None = None  # what the last question chose
+        self.selection_notice: str | None = None  # why this session shows uniform clips instead of selecting
+        self._candidates: CandidateEmbeddings | None = None
+        self._candidates_cached = False
+        self._selected_for: str | None = None
+        self._info = None  # video.VideoInfo once the header was read
+        self._frame_times = None  # video.FrameTimes once the timestamps were read (clip spans)
+        self._tokenized = None  # (prompt text, its ids): the last prompt tokenised
+        if text_only:  # no video: no clips, no selection
+            self.clips, self.auto_clips, self.select, self.candidates = 0, False, None, None
+        self.generation = generation or GenerationSettings()
+        self.temporal = temporal or chat_model.tower.mode
+        if self.temporal not in chat_model.tower.available_modes:
+            raise ValueError(f"temporal mode {self.temporal!r} is not available with this model "
+                             f"(available: {', '.join(chat_model.tower.available_modes)})")
+        self.system = system
+        self.window = (start, end)
+        self.limits = limits
+        self.history: list[tuple[str, str]] = []  # (question, answer) pairs
+        self.turns: list[TurnStats] = []
+        self._video: VideoFeatures | None = None
+        self._lock = threading.Lock()  # one generation at a time per session
+        self.reuse_cache = reuse_cache
+        self.cache_budget = cache_budget if cache_budget is not None else budget_for(chat_model.model)
+        self.kv = ConversationCache(chat_model.model.config, self.cache_budget)  # the conversation's keys/values
+        if text_only:  # nothing to decode or encode: the session is prepared with no clips
+            self._video = VideoFeatures([], [], None, 0.0, 0.0, reported=True)
+        if prepare:
+            self.prepare()
+
+    # ----------------------------------------------------------------- video features
+
+    @property
+    def prepared(self) -> bool:
+        return self._video is not None
+
+    @property
+    def visual_tokens(self) -> int:
+        """Placeholder tokens the video fills (C x tokens per clip); 0 before :meth:`prepare`."""
+        return 0 if self._video is None else sum(f.shape[0] for f in self._video.features)
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """The cached projected visual features: C tensors (tokens per clip, text width)."""
+        self.prepare()
+        return list(self._video.features)
+
+    @property
+    def video_info(self):
+        """:class:`mugstan_chat.video.VideoInfo` of the video (displayed size, rotation); decodes it if needed."""
+        self.prepare()
+        return self._video.info if self._video is not None else self._candidates.info
+
+    @property
+    def frame_indices(self) -> list[list[int]]:
+        return [] if self._video is None else self._video.indices
+
+    @property
+    def video_features(self) -> VideoFeatures | None:
+        """The encoded video (None before :meth:`prepare`); a server may cache it for other sessions."""
+        return self._video
+
+    def attach_features(self, features: VideoFeatures, cached: bool = True) -> None:
+        """Uses features encoded elsewhere (another session, or :func:`encode_image`) instead of decoding.
+
+        They must come from the same model and settings (frames, clips, temporal mode, window);
+        the caller's cache key guarantees that. ``cached=True``: turns report them as cached
+        (no decode/encode time); ``cached=False``: they were made for this session, and its
+        first answer reports their decode/encode times.
+        """
+        self.resolve_clips()
+        if len(features.features) != self.clips:
+            raise ValueError(f"features hold {len(features.features)} clips, this session expects {self.clips}")
+        self.drop_prefix_cache()  # new features behind the same placeholder ids: the cache is stale
+        self._video = dataclasses.replace(features, reported=cached)
+
+    def prepare(self, decoded: VideoClips | None = None) -> bool:
+        """Decodes and encodes the video unless already done; True if work was done now.
+
+        ``decoded``: this video's clips already decoded (``load_video_clips`` with this session's
+        frames, clips and window), so sessions over the same frames share one decode.
+        """
+        if self._video is not None:
+            return False
+        if self.selects and decoded is None:  # the candidates now; the clips when a question chooses them
+            embedded = self.prepare_candidates()
+            if self.selects:
+                return embedded
+        self.resolve_clips()
+        self.check_fits()  # before decoding a frame
+        processor = self.chat_model.processor
+        t0 = time.perf_counter()
+        start, end = self.window
+        if decoded is None:
+            decoded = load_video_clips(
+                self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
+                end=end, limits=self.limits, image_processor=processor.image_processor, info=self._info)
+        self.drop_prefix_cache()
+        self._video = self._encode(decoded, t0)
+        logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
+                    self.video_path, self.clips, self.frames, self.visual_tokens, self._video.decode_ms,
+                    self._video.encode_ms)
+        return True
+
+    def _encode(self, decoded: VideoClips, t0: float) -> VideoFeatures:
+        """Decoded clips -> projected features (tower + projector); ``t0``: when decoding began."""
+        model = self.chat_model.model
+        clips, info, indices = decoded  # (C, T, 3, H, W)
+        if tuple(clips.shape[:2]) != (self.clips, self.frames):
+            raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
+                             f"{self.clips} clips x {self.frames} frames")
+        if self.frames_as_images:
+            clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W): every frame one image
+        t1 = time.perf_counter()
+        tower = self.chat_model.tower
+        with torch.inference_mode():
+            pixels = clips.to(device=tower.device, dtype=tower.dtype)
+            output = model.model.get_image_features(pixel_values=pixels, temporal_mode=self.temporal,
+                                                    return_dict=True)
+            features = [f.detach() for f in output.pooler_output]  # C x (tokens, text width)
+        if tower.device.type == "cuda":
+            torch.cuda.synchronize(tower.device)
+        t2 = time.perf_counter()
+        return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000,
+                             spans=clip_spans(indices, self.frame_times()))
+
+    # ----------------------------------------------------------------- conversation
+
+    def reset(self) -> None:
+        """Forgets the conversation; keeps the video features.
+
+        The KV cache stays: the next prompt shares its system and video prefix, and only
+        what matches the new prompt token for token is reused.
+        """
+        self.history.clear()
+
+    def drop_prefix_cache(self) -> None:
+        """Frees the conversation's KV cache (the next question prefills its whole prompt)."""
+        self.kv.drop()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys/values the session holds for the next question (0: none)."""
+        return self.kv.tokens
+
+    def undo_last(self) -> tuple[str, str] | None:
+        """Forgets the last question and its answer (to ask it again); returns them, or None."""
+        if not self.history:
+            return None
+        if self.turns:
+            self.turns.pop()
+        return self.history.pop()
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        return self.turns[-1] if self.turns else None
+
+    def messages(self, question: str | None = None, images: int | None = None) -> list[dict]:
+        """The conversation in the processor's chat format, with an optional new question.
+
+        ``images``: ``<image>`` entries in the first user turn (default: this session's).
+        """
+        images = self.images if images is None else images
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        turns = self.history + ([(question, None)] if question is not None else [])
+        image_token = getattr(self.chat_model.processor, "image_token", "<image>")
+        for i, (q, a) in enumerate(turns):
+            content = [{"type": "image"} for _ in range(images)] if i == 0 else []
+            text = neutralise_image_token(q, image_token)  # the user's text never becomes a placeholder
+            messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
+            if a is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+        return messages
+
+    def prompt_text(self, question: str) -> str:
+        """The prompt as text, each ``<image>`` expanded to one clip's placeholder tokens.
+
+        Scorers that append a continuation (an option's letter or text) tokenise
+        ``prompt_text(q) + continuation`` against it; :meth:`build_prompt` tokenises it alone.
+        With selection the clips are those ``question`` chooses (unless :meth:`select_clips` ran already).
+        """
+        if self.select is not None and self._video is None:
+            self.select_clips(question)
+        self.prepare()
+        return self._prompt_text(question, self.images)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens one ``<image>`` expands to; known from the configs before any encoding."""
+        if self._video is not None and self._video.features:
+            return self._video.features[0].shape[0]
+        config = self.chat_model.model.config
+        drop_cls = config.vision_feature_select_strategy == "default"  # LLaVA drops [CLS] under "default"
+        return self.chat_model.tower.tokens_per_clip - int(drop_cls)
+
+    def _prompt_text(self, question: str, images: int) -> str:
+        processor = self.chat_model.processor
+        text = render_prompt(processor, self.messages(question, images), self.prompt_labels(images))
+        return text.replace(processor.image_token, processor.image_token * self.tokens_per_image)
+
+    def _tokenize(self, text: str) -> dict[str, torch.Tensor]:
+        """The prompt's ids; the last prompt's are kept, so checking a turn's length and running it (a server
+        checks the context before it answers) tokenise it once. Callers never change the tensors."""
+        if self._tokenized is not None and self._tokenized[0] == text:
+            return self._tokenized[1]
+        tokenizer = self.chat_model.processor.tokenizer
+        # like the processor: no extra BOS when the template already starts with one
+        add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        encoded = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
+        result = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        self._tokenized = (text, result)
+        return result
+
+    def build_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """Tokenised prompt (input_ids, attention_mask), each ``<image>`` expanded to one clip's tokens."""
+        return self._tokenize(self.prompt_text(question))
+
+    def _prompt_tokens(self, question: str, clips: int) -> int:
+        images = clips * self.frames if self.frames_as_images else clips
+        return self._tokenize(self._prompt_text(question, images))["input_ids"].shape[1]
+
+    def check_fits(self, question: str = "") -> int:
+        """Prompt tokens of the conversation plus ``question``, computed without decoding or encoding.
+
+        Raises:
+            ConversationTooLong: no room is left for one answer token; the message gives the
+                largest number of clips that fits (0 if not even one clip does).
+        """
+        context = self.chat_model.context_length
+        tokens = self._prompt_tokens(question, self.resolve_clips(question or None))
+        if tokens < context:
+            return tokens
+        if self.text_only:
+            raise ConversationTooLong(f"the conversation is {tokens} tokens and the model's context is {context}")
+        one = self._prompt_tokens(question, 1)
+        per_clip = max(1, self._prompt_tokens(question, 2) - one)
+        largest = 0 if one >= context else 1 + (context - 1 - one) // per_clip
+        while largest > 0 and self._prompt_tokens(question, largest) >= context:
+            largest -= 1
+        unit = f"{self.frames} frames x {self.tokens_per_image}" if self.frames_as_images else f"{self.tokens_per_image}"
+        advice = (f"the largest --clips that fits is {largest}" if largest else
+                  "not even one clip fits: use fewer frames or a model with a longer context")
+        raise ConversationTooLong(
+            f"{self.clips} clip(s) x {unit} visual tokens make a prompt of {tokens} tokens and the model's "
+            f"context is {context}: {advice} (nothing was decoded)")
+
+    def _begin_turn(self, question: str):
+        """(question, started, tokenised prompt, stats) of a new turn, after the checks both routes share."""
+        if not question or not question.strip():
+            raise ValueError("empty question")
+        started = time.perf_counter()
+        if not self.prepared:
+            self.resolve_clips(question.strip())
+            self.check_fits(question.strip())  # refuse before decoding a frame
+        if self.select is not None:
+            self.select_clips(question.strip())  # this question's clips (a re-rank of cached candidates)
+        self.prepare()
+        inputs = self.build_prompt(question.strip())
+        prompt_tokens = inputs["input_ids"].shape[1]
+        context = self.chat_model.context_length
+        room = context - prompt_tokens
+        if room < 1:
+            raise ConversationTooLong(
+                f"the conversation is {prompt_tokens} tokens and the model's context is {context}: "
+                "nothing is left for an answer; reset the conversation or start a new session")
+        max_new = min(self.generation.max_new_tokens, room)
+        first_use = not self._video.reported  # the one-time video cost is reported with the first answer
+        stats = TurnStats(
+            decode_ms=self._video.decode_ms if first_use else 0.0,
+            encode_ms=self._video.encode_ms if first_use else 0.0,
+            prompt_tokens=prompt_tokens, visual_tokens=self.visual_tokens, max_new_tokens=max_new,
+            clipped=max_new < self.generation.max_new_tokens, cached_features=not first_use)
+        if stats.clipped:
+            logger.info("max_new_tokens clipped to %d: the context has %d tokens left", max_new, room)
+        return question.strip(), started, inputs, stats
+
+    def _start_turn(self, question: str):
+        question, started, inputs, stats = self._begin_turn(question)
+        max_new = stats.max_new_tokens
+        device = self.chat_model.device
+        kwargs = {k: v.to(device) for k, v in inputs.items()}
+        kwargs.update(self.generation.generate_kwargs())
+        kwargs.update(max_new_tokens=max_new)
+        ids = inputs["input_ids"][0]
+        reused = 0
+        if self.reuse_cache:
+            kwargs["cache"], reused = self.kv.take(ids)
+        if (ids[reused:] == self.chat_model.model.config.image_token_id).any():
+            kwargs["mm_encoder_outputs"] = self._cached_outputs()  # placeholders left to fill
+        stats.prefill_tokens, stats.reused_tokens = stats.prompt_tokens - reused, reused
+        tokenizer = self.chat_model.processor.tokenizer
+        if tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+        return question, started, stats, kwargs
+
+    def _record(self, question: str, answer: str, stats: TurnStats, sequence: torch.Tensor | None = None,
+                cache=None) -> None:
+        """Adds the turn; keeps ``cache`` (keys/values of ``sequence``'s first tokens) for the next one."""
+        self.history.append((question, answer))
+        self.turns.append(stats)
+        self._video.reported = True
+        if cache is not None and sequence is not None:
+            self.kv.keep(cache, sequence)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """One answer at a time per session; a second concurrent question is an error, not a wait."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this chat session is still answering the previous question")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _cached_outputs(self) -> dict:
+        """A fresh mm_encoder_outputs dict each turn (generate writes into it)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(self._video.features))}
+
+    def ask(self, question: str) -> str:
+        """Answers ``question`` (no streaming) and records it in the conversation."""
+        if self.chat_model.llm is not None:
+            return "".join(self.ask_stream(question)).strip()
+        with self._busy():
+            question, started, stats, kwargs = self._start_turn(question)
+            with torch.inference_mode():
+                output = self.chat_model.model.generate(**kwargs)
+            prompt_len = kwargs["input_ids"].shape[1]
+            new = output[0, prompt_len:]
+            finished = time.perf_counter()
+            answer = self.chat_model.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+            stats.new_tokens = int(new.numel())
+            stats.total_ms = (finished - started) * 1000
+            self._record(question, answer, stats, output[0], kwargs.get("cache"))
+            return answer
+
+    def ask_stream(self, question: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """Streams the answer to ``question`` as text pieces; records the turn when done.
+
+        Closing the iterator early stops generation; the partial answer is kept. Setting
+        ``stop`` (from any thread) ends generation after the current token, e.g. when a
+        server's client goes away; the event is set when the answer ends.
+        Raises ConversationTooLong (before yielding) if the conversation no longer fits.
+        With ``--llm-url`` the language model runs on that server (:meth:`_ask_remote`).
+        """
+        if self.chat_model.llm is not None:
+            yield from self._ask_remote(question, stop)
+            return
+        with self._busy():
+            question, started, stats, kwargs = self._start_turn(question)
+            streamer = TimedStreamer.create(self.chat_model.processor.tokenizer, started)
+            stop = stop if stop is not None else threading.Event()
+            from transformers import StoppingCriteriaList
+
+            kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
+            errors: list[BaseException] = []
+            outputs: list[torch.Tensor] = []
+
+            def run():
+                try:
+                    with torch.inference_mode():
+                        outputs.append(self.chat_model.model.generate(**kwargs))
+                except BaseException as error:  # re-raised in the consumer's thread
+                    errors.append(error)
+                    streamer.end()
+
+            thread = threading.Thread(target=run, name="mugstan-chat-generate", daemon=True)
+            thread.start()
+            pieces: list[str] = []
+            try:
+                for piece in streamer:
+                    if piece:
+                        pieces.append(piece)
+                        yield piece
+            finally:
+                stop.set()
+                thread.join()
+                finished = time.perf_counter()
+                if streamer.first_token_at is not None:
+                    stats.first_token_ms = (streamer.first_token_at - started) * 1000
+                stats.total_ms = (finished - started) * 1000
+                stats.new_tokens = streamer.new_tokens
+                if not errors:
+                    sequence = outputs[0][0] if outputs else None
+                    self._record(question, "".join(pieces).strip(), stats, sequence, kwargs.get("cache"))
+            if errors:
+                raise errors[0]
+
+    def _ask_remote(self, question: str, stop: threading.Event | None) -> Iterator[str]:
+        """The answer from the remote language model (:mod:`mugstan_chat.engine.remote_llm`) on this session's features.
+
+        The conversation is the one :meth:`messages` gives our own engine, each ``<image>`` sent as
+        its clip's projected features (after its clip label, when the prompt shows times, which the
+        template ``export-llava`` writes renders where our engine writes it), with the same BOS rule
+        as :meth:`_tokenize`; the answer limit is clipped to the context as ours is. Raises
+        remote_llm.RemoteLLMError when the server fails.
+        """
+        from .remote_llm import RemoteLLMError, RemoteTurn, openai_messages
+
+        with self._busy():
+            question, started, inputs, stats = self._begin_turn(question)
+            tokenizer = self.chat_model.processor.tokenizer
+            text = self._prompt_text(question, self.images)
+            add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+            messages, labels = self.messages(question), self.prompt_labels(self.images)
+            if labels is not None:  # each clip's label a text part before its image: the exported template's place
+                messages = labelled_messages(messages, labels)
+            messages = openai_messages(messages, list(self._video.features))
+            turn = RemoteTurn()
+            pieces: list[str] = []
+            failed = False
+            stream = self.chat_model.llm.stream(messages, self.generation, stats.max_new_tokens, add_special, turn,
+                                                stop)
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    yield piece
+            except RemoteLLMError:
+                failed = True
+                raise
+            finally:
+                stream.close()  # closes the HTTP stream now (vLLM aborts the request), not when collected
+                if stop is not None:
+                    stop.set()
+                stats.total_ms = (time.perf_counter() - started) * 1000
+                if turn.first_token_at is not None:
+                    stats.first_token_ms = (turn.first_token_at - started) * 1000
+                stats.new_tokens = turn.completion_tokens
+                stats.prefill_tokens = stats.prompt_tokens  # what vLLM's prefix cache spared is vLLM's to report
+                if not failed:  # a partial answer (the consumer stopped early) is kept, as on our engine
+                    self._record(question, "".join(pieces).strip(), stats)
+
+    def loglikelihood(self, question: str, continuations: list[str]) -> list[ContinuationScore]:
+        """Log-probability of each continuation right after the assistant prompt for ``question``.
+
+        The prompt is this session's (conversation so far, its video features, the chat
+        template) and runs through the language model once; each continuation is scored on a
+        copy of its cache. Continuation tokens are those of ``tokenise(prompt + text)`` past
+        ``tokenise(prompt)`` (the lm-evaluation-harness rule), so a tokenizer that merges the
+        space into the first word is handled. Nothing is recorded in the conversation.
+
+        Raises:
+            ValueError: a continuation has no tokens, or the prompt plus the longest
+                continuation does not fit the context.
+        """
+        with self._busy():
+            prompt = self.prompt_text(question)
+            return score_continuations(self.chat_model.model, self.chat_model.processor.tokenizer, prompt,
+                                       continuations, self._cached_outputs(), self.chat_model.context_length)
+
+    def references(self, answer: str) -> list[Reference]:
+        """The moments ``answer`` names (``01:23``, ``1:23-1:40``, ``Clip 3``: :mod:`mugstan_chat.engine.moments`).
+
+        Only when this session's prompt showed clip times: without them the model was never told
+        when anything happens, so a time it writes points at nothing. [] otherwise.
+        """
+        spans = self.clip_spans
+        if self.text_only or not spans or not self._shows_times(len(spans)):
+            return []
+        return find_references(answer, spans, self.video_info.duration)
+
+    def summary(self) -> dict:
+        """Session facts for logs and JSON output."""
+        settings = self.chat_model.settings
+        return {
+            "video": self.video_path, "model": settings.model, "temporal": self.temporal,
+            "frames": self.frames, "clips": self.clips, "visual_tokens": self.visual_tokens,
+            "turns": len(self.history), "clip_spans": [span.to_dict() for span in self.clip_spans],
+            "selection": None if self.selection is None else self.selection.to_dict(),
+            "selection_notice": self.selection_notice,
+        }

@@ -1,0 +1,1 @@
+"""Mug-STAN itself"""

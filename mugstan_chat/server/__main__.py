@@ -1,5 +1,0 @@
-"""``python -m mugstan_chat.server``: the same as ``mugstan-chat serve``."""
-
-from .cli import main
-
-raise SystemExit(main())
