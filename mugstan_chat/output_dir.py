@@ -1,4 +1,4 @@
-"""Output folders that are never half-written and never replaced by accident (``export-llava``, ``make_shards``).
+"""Output folders that are never half-written and never replaced by accident (export-llava, mugstan-make-shards).
 
 A command that writes a folder checks it first, before any slow work (:func:`output_dir_problem`:
 a file in the way, or a folder that is not empty without ``--overwrite``), then writes into a

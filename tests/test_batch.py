@@ -140,7 +140,7 @@ def test_greedy_rows_equal_asks_answers(folder, tmp_path, capsys):
 
 
 def test_shard_members_and_captions_for_the_trainer(folder, tmp_path, capsys):
-    from training.data import read_annotations
+    from mugstan_train.data import read_annotations
 
     tar = tmp_path / "shard-00000.tar"
     with tarfile.open(tar, "w") as handle:

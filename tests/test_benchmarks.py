@@ -1,6 +1,6 @@
-"""Smoke tests of the benchmark scripts (scripts/benchmark_train.py, scripts/benchmark_chat.py) at tiny settings.
+"""Smoke tests of the benchmarks (mugstan_chat.benchmarks, mugstan_train.benchmarks) at tiny settings.
 
-CPU only, no network; each script's ``main([...])`` runs end to end into tmp_path and its JSON
+CPU only, no network; each benchmark's ``main([...])`` runs end to end into tmp_path and its JSON
 is checked for the documented fields.
 """
 
@@ -8,16 +8,33 @@ import json
 import math
 
 import pytest
-from scriptload import load_script
+
+from mugstan_chat.entrypoints import cli
+from mugstan_chat.benchmarks import batch as benchmark_batch
+from mugstan_chat.benchmarks import chat as benchmark_chat
+from mugstan_chat.benchmarks import selection as benchmark_selection
+from mugstan_chat.benchmarks.cli import BENCHMARKS
+from mugstan_train.benchmarks import train as benchmark_train
 
 
-@pytest.fixture(scope="module")
-def benchmark_chat():
-    return load_script("benchmark_chat", "benchlib", "chat_followups", "benchmark_video")
+def test_bench_command_lists_every_benchmark_and_hands_over_its_arguments(capsys):
+    """``mugstan-chat bench --help`` names each one; ``bench NAME ARGS`` is that module's own ``main(ARGS)``."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "--help"])
+    listing = capsys.readouterr().out
+    assert done.value.code == 0 and all(f"\n  {name} " in listing for name in BENCHMARKS)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "video", "--help"])  # the video benchmark's own parser answers
+    assert done.value.code == 0 and "usage: mugstan-chat bench video" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "precision", "--runs", "1"])  # its own usage error (neither --model nor --demo)
+    assert done.value.code == 2 and "mugstan-chat bench precision: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "no-such-benchmark"])
+    assert done.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_train_benchmark_smoke(tmp_path):
-    benchmark_train = load_script("benchmark_train", "benchlib")
     out = tmp_path / "train.json"
     assert benchmark_train.main(["--shape", "tiny", "--batch", "2", "--frames", "2", "--runs", "1",
                                  "--mug-batches", "2", "4", "--methods", "clip-mean", "stan+mug",
@@ -34,7 +51,7 @@ def test_train_benchmark_smoke(tmp_path):
     assert (tmp_path / "train_train.png").stat().st_size > 0
 
 
-def test_chat_benchmark_smoke(tmp_path, benchmark_chat, capsys):
+def test_chat_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "chat.json"
     assert benchmark_chat.main(["--demo", "--device", "cpu", "--frames", "2", "4", "--runs", "1", "--warmup", "0",
                                 "--new-tokens", "4", "--video-seconds", "1", "--video-height", "144",
@@ -78,7 +95,7 @@ def test_chat_benchmark_smoke(tmp_path, benchmark_chat, capsys):
     assert "| mode | frames |" in printed and "## Targets" in printed
 
 
-def test_chat_benchmark_7b_shape_is_llava_1_5_7b(benchmark_chat):
+def test_chat_benchmark_7b_shape_is_llava_1_5_7b():
     """The --size 7b model has LLaVA-1.5-7B's parameter counts (built on the meta device: no memory)."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -95,7 +112,7 @@ def test_chat_benchmark_7b_shape_is_llava_1_5_7b(benchmark_chat):
     assert processor.image_processor.crop_size["height"] == 336 and config.vision_feature_layer == -2
 
 
-def test_chat_benchmark_small_shape_is_clip_l_336_with_a_half_billion_lm(benchmark_chat):
+def test_chat_benchmark_small_shape_is_clip_l_336_with_a_half_billion_lm():
     """--size small: LLaVA-1.5's CLIP-L/14-336 tower and projector input, a 24-layer 896-wide LM (meta device)."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -112,9 +129,8 @@ def test_chat_benchmark_small_shape_is_clip_l_336_with_a_half_billion_lm(benchma
 
 
 def test_selection_benchmark_smoke(tmp_path):
-    """scripts/benchmark_selection.py on the demo model: the documented columns, and follow-ups ranked
+    """The selection benchmark on the demo model: the documented columns, and follow-ups ranked
     on cached candidates."""
-    benchmark_selection = load_script("benchmark_selection", "benchlib")
     out = tmp_path / "selection.json"
     assert benchmark_selection.main(["--size", "demo", "--candidates", "4", "6", "--frames", "2", "--select", "2",
                                      "--seconds", "60", "--out", str(out)]) == 0
@@ -132,8 +148,7 @@ def test_selection_benchmark_smoke(tmp_path):
 
 
 def test_batch_benchmark_smoke(tmp_path):
-    """scripts/benchmark_batch.py on the demo model, our engine only: one row per in-flight setting."""
-    benchmark_batch = load_script("benchmark_batch", "benchlib", "benchmark_serve")
+    """The batch benchmark on the demo model, our engine only: one row per in-flight setting."""
     out = tmp_path / "batch.json"
     assert benchmark_batch.main(["--demo", "--routes", "ours", "--in-flight", "1", "2", "--videos", "4",
                                  "--new-tokens", "4", "--frames", "2", "--out", str(out)]) == 0

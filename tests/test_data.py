@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data import (ClipSettings, Columns, DataError, DecodeFailureMonitor, GlobalBatchSampler, TrainDataset,
-                           group_ids, read_annotations)
-from training.post_pretrain import train
+from mugstan_train.data import (ClipSettings, Columns, DataError, DecodeFailureMonitor, GlobalBatchSampler,
+                                TrainDataset, group_ids, read_annotations)
+from mugstan_train.post_pretrain import train
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import torch
 
 from mugstan_chat.model.dual_encoder import MugStan
-from training.diagnostics import branch_norms, order_sensitivity
-from training.params import model_config
+from mugstan_train.diagnostics import branch_norms, order_sensitivity
+from mugstan_train.params import model_config
 
 
 def _captions(model, n):

@@ -10,11 +10,11 @@ import torch
 
 from mugstan_chat.model.dual_encoder import MugStan
 
-from training.data import VideoRecord
-from training.evaluate import (classification_metrics, main, pairwise_accuracy, pairwise_from_pairs,
-                               ranks_of_relevant, relevance_by_caption, relevance_from_index, retrieval_metrics,
-                               score_tolerance)
-from training.params import model_config
+from mugstan_train.data import VideoRecord
+from mugstan_train.evaluate import (classification_metrics, main, pairwise_accuracy, pairwise_from_pairs,
+                                    ranks_of_relevant, relevance_by_caption, relevance_from_index, retrieval_metrics,
+                                    score_tolerance)
+from mugstan_train.params import model_config
 
 
 def test_ranks_on_a_hand_made_matrix():

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 import mugstan_chat.engine.conversation as chat_module
+from mugstan_chat.benchmarks import feature_cache as benchmark_feature_cache
 from mugstan_chat.engine.conversation import ChatSession
 from mugstan_chat.entrypoints.cli import main as cli_main
+from mugstan_chat.engine.engine import Engine
 from mugstan_chat.engine.feature_cache import FeatureCache, file_sha256, model_identity, session_key
 from mugstan_chat.entrypoints.values import megabytes_to_bytes
-from mugstan_chat.engine.engine import Engine
-from scriptload import load_script
 from test_app import _ask, _load, app_module  # app.py imported once, as tests/test_app.py does
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -172,7 +172,6 @@ def test_cache_size_option_is_checked_before_the_model_loads(chat_model, capsys,
 
 
 def test_benchmark_script_measures_a_hit_against_a_follow_up(tmp_path, capsys):
-    benchmark_feature_cache = load_script("benchmark_feature_cache", "benchlib")
     out = tmp_path / "cache.json"
     assert benchmark_feature_cache.main(["--demo", "--runs", "2", "--new-tokens", "2", "--frames", "2",
                                          "--out", str(out)]) == 0  # it raises unless A misses and B hits

@@ -21,7 +21,7 @@ from live_process import free_port
 from outside_programs import require
 from test_shards import write_v2d_shards
 from test_train import assert_weights_match_reference
-from training.post_pretrain import train
+from mugstan_train.post_pretrain import train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "training" / "post_pretrain.py")

@@ -14,8 +14,8 @@ from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic import make_synthetic_mc
 from mugstan_chat.synthetic.cli import main as synthetic_main
 
-from training.evaluate import main as evaluate_main
-from training.params import model_config
+from mugstan_train.evaluate import main as evaluate_main
+from mugstan_train.params import model_config
 
 
 class Terminal(io.StringIO):

@@ -13,12 +13,12 @@ from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.pairs import write_pair
 from mugstan_chat.synthetic.render import COLOURS, Canvas, shape_mask
 
-from scriptload import load_script
-from training.data import Columns, DataError, read_annotations
-from training.evaluate import main as evaluate_main
-from training.params import model_config, parse_args
-from training.post_pretrain import train
-from training.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
+from mugstan_train import make_shards
+from mugstan_train.data import Columns, DataError, read_annotations
+from mugstan_train.evaluate import main as evaluate_main
+from mugstan_train.params import model_config, parse_args
+from mugstan_train.post_pretrain import train
+from mugstan_train.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
 
 SSV2 = Path(__file__).parent / "fixtures" / "ssv2"
 SIZE, FRAMES = 32, 12
@@ -118,7 +118,7 @@ def test_text_tower_stays_frozen_while_the_video_side_trains(motions, tmp_path):
 def test_shards_carry_the_class_name_as_their_caption(motions, tmp_path):
     """Shards made from the labelled list with the label as caption (make_shards --caption-column label)."""
     records = read_annotations(motions / "train.csv", Columns.preset("k400", caption_column="label"))
-    load_script("make_shards").write_shards(records[:24], motions, tmp_path / "shards", samples_per_shard=12)
+    make_shards.write_shards(records[:24], motions, tmp_path / "shards", samples_per_shard=12)
     out = tmp_path / "out"
     result = train(_args(motions, out, "--batch-size", "6", "--max-steps", "3", "--mug-mode", "mean")
                    + ["--train-data", f"{tmp_path}/shards/{{00000..00001}}.tar"])

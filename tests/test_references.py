@@ -5,7 +5,7 @@ Docstrings: every Sphinx role (``:mod:``, ``:class:``, ``:func:``, ``:meth:``, `
 resolved the way Sphinx would: a leading dot is relative to the module's package (Python's relative-import
 rule), a bare name is looked up in the module, its enclosing class and its package, and a dotted name is
 imported. Docs (README.md, docs/*.md): every repository path in backticks exists, every
-``mugstan_chat.x.y`` / ``training.x.y`` name resolves, every ``Class.member`` whose class is one of ours
+``mugstan_chat.x.y`` / ``mugstan_train.x.y`` name resolves, every ``Class.member`` whose class is one of ours
 names a member that class has, and every ``module.function(`` call of one of our modules names a function
 that module has.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mugstan_chat", "training")
+PACKAGES = ("mugstan_chat", "mugstan_train")
 ROLE = re.compile(r":(?:mod|class|func|meth|attr|data|exc|obj):`~?([^`<>]+?)(?:\(\))?`")
 MISSING = object()
 
@@ -206,8 +206,8 @@ def our_modules():
 
 
 CODE = re.compile(r"`([^`\n]+)`")
-PATH = re.compile(r"^(?:mugstan_chat|training|scripts|tests|docs|examples)/[\w./-]*$")
-DOTTED = re.compile(r"\b((?:mugstan_chat|training)(?:\.\w+)+)")
+PATH = re.compile(r"^(?:mugstan_chat|mugstan_train|training|scripts|tests|docs|examples)/[\w./-]*$")
+DOTTED = re.compile(r"\b((?:mugstan_chat|mugstan_train)(?:\.\w+)+)")
 CLASS_MEMBER = re.compile(r"\b([A-Z]\w*)\.(\w+)")
 MODULE_CALL = re.compile(r"(?<![\w.])([a-z_]\w*)\.(\w+)\(")
 

@@ -14,11 +14,12 @@ import webdataset as wds
 from mugstan_chat.synthetic import make_synthetic_videos
 from mugstan_chat.video import write_video
 
-from scriptload import load_script
-from training.data import ClipSettings, DataError
-from training.params import parse_args
-from training.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, StreamAccount,
-                             count_samples, expand_shards, is_shard_spec)
+from mugstan_train import make_shards
+from mugstan_train.benchmarks import data as benchmark_data
+from mugstan_train.data import ClipSettings, DataError
+from mugstan_train.params import parse_args
+from mugstan_train.shards import (DecodeSamples, ShardErrorHandler, ShardTrainData, SkipCounter, StreamAccount,
+                                  count_samples, expand_shards, is_shard_spec)
 
 CLIP = ClipSettings(frames=4, size=32)
 
@@ -155,7 +156,6 @@ def test_shard_arguments_are_checked_before_the_model(corpus, tmp_path, capsys):
 
 
 def test_make_shards_writes_the_video2dataset_layout(corpus, tmp_path):
-    make_shards = load_script("make_shards")
     csv = tmp_path / "videos.csv"
     rows = (corpus["root"] / "videos" / "annotations.csv").read_text().splitlines()
     csv.write_text("\n".join(rows[:6] + ["missing.mp4,a video that is not there,9"]) + "\n")
@@ -175,7 +175,6 @@ def test_make_shards_writes_the_video2dataset_layout(corpus, tmp_path):
 
 
 def test_data_benchmark_smoke(tmp_path, capsys):
-    benchmark_data = load_script("benchmark_data", "benchlib", "make_shards", "benchmark_video")
     out = tmp_path / "data.json"
     assert benchmark_data.main(["--clips", "3", "--workers", "1", "--seconds", "1", "--width", "64", "--height",
                                 "48", "--fps", "8", "--frames", "2", "--size", "32", "--out", str(out)]) == 0
@@ -196,7 +195,6 @@ def _make_shards_args(corpus, out: Path, *extra: str) -> list[str]:
 
 
 def test_make_shards_refuses_an_existing_file_or_full_folder(corpus, tmp_path, capsys):
-    make_shards = load_script("make_shards")
     existing = tmp_path / "taken"
     existing.write_text("not shards")
     full = tmp_path / "full"
@@ -218,7 +216,6 @@ def test_make_shards_refuses_an_existing_file_or_full_folder(corpus, tmp_path, c
 
 
 def test_make_shards_interrupted_leaves_the_old_output(corpus, tmp_path, capsys, monkeypatch):
-    make_shards = load_script("make_shards")
     out = tmp_path / "shards"
     assert make_shards.main(_make_shards_args(corpus, out)) == 0
     before = _tree(out)

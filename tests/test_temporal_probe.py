@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -13,12 +12,8 @@ import torch
 
 from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.families import make_time_reversal_dataset
-from training.params import model_config
-
-_spec = importlib.util.spec_from_file_location(
-    "temporal_probe", Path(__file__).resolve().parents[1] / "scripts" / "temporal_probe.py")
-temporal_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(temporal_probe)
+from mugstan_train import temporal_probe
+from mugstan_train.params import model_config
 
 
 @pytest.fixture(scope="module")

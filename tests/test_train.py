@@ -15,9 +15,9 @@ from mugstan_chat.model.backbone import tiny_backbone_config
 from mugstan_chat.model.checkpoint import CheckpointError
 from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
 
-from training import checkpoints as ckpt
-from training import train as train_module
-from training.post_pretrain import train
+from mugstan_train import checkpoints as ckpt
+from mugstan_train import train as train_module
+from mugstan_train.post_pretrain import train
 from tiny_training import tiny_training_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,3 +249,17 @@ def assert_weights_match_reference(single, one: Path, two: Path, steps: int) -> 
     moved = [name for name, update in updates.items() if update.abs().max() > 0]
     assert any(name.startswith("stan.cross_frame") and "attn" in name for name in moved)  # reached after step 1
     assert len(moved) > len(updates) // 2  # the comparison covers real updates, not untouched weights
+
+
+@pytest.mark.parametrize("script, bad_flag", [("post_pretrain.py", "--frames"), ("evaluate.py", "--frames")])
+def test_checkout_entry_points_need_no_install(tmp_path, script, bad_flag):
+    """``python training/<script>`` (the shims over mugstan_train) find the checkout's packages by themselves: from
+    another directory with no PYTHONPATH, --help answers and a bad value is a usage error (exit 2) naming the flag."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    path = str(REPO / "training" / script)
+    shown = subprocess.run([sys.executable, path, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0 and bad_flag in shown.stdout, shown.stderr[-2000:]
+    refused = subprocess.run([sys.executable, path, bad_flag, "nan"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and bad_flag in refused.stderr and "Traceback" not in refused.stderr

@@ -15,8 +15,8 @@ import torch
 
 from mugstan_chat.video import VideoBytes, VideoDecodeError, probe_video
 
-from training import checkpoints as ckpt
-from training.post_pretrain import main, train
+from mugstan_train import checkpoints as ckpt
+from mugstan_train.post_pretrain import main, train
 from tiny_training import tiny_training_args
 
 BATCH = 2

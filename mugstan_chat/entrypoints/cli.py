@@ -9,6 +9,7 @@ Usage::
     mugstan-chat export-llava DIR --demo                           # mugstan_chat.llava.export (for vLLM)
     mugstan-chat batch VIDEOS --prompt "..." --out rows.jsonl      # mugstan_chat.entrypoints.batch (docs/batch.md)
     mugstan-chat convert-official IN.pth OUT_DIR                   # mugstan_chat.entrypoints.convert
+    mugstan-chat bench chat --demo                                 # mugstan_chat.benchmarks (bench --help)
     python -m mugstan_chat ...                                     # the same
 
 Every front end takes the shared flags from :mod:`mugstan_chat.entrypoints`; none imports
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..benchmarks import cli as bench_cli
 from ..llava import export
 from . import batch as batch_cli
 from . import convert
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_export_command(commands)  # a LLaVA directory for vLLM: docs/serve.md
     batch_cli.add_batch_command(commands)  # many videos, one JSONL row each: docs/batch.md
     convert.add_convert_command(commands)  # the authors' released checkpoints: docs/training.md
+    bench_cli.add_bench_command(commands)  # mugstan-chat bench NAME ARGS: a benchmark's own main(ARGS)
     # listed for --help only: main() hands `serve` and its arguments to the server's own parser
     commands.add_parser("serve", add_help=False, help="OpenAI-compatible API server (mugstan-chat serve --help)")
     return parser

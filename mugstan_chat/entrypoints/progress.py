@@ -1,7 +1,7 @@
 """Progress bars of long commands, by one rule: tqdm on stderr, shown only on a terminal, never with ``--no-progress``.
 
 Used by ``mugstan-chat eval``, ``python -m mugstan_chat.synthetic`` and ``mugstan-evaluate``
-(training/evaluate.py), so a log file or a pipe never fills with bar redraws.
+(the trainer's evaluation), so a log file or a pipe never fills with bar redraws.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
   image's tokens): the session decodes the very frames of the T-frame clip and hands each to the
   tower as a one-frame clip, which is exactly the tower's image path (plain CLIP per frame).
 
-The evaluation and ``scripts/benchmark_chat.py`` both build sessions through :func:`session_shape`.
+The evaluation and the chat benchmark (:mod:`mugstan_chat.benchmarks.chat`) both build sessions through
+:func:`session_shape`.
 """
 
 from __future__ import annotations

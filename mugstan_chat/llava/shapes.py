@@ -5,7 +5,7 @@
   widths), so prefill still dominates on a CPU.
 
 The processor is the demo's word-level one at 336 px / patch 14, so prompts have the right
-number of visual tokens (576 per image). Nothing is downloaded. ``scripts/benchmark_chat.py``
+number of visual tokens (576 per image). Nothing is downloaded. :mod:`mugstan_chat.benchmarks.chat`
 adds a random STAN branch on top; ``mugstan-chat export-llava --size`` writes these weights for vLLM.
 """
 

@@ -3,8 +3,8 @@
 Each family renders a forward clip whose caption depends on frame order; its
 partner is the same frames reversed, with the opposite caption. Every clip also
 gets an appearance-only caption (what any single frame shows), used by the
-image-text warm-up of ``scripts/temporal_probe.py``. Backgrounds are random smooth
-textures with per-frame noise; positions, sizes, speeds, directions, colours and
+image-text warm-up of the temporal probe (``mugstan_train.temporal_probe``). Backgrounds are
+random smooth textures with per-frame noise; positions, sizes, speeds, directions, colours and
 shapes are drawn at random, so appearance alone never tells a clip from its
 reversal: the two hold exactly the same frames.
 

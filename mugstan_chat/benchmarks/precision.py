@@ -8,8 +8,8 @@ The quantised rows keep the tower and projector in the compute dtype (fp32 here,
 ``--compute bf16``); only the language model's linear layers are quantised.
 
     mugstan-chat export-llava /tmp/small-llava --size small
-    python scripts/benchmark_precision.py --model /tmp/small-llava --out runs/bench/precision_small.json
-    python scripts/benchmark_precision.py --demo --runs 1                               # seconds, a smoke run
+    mugstan-chat bench precision --model /tmp/small-llava --out runs/bench/precision_small.json
+    mugstan-chat bench precision --demo --runs 1                               # seconds, a smoke run
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-import benchmark_chat  # FixedLength, the generated clip
-
 from mugstan_chat.engine.conversation import ChatSession
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.engine.engine import Engine
+
+from . import common
+from .chat import QUESTION, FixedLength, benchmark_video  # the chat benchmark's clip and answer length
 
 CONFIGS = {  # name -> loader settings
     "fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),
@@ -35,8 +35,8 @@ CONFIGS = {  # name -> loader settings
 
 def measure(chat_model, video: Path, frames: int, new_tokens: int) -> dict:
     session = ChatSession(Engine(chat_model), video, frames=frames, prepare=False,
-                          generation=benchmark_chat.FixedLength(max_new_tokens=new_tokens))
-    for _ in session.ask_stream(benchmark_chat.QUESTION):
+                          generation=FixedLength(max_new_tokens=new_tokens))
+    for _ in session.ask_stream(QUESTION):
         pass
     stats = session.last_stats
     decode_s = (stats.total_ms - stats.first_token_ms) / 1000
@@ -44,8 +44,8 @@ def measure(chat_model, video: Path, frames: int, new_tokens: int) -> dict:
             "decode_tok_s": (stats.new_tokens - 1) / decode_s, "prompt_tokens": stats.prompt_tokens}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench precision", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="LLaVA directory (e.g. from mugstan-chat export-llava --size small)")
     which.add_argument("--demo", action="store_true")
@@ -55,9 +55,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=2, help="timed runs after one warm-up (medians)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    video = benchmark_chat.benchmark_video(str(Path(benchlib.__file__).resolve().parent.parent / "runs" / "media"),
-                                           4, 224)
+    args = parser.parse_args(argv)
+    video = benchmark_video(str(common.REPO_ROOT / "runs" / "media"), 4, 224)
     rows = []
     for name in args.configs:
         settings = dict(CONFIGS[name])
@@ -72,11 +71,11 @@ def main() -> int:
         for key in runs[0]:
             row[key] = statistics.median(r[key] for r in runs)
         rows.append(row)
-        print(benchlib.markdown_table([row], list(row)), file=sys.stderr, flush=True)
+        print(common.markdown_table([row], list(row)), file=sys.stderr, flush=True)
         del chat_model
         gc.collect()
-    print(benchlib.markdown_table(rows, list(rows[0])))
-    benchlib.write_json(args.out, {"machine": benchlib.machine_description("cpu"), "args": vars(args), "rows": rows})
+    print(common.markdown_table(rows, list(rows[0])))
+    common.write_json(args.out, {"machine": common.machine_description("cpu"), "args": vars(args), "rows": rows})
     return 0
 
 

@@ -41,7 +41,7 @@ import webdataset as wds
 
 from mugstan_chat.video import VideoBytes, VideoDecodeError, load_video_clips
 
-from training.data import ClipSettings, DataError, VideoRecord, sample_seed
+from mugstan_train.data import ClipSettings, DataError, VideoRecord, sample_seed
 
 logger = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ from mugstan_chat.model.loss import mug_contrastive_loss
 from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.model.stan import STAN
 
-from training import checkpoints as ckpt
-from training.data import (ClipSettings, DataError, DecodeFailureMonitor, EvalDataset, GlobalBatchSampler,
-                           TrainDataset, build_train_loader, group_ids, read_annotations)
-from training.diagnostics import TrainingDiagnostics
-from training.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from training.logs import RunLogger
-from training.optim import build_optimizer, build_scheduler
-from training.params import columns_from_args, config_from_args
-from training.shards import (SKIP_REASONS, ShardTrainData, StreamAccount, expand_shards, is_shard_spec,
-                             read_shard_records, readers_check)
+from mugstan_train import checkpoints as ckpt
+from mugstan_train.data import (ClipSettings, DataError, DecodeFailureMonitor, EvalDataset, GlobalBatchSampler,
+                                TrainDataset, build_train_loader, group_ids, read_annotations)
+from mugstan_train.diagnostics import TrainingDiagnostics
+from mugstan_train.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from mugstan_train.logs import RunLogger
+from mugstan_train.optim import build_optimizer, build_scheduler
+from mugstan_train.params import columns_from_args, config_from_args
+from mugstan_train.shards import (SKIP_REASONS, ShardTrainData, StreamAccount, expand_shards, is_shard_spec,
+                                  read_shard_records, readers_check)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def train_step(ddp_model, model: MugStan, batch: dict, tokenizer, optimizer, sca
 
     ``task``: None for post-pretraining (the captions, Mug InfoNCE), else an object whose ``text(batch,
     tokenizer)`` gives the text to encode with the clips and whose ``loss(frames, feats, batch, model, env)``
-    returns a loss whose value is the same on every rank (training.recognition.RecognitionTask).
+    returns a loss whose value is the same on every rank (mugstan_train.recognition.RecognitionTask).
 
     Returns:
         (global loss, gradient norm, True when the update was applied).
@@ -234,7 +234,7 @@ def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, stat
     if env.is_main and task is not None:  # recognition: top-1/top-5 of the labelled --eval-data
         metrics = task.evaluate(model, args, clip, env.device)
     elif env.is_main:
-        from training.evaluate import evaluate_retrieval
+        from mugstan_train.evaluate import evaluate_retrieval
 
         if is_shard_spec(args.eval_data):
             records = read_shard_records(expand_shards(args.eval_data, flag="--eval-data"), args.caption_key)
@@ -250,7 +250,7 @@ def _maybe_evaluate(model: MugStan, args: argparse.Namespace, env: DistEnv, stat
 
 
 def run(args: argparse.Namespace) -> TrainResult:
-    """Trains according to ``args`` (see :mod:`training.params`); joins the process group under torchrun."""
+    """Trains according to ``args`` (see :mod:`mugstan_train.params`); joins the process group under torchrun."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     env = init_distributed(args.device)
@@ -273,9 +273,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> TrainResult:
     model = MugStan(config_from_args(args))
     if args.init_from:
         initialise_towers(model, args.init_from, args.seed, keep_stan=args.init_stan)
-    task = None  # post-pretraining; --task recognition: the class-name classifier (training/recognition.py)
+    task = None  # post-pretraining; --task recognition: the class-name classifier (mugstan_train/recognition.py)
     if getattr(args, "task", "contrastive") == "recognition":
-        from training.recognition import RecognitionTask
+        from mugstan_train.recognition import RecognitionTask
 
         task = RecognitionTask.from_args(args, model)  # freezes the text tower
     torch.manual_seed(args.seed + env.rank)  # drop-path masks differ between ranks

@@ -4,7 +4,7 @@ Measures sequential decode throughput (frames/s, whole file to RGB) and the
 latency of sparse eval sampling (T = 8, 16, 32 frames, open + seek + decode),
 medians of a few runs after one warm-up. Prints a markdown table and writes JSON.
 
-Usage: python scripts/benchmark_video.py --out results.json [--runs 3] [--cache-dir DIR]
+Usage: mugstan-chat bench video --out results.json [--runs 3] [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def markdown(results: dict, samples: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Generate (or reuse) the benchmark video, time both backends, print and save results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench video", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results.json", help="JSON output path")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mugstan_video_bench"))
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement (after one warm-up)")

@@ -1,4 +1,4 @@
-"""Follow-up cost over a long conversation, with and without conversation KV reuse (used by benchmark_chat.py).
+"""Follow-up cost over a long conversation, with and without conversation KV reuse (for the chat benchmark).
 
 One video is encoded once; two sessions (KV reuse on / off) get the same features and
 answer the same ``turns`` questions with answers of a fixed length. For the reported turns
@@ -23,8 +23,8 @@ def followup_turns(chat_model, video, frames: int, new_tokens: int, turns: int, 
                    session_for, stream, text_only_ttft) -> list[dict]:
     """Median TTFT per reported turn, reuse on and off, and the text-only reference.
 
-    ``session_for``, ``stream`` and ``text_only_ttft`` are benchmark_chat.py's harness (passed in
-    so this module does not import the script).
+    ``session_for``, ``stream`` and ``text_only_ttft`` are the chat benchmark's harness (passed in
+    so this module does not import that one).
     """
     encoded = session_for(chat_model, video, "stan", frames, new_tokens)
     encoded.prepare()  # the video is encoded once; both sessions reuse its features

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python scripts/load_test_app.py --clients 8 --rounds 5            # starts `app.py --demo` itself
-    python scripts/load_test_app.py --url http://127.0.0.1:7860 --clients 4 --rounds 2
+    mugstan-chat bench app-load --clients 8 --rounds 5            # starts `app.py --demo` itself
+    mugstan-chat bench app-load --url http://127.0.0.1:7860 --clients 4 --rounds 2
 
 Only apps on this machine (loopback addresses) are accepted. Each round is a new
 gradio_client session (a new "user"): upload + encode, a question, a follow-up.
@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose app.py it starts (a program, never imported)
 MAX_CLIENTS = 64
 MAX_ROUNDS = 100
 QUESTIONS = ("what happens in the video?", "and what happens after that?")
@@ -73,13 +73,13 @@ def _wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise SystemExit(f"load_test_app: app.py exited with {process.returncode}")
+            raise SystemExit(f"mugstan-chat bench app-load: app.py exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.3)
-    raise SystemExit(f"load_test_app: {url} did not answer within {timeout_s:.0f} s")
+    raise SystemExit(f"mugstan-chat bench app-load: {url} did not answer within {timeout_s:.0f} s")
 
 
 def _listener_pid(port: int) -> int | None:
@@ -205,7 +205,7 @@ def _fmt_mb(value: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench app-load", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="a running app on 127.0.0.1 (default: start app.py --demo)")
     parser.add_argument("--clients", type=int, default=8, help=f"concurrent clients (at most {MAX_CLIENTS})")
     parser.add_argument("--rounds", type=int, default=5, help=f"rounds per client (at most {MAX_ROUNDS})")

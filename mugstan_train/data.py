@@ -46,7 +46,7 @@ PRESETS = {
     "webvid": {"video_column": None, "caption_column": "name", "video_template": "{page_dir}/{videoid}.mp4"},
     # MSR-VTT test lists (e.g. the 1k-A CSV: key,vid_key,video_id,sentence)
     "msrvtt": {"video_column": None, "caption_column": "sentence", "video_template": "{video_id}.mp4"},
-    # recognition (--task recognition, training/recognition_data.py): a Kinetics-400 style list "path,label"
+    # recognition (--task recognition, mugstan_train/recognition_data.py): a Kinetics-400 style list "path,label"
     # (label: class name or 0-based index) ...
     "k400": {"video_column": "path", "caption_column": None, "video_template": None, "label_column": "label"},
     # ... and Something-Something v2's published something-something-v2-{train,validation}.json (a list of

@@ -1,7 +1,7 @@
 """Temporal probe: does the model know which way time runs? (plain-CLIP mean baseline vs STAN + Mug)
 
 One fixed recipe, decided in advance and the same for every motion family and for
-users' own data, run with the trainer itself (:func:`training.post_pretrain.train`):
+users' own data, run with the trainer itself (:func:`mugstan_train.post_pretrain.train`):
 
 1. **image-text warm-up** (shared): the tiny random CLIP is first trained as an
    image-language model on single frames (``--frames 1 --no-stan --mug-mode mean``)
@@ -35,10 +35,10 @@ every figure.
 
 Usage (CPU)::
 
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe            # about 58 min, 1 thread
-    python scripts/temporal_probe.py --out-dir runs/temporal_probe --print-commands   # the trainer commands
-    python scripts/temporal_probe.py --out-dir runs/quick --quick             # a few minutes, fewer pairs
-    python scripts/temporal_probe.py --out-dir runs/mine --train-data my/train --test-data my/test
+    python -m mugstan_train.temporal_probe --out-dir runs/temporal_probe            # about 58 min, 1 thread
+    python -m mugstan_train.temporal_probe --out-dir runs/temporal_probe --print-commands   # the trainer commands
+    python -m mugstan_train.temporal_probe --out-dir runs/quick --quick             # a few minutes, fewer pairs
+    python -m mugstan_train.temporal_probe --out-dir runs/mine --train-data my/train --test-data my/test
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ import torch
 from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.synthetic.families import FAMILIES, make_time_reversal_dataset
 
-from training.data import ClipSettings, EvalDataset, VideoRecord
-from training.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,
-                               score, score_tolerance)
-from training.post_pretrain import train
+from mugstan_train.data import ClipSettings, EvalDataset, VideoRecord
+from mugstan_train.evaluate import (encode_clips, encode_texts, pairwise_accuracy, retrieval_metrics,
+                                    score, score_tolerance)
+from mugstan_train.post_pretrain import train
 
 # The recipe, fixed in advance: no per-family or per-dataset settings.
 RECIPE = {
@@ -168,7 +168,7 @@ def training_summary(run_dir: Path, losses: list[float], grouped: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mugstan_train.temporal_probe", description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default="runs/temporal_probe")
     p.add_argument("--train-data", type=Path, default=None, help="folder of time-reversal pairs (annotations.csv)")
     p.add_argument("--test-data", type=Path, default=None, help="held-out folder in the same layout")

@@ -15,10 +15,10 @@ from mugstan_chat.model.stan import StanConfig
 
 from mugstan_chat.entrypoints.values import positive_int
 
-from training.data import PRESETS, Columns, DataError, read_annotations
-from training.optim import OPTIMIZERS
-from training.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
-from training.shards import MAX_CONSECUTIVE_SKIPS, count_samples, expand_shards, is_shard_spec
+from mugstan_train.data import PRESETS, Columns, DataError, read_annotations
+from mugstan_train.optim import OPTIMIZERS
+from mugstan_train.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
+from mugstan_train.shards import MAX_CONSECUTIVE_SKIPS, count_samples, expand_shards, is_shard_spec
 
 
 def backbone_from_spec(spec: str, seed: int = 0) -> BackboneConfig:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--group-column", default=None, metavar="COLUMN",
                    help="hard-negative batching: annotation rows sharing a value of COLUMN are kept next to each "
                         "other in the epoch order, so they land in the same global batch (e.g. a clip and its "
-                        "time-reversed partner, --group-column pair); see training.data.GlobalBatchSampler")
+                        "time-reversed partner, --group-column pair); see mugstan_train.data.GlobalBatchSampler")
     d.add_argument("--frames", type=int, default=12, help="frames per clip (sparse sampling)")
     d.add_argument("--image-size", type=int, default=None, help="input side (default: the backbone's)")
     d.add_argument("--text-length", type=int, default=64)
@@ -175,7 +175,7 @@ TASKS = ("contrastive", "recognition")
 
 
 def add_recognition_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--task`` and the class names of recognition fine-tuning (training/recognition.py)."""
+    """``--task`` and the class names of recognition fine-tuning (mugstan_train/recognition.py)."""
     r = parser.add_argument_group("recognition fine-tuning (docs/training.md)")
     r.add_argument("--task", choices=TASKS, default="contrastive",
                    help="contrastive: video-text post-pretraining on captions (Mug InfoNCE); recognition: fine-tune "

@@ -1,13 +1,13 @@
 """Training-data throughput: clips/s from tar shards vs from local files, by data-loading workers.
 
 WebVid-like clips are written locally (10 s, 640x360, 25 fps, H.264), once as files
-with a CSV and once as video2dataset-layout shards (scripts/make_shards.py); each
-path is read through the trainer's own loaders (training/data.py, training/shards.py)
+with a CSV and once as video2dataset-layout shards (:mod:`mugstan_train.make_shards`); each
+path is read through the trainer's own loaders (mugstan_train/data.py, mugstan_train/shards.py)
 at 8 frames and 224 px, random frames and crops as in training. The table gives
 clips/s, clips/s per worker, and the workers per GPU needed for the paper's
 11 clips/s per GPU (0.8k GPU hours for 3 epochs of WebVid10M on 32 A100s).
 
-    python scripts/benchmark_data.py --clips 32 --workers 1 2 --out runs/bench/data.json
+    python -m mugstan_train.benchmarks.data --clips 32 --workers 1 2 --out runs/bench/data.json
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 from itertools import islice
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-import make_shards
-from benchmark_video import make_benchmark_video
+from mugstan_chat.benchmarks import common
+from mugstan_chat.benchmarks.video import make_benchmark_video
 
-from training.data import ClipSettings, GlobalBatchSampler, TrainDataset, build_train_loader, read_annotations
-from training.shards import ShardTrainData, expand_shards
+from mugstan_train import make_shards
+from mugstan_train.data import ClipSettings, GlobalBatchSampler, TrainDataset, build_train_loader, read_annotations
+from mugstan_train.shards import ShardTrainData, expand_shards
 
 PAPER_CLIPS_PER_GPU = 11.0
 COLUMNS = ["source", "workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker", "workers_per_gpu"]
@@ -56,7 +56,7 @@ def measure(batches, clips: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mugstan_train.benchmarks.data", description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=32, help="clips per measurement (and written)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--frames", type=int, default=8)
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"source": name, "workers": workers, "clips": args.clips, "seconds": seconds * args.clips,
                              "clips_per_s": rate, "clips_per_s_per_worker": rate / workers,
                              "workers_per_gpu": math.ceil(PAPER_CLIPS_PER_GPU / (rate / workers))})
-    print(f"machine: {benchlib.machine_description('cpu')}; clips {args.seconds} s {args.width}x{args.height} "
+    print(f"machine: {common.machine_description('cpu')}; clips {args.seconds} s {args.width}x{args.height} "
           f"{args.fps} fps H.264, {args.frames} frames at {args.size} px")
-    print(benchlib.markdown_table(rows, COLUMNS))
-    benchlib.write_json(args.out, {"machine": benchlib.machine_description("cpu"), "settings": vars(args),
+    print(common.markdown_table(rows, COLUMNS))
+    common.write_json(args.out, {"machine": common.machine_description("cpu"), "settings": vars(args),
                                    "paper_clips_per_gpu": PAPER_CLIPS_PER_GPU, "rows": rows})
     return 0
 

@@ -1,7 +1,7 @@
 """Recognition labels: class-name lists and the mapping of an annotation's label to a class (docs/training.md).
 
 Shared by zero-shot recognition (``training/evaluate.py --task recognition``) and
-recognition fine-tuning (:mod:`training.recognition`), so both read the same
+recognition fine-tuning (:mod:`mugstan_train.recognition`), so both read the same
 files the same way:
 
 * ``--class-names``: a text file with one class name per line (Kinetics-400's
@@ -13,7 +13,7 @@ files the same way:
   (``"Putting [something] onto [something]"``: its class is the template without
   brackets, the key of the labels file), or a 0-based class index.
 
-The annotation layouts themselves are presets of :mod:`training.data`
+The annotation layouts themselves are presets of :mod:`mugstan_train.data`
 (``k400``: ``path,label``; ``ssv2``: the published train/validation JSON).
 """
 
@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from training.data import Columns, DataError, VideoRecord
+from mugstan_train.data import Columns, DataError, VideoRecord
 
 
 def recognition_columns(columns: Columns) -> Columns:

@@ -5,8 +5,8 @@ and `l14` (CLIP ViT-L/14, 224 px) on a GPU. Each method runs a full step
 (forward, loss, backward, AdamW) with and without gradient checkpointing, in one
 process on the same inputs; then the Mug score matrix is timed against batch size.
 
-    python scripts/benchmark_train.py --shape tiny --out runs/bench/train_tiny.json
-    python scripts/benchmark_train.py --shape l14 --batch 32 --frames 12 --device cuda --plot
+    python -m mugstan_train.benchmarks.train --shape tiny --out runs/bench/train_tiny.json
+    python -m mugstan_train.benchmarks.train --shape l14 --batch 32 --frames 12 --device cuda --plot
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-
 import torch
 
+from mugstan_chat.benchmarks import common
 from mugstan_chat.model.backbone import BackboneConfig, tiny_backbone_config
 from mugstan_chat.model.loss import mug_contrastive_loss
 from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
@@ -75,8 +74,8 @@ def bench_step(shape: str, method: str, checkpointing: bool, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up (also allocates optimizer state)
-    with benchlib.peak_memory(args.device) as memory:
-        ms = benchlib.median_ms(step, runs=args.runs, warmup=0, device=args.device)
+    with common.peak_memory(args.device) as memory:
+        ms = common.median_ms(step, runs=args.runs, warmup=0, device=args.device)
     del model, optimizer
     return {"shape": shape, "method": method, "checkpointing": checkpointing, "batch": args.batch,
             "frames": args.frames, "step_ms": ms, "clips_per_s": args.batch / (ms / 1000),
@@ -89,15 +88,16 @@ def bench_mug(batch: int, args, width: int) -> dict:
     mask = (torch.arange(args.text_length)[None] < args.text_length // 2).expand(batch, -1).to(args.device)
     frames = torch.randn(batch, args.frames, width, generator=g).to(args.device)
     config = MugConfig(chunk_size=args.chunk)
-    with benchlib.peak_memory(args.device) as memory:
-        ms = benchlib.median_ms(lambda: score_matrix(tokens, mask, tokens[:, 0], frames, config=config),
+    with common.peak_memory(args.device) as memory:
+        ms = common.median_ms(lambda: score_matrix(tokens, mask, tokens[:, 0], frames, config=config),
                                 runs=args.runs, device=args.device)
     return {"batch": batch, "frames": args.frames, "tokens": args.text_length, "width": width,
             "chunk": args.chunk, "score_matrix_ms": ms, "peak_mb": memory["mb"]}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mugstan_train.benchmarks.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["tiny", "b32", "l14"], default="tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8)
@@ -127,16 +127,16 @@ def main(argv=None) -> int:
     width = clip_shape_config(args.shape).model_config["projection_dim"]
     mug_rows = [bench_mug(b, args, width) for b in args.mug_batches]
     print(f"## Training step, {args.shape} shape, batch {args.batch}, {args.frames} frames "
-          f"({benchlib.machine_description(args.device)})\n")
-    print(benchlib.markdown_table(steps, ["method", "checkpointing", "step_ms", "clips_per_s", "peak_mb", "vs_clip"]))
+          f"({common.machine_description(args.device)})\n")
+    print(common.markdown_table(steps, ["method", "checkpointing", "step_ms", "clips_per_s", "peak_mb", "vs_clip"]))
     print(f"\n## Mug score matrix vs batch ({args.frames} frames, {args.text_length} tokens, width {width})\n")
-    print(benchlib.markdown_table(mug_rows, ["batch", "score_matrix_ms", "peak_mb"]))
+    print(common.markdown_table(mug_rows, ["batch", "score_matrix_ms", "peak_mb"]))
     target = next((r["vs_clip"] for r in steps if r["method"] == "stan+mug" and not r["checkpointing"]), None)
     if target is not None:
         print(f"\nTarget: step(STAN+Mug) <= 1.5 x step(plain CLIP): {target:.2f}x -> {'met' if target <= 1.5 else 'not met'}")
-    payload = {"machine": benchlib.machine_description(args.device), "args": vars(args), "steps": steps,
+    payload = {"machine": common.machine_description(args.device), "args": vars(args), "steps": steps,
                "mug": mug_rows, "stan_mug_vs_clip": target}
-    benchlib.write_json(args.out, payload)
+    common.write_json(args.out, payload)
     if args.plot and args.out:
         _plot(steps, mug_rows, Path(args.out).with_suffix(""))
     return 0

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/benchmark_selection.py --size small --device cpu --threads 2 --candidates 16 32 64 \
+    mugstan-chat bench selection --size small --device cpu --threads 2 --candidates 16 32 64 \
         --frames 2 --select 4 --out runs/bench/selection_small_cpu.json
 
 A synthetic 30-minute video (128x96 at 2 fps, coloured segments) is split into M candidate
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import machine_description, markdown_table, write_json  # `python scripts/x.py` puts scripts/ first
+from .common import machine_description, markdown_table, write_json
+
 
 QUESTIONS = ["what does she do after opening the fridge?", "when does the red part start?",
              "what colour comes last?", "is there a green segment?", "what happens in the middle?", "describe it"]
@@ -69,7 +70,7 @@ def build(args):
         from mugstan_chat.llava.loader import load_chat_model
 
         return load_chat_model(demo=True, device=args.device), (32, 2, 16)
-    from benchmark_chat import build_llava_7b_shape
+    from .chat import build_llava_7b_shape
 
     dtype = "fp32" if args.device == "cpu" else "bf16"
     return build_llava_7b_shape(args.device, dtype, 4096, size=args.size), (768, 12, 768)
@@ -112,7 +113,7 @@ def measure(chat_model, retriever, video: Path, candidates: int, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench selection", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("small", "7b", "demo"), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)

@@ -1,7 +1,7 @@
 """Batch throughput: ``mugstan-chat batch`` videos/s at 1, 4 and 16 videos in flight, our engine vs the vLLM route.
 
-    python scripts/benchmark_batch.py --demo --vllm-venv /work/vllm-venv --out runs/bench/batch_demo.json
-    python scripts/benchmark_batch.py --size small --videos 8 --routes ours --out runs/bench/batch_small.json
+    mugstan-chat bench batch --demo --vllm-venv /work/vllm-venv --out runs/bench/batch_demo.json
+    mugstan-chat bench batch --size small --videos 8 --routes ours --out runs/bench/batch_small.json
 
 Each cell is one ``mugstan-chat batch`` process over its own N synthetic videos, seen by no other cell
 (cold: a fresh process, so no video's features are cached on our side; on the vLLM route one vLLM
@@ -24,9 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
+from . import common
 
-ROOT = Path(__file__).resolve().parents[1]
+
+ROOT = common.REPO_ROOT
 RATE = re.compile(r"([0-9.]+) videos/s")
 
 
@@ -71,7 +72,7 @@ def run_cell(route: str, in_flight: int, args, model_dir: Path, videos: Path, wo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench batch", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--size", choices=["small", "7b"], default=None)
     which.add_argument("--demo", action="store_true", help="the exported demo model")
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "vllm" in args.routes and not args.vllm_venv:
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV) is needed for the vLLM route")
-    import benchmark_serve  # its vLLM launcher (same flags as the serving benchmark)
+    from . import serve  # its vLLM launcher (same flags as the serving benchmark)
 
-    args.concurrency = args.in_flight  # what benchmark_serve.start_vllm sizes --max-num-seqs by
+    args.concurrency = args.in_flight  # what serve.start_vllm sizes --max-num-seqs by
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as scratch:
         work = Path(scratch)
@@ -108,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         vllm = base = None
         try:
             if "vllm" in args.routes:
-                vllm, base = benchmark_serve.start_vllm(args, model_dir, work / "vllm.log")
+                vllm, base = serve.start_vllm(args, model_dir, work / "vllm.log")
             for (route, in_flight), videos in zip(cells, folders):
                 rows.append(run_cell(route, in_flight, args, model_dir, videos, work,
                                      base if route == "vllm" else None))
-                print(benchlib.markdown_table(rows[-1:], list(rows[-1])), flush=True)
+                print(common.markdown_table(rows[-1:], list(rows[-1])), flush=True)
         finally:
             if vllm is not None:
-                benchmark_serve.stop(vllm)
-    print(benchlib.markdown_table(rows, ["route", "in_flight", "videos", "failed", "videos_s", "new_tokens",
+                serve.stop(vllm)
+    print(common.markdown_table(rows, ["route", "in_flight", "videos", "failed", "videos_s", "new_tokens",
                                          "load_average_1m"]))
-    benchlib.write_json(args.out, {"machine": benchlib.machine_description("cpu"), "args": vars(args), "rows": rows})
+    common.write_json(args.out, {"machine": common.machine_description("cpu"), "args": vars(args), "rows": rows})
     return 0
 
 

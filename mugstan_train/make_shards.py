@@ -12,8 +12,9 @@ The shards are written into a hidden temporary folder beside ``--out`` that take
 place once complete, so an interrupted run leaves no partial set; an existing ``--out``
 that is not empty is refused (exit 2) unless ``--overwrite``, and a file there always is.
 
-    python scripts/make_shards.py --data videos.csv --video-root videos --out shards --samples-per-shard 1000
-    python scripts/make_shards.py --data webvid.csv --preset webvid --video-root webvid/videos --out shards
+    mugstan-make-shards --data videos.csv --video-root videos --out shards --samples-per-shard 1000
+    mugstan-make-shards --data webvid.csv --preset webvid --video-root webvid/videos --out shards
+    python -m mugstan_train.make_shards ...   # the same, without the install's command
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from mugstan_chat.entrypoints.reporting import run_reporting_errors
 from mugstan_chat.output_dir import atomic_output_dir, output_dir_problem
 from mugstan_chat.video import VideoDecodeError, probe_video
 
-from training.data import PRESETS, Columns, DataError, read_annotations
+from mugstan_train.data import PRESETS, Columns, DataError, read_annotations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mugstan-make-shards", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="annotations (.csv, .tsv, .json, .jsonl) naming local videos")
     p.add_argument("--video-root", default=".", help="folder the video paths are relative to")
     p.add_argument("--preset", default="generic", choices=sorted(PRESETS), help="annotation column layout")

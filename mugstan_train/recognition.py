@@ -43,12 +43,12 @@ from mugstan_chat.model.dual_encoder import MugStan
 from mugstan_chat.model.mug import score_matrix
 from mugstan_chat.model.tokenizer import TokenizedText
 
-from training.data import ClipSettings, VideoRecord, read_annotations
-from training.distributed import DistEnv, all_reduce_sum
-from training.evaluate import evaluate_recognition
-from training.params import columns_from_args
-from training.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
-from training.shards import expand_shards, is_shard_spec, read_shard_records
+from mugstan_train.data import ClipSettings, VideoRecord, read_annotations
+from mugstan_train.distributed import DistEnv, all_reduce_sum
+from mugstan_train.evaluate import evaluate_recognition
+from mugstan_train.params import columns_from_args
+from mugstan_train.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
+from mugstan_train.shards import expand_shards, is_shard_spec, read_shard_records
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def class_logits(model: MugStan, classes: TextFeatures, frames: torch.Tensor) ->
 
 
 class RecognitionTask:
-    """The trainer's hooks for ``--task recognition`` (see :func:`training.train.train_step`)."""
+    """The trainer's hooks for ``--task recognition`` (see :func:`mugstan_train.train.train_step`)."""
 
     def __init__(self, class_names: list[str], tokens: TokenizedText):
         self.classes = ClassIndex(class_names)

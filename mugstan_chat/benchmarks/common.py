@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: timing, peak memory, markdown tables, JSON.
+"""Shared helpers of the benchmarks (:mod:`mugstan_chat.benchmarks`): timing, peak memory, markdown tables, JSON.
 
 Timings are medians of several runs after warm-up; on CUDA the device is
 synchronised around every timed region. Peak memory is CUDA max-allocated on a
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The folder holding the package: in a checkout, the repository (app.py, examples/, runs/).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -17,15 +17,15 @@ first token, decode tokens/s over a fixed number of new tokens, peak memory, and
 turn's time to first token (cached features) next to a text-only turn of the same prompt length.
 Warm-up first, then medians of ``--runs``; all modes in one process on the same video.
 
-    python scripts/benchmark_chat.py --demo --out runs/bench/chat_demo.json --plot     # CPU, tiny model
-    python scripts/benchmark_chat.py --size 7b --out runs/bench/chat_7b.json --plot    # GPU, random 7B
-    python scripts/benchmark_chat.py --size small --device cpu --modes stan --frames 8 --runs 2   # CPU, 0.5B LM
-    python scripts/benchmark_chat.py --model llava-hf/llava-1.5-7b-hf --stan BRANCH_DIR --out chat.json
+    mugstan-chat bench chat --demo --out runs/bench/chat_demo.json --plot     # CPU, tiny model
+    mugstan-chat bench chat --size 7b --out runs/bench/chat_7b.json --plot    # GPU, random 7B
+    mugstan-chat bench chat --size small --device cpu --modes stan --frames 8 --runs 2   # CPU, 0.5B LM
+    mugstan-chat bench chat --model llava-hf/llava-1.5-7b-hf --stan BRANCH_DIR --out chat.json
 
 ``--size 7b`` builds LLaVA-1.5-7B's shapes (Llama-2-7B, CLIP-L/14-336, 2-layer MLP projector)
 plus a random STAN branch straight on the GPU in bf16, with random weights: no download. ``--size small``
 keeps that tower and projector with a 0.47 B language model (24 layers, 896 wide); on a CPU in bf16 where it computes bf16 natively, else fp32.
-The follow-up table (``scripts/chat_followups.py``) times turns 2, 5 and 10 of one conversation with
+The follow-up table (:mod:`mugstan_chat.benchmarks.followups`) times turns 2, 5 and 10 of one conversation with
 conversation KV reuse on and off.
 Timing definitions (also in the JSON under ``definitions``) are in :data:`DEFINITIONS`.
 """
@@ -41,9 +41,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-import chat_followups
-
 import torch
 from transformers import StoppingCriteriaList
 
@@ -53,6 +50,9 @@ from mugstan_chat.evaluation.modes import MODES, session_shape  # (the library's
 from mugstan_chat.llava.loader import ChatModel, ChatSettings, load_chat_model
 from mugstan_chat.engine.turns import StopOnEvent, TimedStreamer  # the chat engine's own streamer and stop criterion
 from mugstan_chat.engine.engine import Engine
+
+from . import common
+from .followups import FOLLOWUP_COLUMNS, followup_targets, followup_turns
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
@@ -125,13 +125,13 @@ def load_model(args) -> ChatModel:
 # ---------------------------------------------------------------------------------------- inputs
 def benchmark_video(cache_dir: str, seconds: int, height: int, fps: int = 30) -> Path:
     """A 16:9 H.264 clip (moving gradient + box), written once with PyAV into ``cache_dir``."""
-    import benchmark_video  # the video benchmark's generator (writing goes through mugstan_chat.video)
+    from .video import make_benchmark_video  # the video benchmark's generator (writing goes through mugstan_chat.video)
 
     width = 2 * round(height * 16 / 9 / 2)
     path = Path(cache_dir) / f"bench_{width}x{height}_{seconds}s_{fps}fps.mp4"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        benchmark_video.make_benchmark_video(path, width, height, seconds, fps)
+        make_benchmark_video(path, width, height, seconds, fps)
     return path
 
 
@@ -218,7 +218,7 @@ def peak_first_turn(chat_model: ChatModel, video: Path, mode: str, frames: int, 
     """Peak memory of one fresh first turn (a separate run: the CPU sampler would perturb timings)."""
     device = str(chat_model.device)
     before = torch.cuda.memory_allocated() if chat_model.device.type == "cuda" else 0
-    with benchlib.peak_memory(device) as memory:
+    with common.peak_memory(device) as memory:
         _stream(session_for(chat_model, video, mode, frames, new_tokens), QUESTION)
     out = {"peak_mb": memory["mb"], "memory_kind": memory["kind"]}
     if chat_model.device.type == "cuda":
@@ -267,10 +267,10 @@ def measure_peaks(device: str, dtype: torch.dtype, size: int = 2048, copy_mb: in
     """Measured matmul rate (best of a few square matmuls) and memory bandwidth (read + write of a copy)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    matmul_ms = benchlib.median_ms(lambda: torch.matmul(a, b), runs=5, warmup=2, device=device)
+    matmul_ms = common.median_ms(lambda: torch.matmul(a, b), runs=5, warmup=2, device=device)
     src = torch.empty(copy_mb * 2**20 // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    copy_ms = benchlib.median_ms(lambda: dst.copy_(src), runs=5, warmup=2, device=device)
+    copy_ms = common.median_ms(lambda: dst.copy_(src), runs=5, warmup=2, device=device)
     return {"matmul_gflop_s": 2 * size**3 / (matmul_ms / 1000) / 1e9, "matmul_size": size,
             "matmul_dtype": str(dtype).replace("torch.", ""),
             "memory_gb_s": 2 * src.numel() * 4 / (copy_ms / 1000) / 1e9, "copy_mb": copy_mb}
@@ -383,7 +383,8 @@ FLOOR_COLUMNS = ["mode", "frames", "encode_gflop", "encode_ms", "encode_floor_ms
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--demo", action="store_true", help="tiny random demo model (CPU; the default)")
     which.add_argument("--size", choices=list(TEXT_SHAPES),
@@ -404,7 +405,7 @@ def parse_args(argv):
                         help="rows whose prompt + answer exceed this are flagged (default: the model's; 4096 for 7b)")
     parser.add_argument("--video-seconds", type=int, default=10)
     parser.add_argument("--video-height", type=int, default=720)
-    parser.add_argument("--cache-dir", default=str(Path(benchlib.REPO_ROOT) / "runs" / "bench" / "cache"))
+    parser.add_argument("--cache-dir", default=str(common.REPO_ROOT / "runs" / "bench" / "cache"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 steadies a tiny model on a loaded machine; default: torch's)")
     parser.add_argument("--no-floors", action="store_true", help="skip FLOP counting and the peak-rate test")
@@ -444,23 +445,23 @@ def main(argv=None) -> int:
     targets = evaluate_targets(rows, chat_model.device.type == "cuda")
     followups = []
     if args.turns > 0:
-        followups = chat_followups.followup_turns(
+        followups = followup_turns(
             chat_model, video, args.followup_frames or args.frames[0], args.followup_new_tokens, args.turns,
             args.runs, args.warmup, session_for, _stream, text_only_ttft)
-        targets += chat_followups.followup_targets(followups)
-    machine = benchlib.machine_description(device)
+        targets += followup_targets(followups)
+    machine = common.machine_description(device)
     print(f"## Video chat, {chat_model.settings.model}, {chat_model.settings.dtype} ({machine}, "
           f"{torch.get_num_threads()} torch threads; {args.runs} runs, {args.new_tokens} new tokens)\n")
-    print(benchlib.markdown_table(rows, COLUMNS))
+    print(common.markdown_table(rows, COLUMNS))
     if peaks:
         print(f"\n## Work and floors (matmul {peaks['matmul_gflop_s']:.0f} GFLOP/s, memory "
               f"{peaks['memory_gb_s']:.1f} GB/s measured)\n")
-        print(benchlib.markdown_table(rows, FLOOR_COLUMNS))
+        print(common.markdown_table(rows, FLOOR_COLUMNS))
     if followups:
         print(f"\n## Follow-ups over {args.turns} turns, KV reuse on / off (T={args.followup_frames or args.frames[0]}, "
               f"{args.followup_new_tokens} new tokens per answer; text-only: no history, as many tokens as the "
               "reused turn prefilled)\n")
-        print(benchlib.markdown_table(followups, chat_followups.FOLLOWUP_COLUMNS))
+        print(common.markdown_table(followups, FOLLOWUP_COLUMNS))
     print("\n## Targets\n")
     for t in targets:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
@@ -474,7 +475,7 @@ def main(argv=None) -> int:
                "device": device, "args": vars(args), "video": {"path": str(video), "bytes": video.stat().st_size},
                "definitions": DEFINITIONS, "peaks": peaks, "rows": rows, "followups": followups, "targets": targets, "skipped_modes": skipped,
                "wall_s": time.perf_counter() - started}
-    benchlib.write_json(args.out, payload)
+    common.write_json(args.out, payload)
     if args.plot and args.out:
         _plot(rows, Path(args.out).with_suffix(""))
     return 0

@@ -13,7 +13,7 @@ TTFT is the app's own figure (``TurnStats.first_token_ms``: question -> first to
 ratio is also given with the new session's video load added (``hit_load_ms``), since a
 visitor waits for that too. Warm-up round first, then medians of ``--runs``.
 
-    python scripts/benchmark_feature_cache.py --demo --threads 1 --out runs/bench/feature_cache_demo.json
+    mugstan-chat bench feature-cache --demo --threads 1 --out runs/bench/feature_cache_demo.json
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import os
 import statistics
 import time
 
-import benchlib  # importable: `python scripts/x.py` runs with scripts/ first on the import path
-
 import torch
 
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.engine.engine import Engine
+
+from . import common
 
 QUESTION = "what happens in the video ?"
 FOLLOW_UP = "what happens after that ?"
@@ -76,13 +76,13 @@ def one_round(app_module, chat_model, settings, video: str, args) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mugstan-chat bench feature-cache", description=__doc__.split("\n")[0])
     parser.add_argument("--demo", action="store_true", help="tiny offline demo model (the only model offered "
                         "without --model)")
     parser.add_argument("--model", default=None, help="LLaVA hub id or directory (instead of --demo)")
     parser.add_argument("--stan", default=None, help="STAN branch for --model")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--video", default=str(benchlib.REPO_ROOT / "examples" / "red_triangle_growing.mp4"))
+    parser.add_argument("--video", default=str(common.REPO_ROOT / "examples" / "red_triangle_growing.mp4"))
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--temporal", choices=["stan", "mean"], default="stan")
     parser.add_argument("--new-tokens", type=int, default=8, help="answer length (only the first token is timed)")
@@ -112,16 +112,16 @@ def main(argv=None) -> int:
     rows = [{"round": i + 1, **one_round(app_module, chat_model, settings, args.video, args)}
             for i in range(args.runs)]
     median = {"round": "median", **{c: statistics.median(r[c] for r in rows) for c in COLUMNS[1:]}}
-    machine = benchlib.machine_description(str(chat_model.device))
+    machine = common.machine_description(str(chat_model.device))
     print(f"## Repeated video in a new session vs a follow-up ({chat_model.settings.model}, {machine}, "
           f"{torch.get_num_threads()} torch threads, {args.frames} frames, {args.temporal})\n")
-    print(benchlib.markdown_table(rows + [median], COLUMNS))
+    print(common.markdown_table(rows + [median], COLUMNS))
     met = median["new_vs_followup"] <= 1.1
     quartiles = statistics.quantiles([r["new_vs_followup"] for r in rows], n=4) if len(rows) > 1 else [None] * 3
     spread = "" if quartiles[0] is None else f"; rounds' quartiles {quartiles[0]:.3g} / {quartiles[2]:.3g}"
     print(f"\ntarget: new-session TTFT <= 1.1 x follow-up TTFT: {median['new_vs_followup']:.3g}{spread} -> "
           f"{'met' if met else 'NOT met'} (with the hit's video load: {median['new_with_load_vs_followup']:.3g})")
-    benchlib.write_json(args.out, {"machine": machine, "torch_threads": torch.get_num_threads(),
+    common.write_json(args.out, {"machine": machine, "torch_threads": torch.get_num_threads(),
                                    "model": chat_model.settings.model, "args": vars(args), "rows": rows,
                                    "median": median, "ratio_quartiles": quartiles, "target_met": met,
                                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None})
