@@ -30,8 +30,8 @@ from mugstan_chat.engine.conversation import ChatSession
 
 real = ChatSession.ask_stream
 
-def naming_times(self, question, stop=None):
-    for _ in real(self, question, stop=stop):
+def naming_times(self, question, stop=None, generation=None):
+    for _ in real(self, question, stop=stop, generation=generation):
         pass
     yield {ANSWER!r}
 

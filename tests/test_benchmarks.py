@@ -13,7 +13,7 @@ from mugstan_chat.entrypoints import cli
 from mugstan_chat.benchmarks import batch as benchmark_batch
 from mugstan_chat.benchmarks import chat as benchmark_chat
 from mugstan_chat.benchmarks import selection as benchmark_selection
-from mugstan_chat.benchmarks.cli import BENCHMARKS
+from mugstan_chat.entrypoints.bench import BENCHMARKS
 from mugstan_train.benchmarks import train as benchmark_train
 
 

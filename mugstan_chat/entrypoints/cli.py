@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..benchmarks import cli as bench_cli
+from . import bench as bench_cli
 from ..llava import export
 from . import batch as batch_cli
 from . import convert

@@ -1,7 +1,8 @@
 """``mugstan-chat bench NAME [ARGS...]``: runs one benchmark of :mod:`mugstan_chat.benchmarks`.
 
 Each benchmark is a module with its own argument parser and ``main(argv)``; ``bench`` imports only the
-one named and hands it every argument after the name, so ``mugstan-chat bench chat --help`` is the chat
+one named, by name when it runs (the front ends sit below the benchmarks, which may drive them), and hands
+it every argument after the name, so ``mugstan-chat bench chat --help`` is the chat
 benchmark's own help, and ``mugstan-chat bench chat ARGS`` is ``python -m mugstan_chat.benchmarks.chat
 ARGS``. ``mugstan-chat bench --help`` lists them.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+PACKAGE = "mugstan_chat.benchmarks"
 #: command name -> (module of mugstan_chat.benchmarks, what it measures)
 BENCHMARKS = {
     "chat": ("chat", "video chat: TTFT, tokens/s and memory; stan vs mean vs frame concatenation"),
@@ -45,5 +47,5 @@ def add_bench_command(commands) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Imports the named benchmark and runs its ``main`` on the remaining arguments."""
-    module = importlib.import_module(f"{__package__}.{BENCHMARKS[args.name][0]}")
+    module = importlib.import_module(f"{PACKAGE}.{BENCHMARKS[args.name][0]}")
     return module.main(list(args.args))
