@@ -123,3 +123,33 @@ def test_auto_clips_never_exceed_the_given_limit(chat_model, segmented):
     session = ChatSession(Engine(chat_model), segmented, frames=8, clips="auto", generation=SHORT, prepare=False,
                           max_auto_clips=4)
     assert session.resolve_clips("what happens?") == 4
+
+
+@pytest.mark.parametrize("clip_times, history", [("on", []), ("off", []), ("on", [("what is red?", "a square")])])
+def test_auto_clip_counting_equals_the_full_prompt_for_every_count(chat_model, segmented, clip_times, history,
+                                                                   monkeypatch):
+    """The counter behind --clips auto templates the conversation three times and counts any C as the full prompt."""
+    import mugstan_chat.engine.conversation as conversation_module
+
+    session = ChatSession(Engine(chat_model), segmented, frames=2, clips="auto", clip_times=clip_times,
+                          generation=SHORT, prepare=False, history=history)
+    renders = []
+    real = conversation_module.render_prompt
+    monkeypatch.setattr(conversation_module, "render_prompt", lambda *a, **k: renders.append(1) or real(*a, **k))
+    counter = session._counter("what happens next?")
+    counts = [counter(c) for c in range(1, 13)]
+    assert len(renders) == 3 and counter.renders == 3  # the template ran for one, two and three images, never again
+    monkeypatch.setattr(conversation_module, "render_prompt", real)
+    assert counts == [session._prompt_tokens("what happens next?", c) for c in range(1, 13)]
+    assert all(b > a for a, b in zip(counts, counts[1:]))  # each clip adds its tokens (and label)
+
+
+def test_a_template_that_is_not_linear_in_images_is_rendered_for_every_count():
+    from mugstan_chat.engine.planning import PromptCounter
+
+    def numbered(images: int) -> str:  # a template that numbers its images: the copy rule does not hold
+        return "USER: " + "".join(f"<image>#{i} " for i in range(images)) + "hi ASSISTANT:"
+
+    counter = PromptCounter(numbered, lambda text, images: text, len, "<image>")
+    assert [counter(c) for c in (1, 2, 3, 10)] == [len(numbered(c)) for c in (1, 2, 3, 10)]
+    assert counter.renders > 3

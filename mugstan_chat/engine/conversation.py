@@ -5,8 +5,8 @@ hands back a :class:`~mugstan_chat.engine.engine.Conversation`. A session runs o
 model, feature cache, KV budget, retrieval head and language model (ours or vLLM's,
 :mod:`mugstan_chat.engine.language_models`).
 
-Which clips a session shows (their number, times and question-aware selection) is
-:class:`~mugstan_chat.engine.planning.ClipPlanning`, which the session extends. A session
+Which clips a session shows (their number, times and question-aware selection) is planned by the
+parts of :mod:`mugstan_chat.engine.planning` it is composed of. A session
 decodes and encodes its video once (video reader -> video tower ->
 LLaVA's projector) and keeps the projected visual features; every question
 reuses them through ``generate(mm_encoder_outputs=...)``, so follow-ups never
@@ -44,10 +44,13 @@ from .feature_cache import FeatureCache
 from .language_models import PreparedTurn
 from .likelihood import ContinuationScore, score_continuations
 from .moments import Reference, find_references
-from .planning import AUTO_MAX_CLIPS, ClipPlanning
+from .feature_cache import file_sha256, model_identity, session_key
+from .planning import AUTO_MAX_CLIPS, QUESTION_RESERVE, ClipSelector, PromptCounter, VideoPlan, labelled, \
+    largest_fitting
 from .prefix_cache import CacheBudget, ConversationCache
 from .remote_llm import openai_messages
 from .selection import CandidateEmbeddings, Selection
+from ..timeline import ClipSpan, clip_labels, make_spans, precise_times, times_shown
 # the turn's parts live in .turns; re-exported here, where callers have always imported them
 from .turns import ConversationTooLong, GenerationSettings, TurnStats, VideoFeatures, encode_image, \
     neutralise_image_token
@@ -57,8 +60,13 @@ __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "Generatio
 
 logger = logging.getLogger(__name__)
 
-class ChatSession(ClipPlanning):
+class ChatSession:
     """A conversation about one video.
+
+    Its clips are planned by the parts it is composed of (:mod:`mugstan_chat.engine.planning`): the
+    video's :class:`~mugstan_chat.engine.planning.VideoPlan` (header, frame times, which frames make
+    which clips), a :class:`~mugstan_chat.engine.planning.PromptCounter` for ``clips="auto"`` and, with
+    ``select``, a :class:`~mugstan_chat.engine.planning.ClipSelector`.
 
     Args:
         engine: the :class:`~mugstan_chat.engine.engine.Engine` it runs on (its model, caches, retrieval
@@ -133,37 +141,29 @@ class ChatSession(ClipPlanning):
         self.clip_times = clip_times
         self.frames_as_images = frames_as_images
         self.select = select
-        self.candidates = (candidates or DEFAULT_CANDIDATES) if select is not None else None
+        candidates = (candidates or DEFAULT_CANDIDATES) if select is not None else None
         if select is not None:
             if self.auto_clips or frames_as_images:
                 raise ValueError("clip selection shows K clips: it combines with neither clips='auto' nor frames "
                                  "as images")
-            if select < 1 or self.candidates < select:
-                raise ValueError(f"candidates (M={self.candidates}) must be at least select (K={select}) >= 1")
+            if select < 1 or candidates < select:
+                raise ValueError(f"candidates (M={candidates}) must be at least select (K={select}) >= 1")
             self.clips = select
-            if shortlist is not None and not select <= shortlist < self.candidates:
+            if shortlist is not None and not select <= shortlist < candidates:
                 raise ValueError(f"shortlist (S={shortlist}) must lie between select (K={select}) and candidates "
-                                 f"(M={self.candidates}): K <= S < M")
+                                 f"(M={candidates}): K <= S < M")
         elif candidates is not None or selection_strategy is not None or shortlist is not None:
             raise ValueError("candidates, selection_strategy and shortlist apply to clip selection only "
                              "(give select too)")
-        self.shortlist = shortlist if select is not None else None
         self.selection_strategy = selection_strategy or DEFAULT_SELECTION
         if self.selection_strategy not in SELECTIONS:
             raise ValueError(f"selection_strategy must be one of {', '.join(SELECTIONS)}, got {selection_strategy!r}")
         self.feature_cache = feature_cache if feature_cache is not None else engine.features
         self.content_hash = content_hash
         self.max_auto_clips = max_auto_clips
-        self.selection: Selection | None = None  # what the last question chose
-        self.selection_notice: str | None = None  # why this session shows uniform clips instead of selecting
-        self._candidates: CandidateEmbeddings | None = None
-        self._candidates_cached = False
-        self._selected_for: str | None = None
-        self._info = None  # video.VideoInfo once the header was read
-        self._frame_times = None  # video.FrameTimes once the timestamps were read (clip spans)
         self._tokenized = None  # (prompt text, its ids): the last prompt tokenised
         if text_only:  # no video: no clips, no selection
-            self.clips, self.auto_clips, self.select, self.candidates = 0, False, None, None
+            self.clips, self.auto_clips, self.select = 0, False, None
         self.generation = generation or GenerationSettings()
         self.temporal = temporal or chat_model.tower.mode
         if self.temporal not in chat_model.tower.available_modes:
@@ -172,6 +172,12 @@ class ChatSession(ClipPlanning):
         self.system = system
         self.window = (start, end)
         self.limits = limits
+        self.plan = VideoPlan(self.video_path, self.frames, self.window, limits)  # read only until settled
+        self.selector = None if self.select is None else ClipSelector(
+            engine.retriever, self.plan, select, candidates, shortlist, self.selection_strategy, self.temporal,
+            self.feature_cache, self._content_hash, model_identity(chat_model), chat_model.processor.image_processor,
+            self._encode, lambda m, chosen: dataclasses.replace(session_key(self, self._content_hash()),
+                                                                selection=(m, chosen)))
         self.history: list[tuple[str, str]] = [(str(q), str(a)) for q, a in history]  # (question, answer) pairs
         self.turns: list[TurnStats] = []
         self._video: VideoFeatures | None = None
@@ -205,7 +211,7 @@ class ChatSession(ClipPlanning):
     def video_info(self):
         """:class:`mugstan_chat.video.VideoInfo` of the video (displayed size, rotation); decodes it if needed."""
         self.prepare()
-        return self._video.info if self._video is not None else self._candidates.info
+        return self._video.info if self._video is not None else self.selector.embeddings.info
 
     @property
     def frame_indices(self) -> list[list[int]]:
@@ -250,7 +256,7 @@ class ChatSession(ClipPlanning):
         if decoded is None:
             decoded = load_video_clips(
                 self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
-                end=end, limits=self.limits, image_processor=processor.image_processor, info=self._info)
+                end=end, limits=self.limits, image_processor=processor.image_processor, info=self.plan.probed)
         self.drop_prefix_cache()
         self._video = self._encode(decoded, t0)
         logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
@@ -278,7 +284,164 @@ class ChatSession(ClipPlanning):
             torch.cuda.synchronize(tower.device)
         t2 = time.perf_counter()
         return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000,
-                             spans=clip_spans(indices, self.frame_times()))
+                             spans=clip_spans(indices, self.plan.frame_times()))
+
+    # ----------------------------------------------------------------- the clips (engine/planning.py)
+
+    @property
+    def images(self) -> int:
+        """``<image>`` entries of the first user turn: C, or C x T for frames as images."""
+        clips = self.resolve_clips() if self.clips is None else self.clips
+        return clips * self.frames if self.frames_as_images else clips
+
+    def resolve_clips(self, question: str | None = None) -> int:
+        """The number of clips, choosing it now for ``clips="auto"`` (before any frame is decoded).
+
+        Auto: the largest C whose prompt (conversation so far, ``question``, C clips with their
+        labels) plus the answer budget (``generation.max_new_tokens``) fits the context, counted
+        with the tokenizer (:class:`~mugstan_chat.engine.planning.PromptCounter`), and at most
+        ``max_auto_clips`` and the number of T-frame clips the video (or window) has distinct frames
+        for; at least 1 (a turn that still does not fit clips its answer or is refused as usual).
+        Without ``question`` (a video loaded before the first question)
+        :data:`~mugstan_chat.engine.planning.QUESTION_RESERVE` tokens are kept for it.
+        """
+        if self.clips is not None:
+            return self.clips
+        budget = self.generation.max_new_tokens + (QUESTION_RESERVE if question is None else 0)
+        room = self.chat_model.context_length - budget
+        cap = min(self.max_auto_clips, self.plan.distinct_clips())
+        per_clip = self.frames if self.frames_as_images else 1
+        counter = self._counter(question or "")
+        chosen = largest_fitting(lambda c: counter(c * per_clip), room, cap)
+        if counter(chosen * per_clip) != self._prompt_tokens(question or "", chosen):  # a template the counter misreads
+            logger.warning("prompt counting from two renders disagrees with the full prompt: rendering every count")
+            chosen = largest_fitting(lambda c: self._prompt_tokens(question or "", c), room, cap)
+        self.clips = chosen
+        logger.info("--clips auto: %d clip(s) of %d frames (context %d, answer budget %d, at most %d clips; "
+                    "%d template renders)", chosen, self.frames, self.chat_model.context_length, budget, cap,
+                    counter.renders)
+        return chosen
+
+    def _counter(self, question: str) -> PromptCounter:
+        processor = self.chat_model.processor
+        image_token = processor.image_token
+
+        def finish(text: str, images: int) -> str:
+            text = labelled(text, image_token, self.prompt_labels(images))
+            return text.replace(image_token, image_token * self.tokens_per_image)
+
+        return PromptCounter(lambda images: render_prompt(processor, self.messages(question, images)), finish,
+                             lambda text: int(self._tokenize(text)["input_ids"].shape[1]), image_token)
+
+    def distinct_clips(self) -> int:
+        """T-frame clips the video (or window) has distinct frames for (:meth:`VideoPlan.distinct_clips`)."""
+        return self.plan.distinct_clips()
+
+    def frame_times(self):
+        """Every frame's presentation time (:meth:`~mugstan_chat.engine.planning.VideoPlan.frame_times`)."""
+        return self.plan.frame_times()
+
+    def _shows_times(self, clips: int) -> bool:
+        if self.frames_as_images or (self._video is not None and self._video.info is None):
+            return False  # the frames-as-images baseline and single images keep the stock prompt
+        return times_shown(self.clip_times, clips, self.select is not None)
+
+    def prompt_labels(self, images: int) -> list[str] | None:
+        """The label before each of ``images`` ``<image>`` entries, or None when the prompt shows no times.
+
+        Both routes write these: our engine into the rendered prompt, the vLLM route as text parts.
+        """
+        if not self._shows_times(images):
+            return None
+        info = self._video.info if self._video is not None else self.plan.info
+        spans = (self.clip_spans if self._video is not None and len(self._video.indices) == images
+                 else self.plan.spans(images))
+        return clip_labels(spans, precise_times(info.duration))
+
+    @property
+    def clip_spans(self) -> list[ClipSpan]:
+        """The clips shown, with their times (from the frames actually sampled); [] before :meth:`prepare`.
+
+        With selection, each span also names its candidate (index among the M).
+        """
+        video = self._video
+        if video is None or video.info is None:
+            return []
+        chosen = self.selection.chosen if self.selection is not None and self.selects else None
+        times = video.spans if video.spans is not None else clip_spans(video.indices, video.info.fps)
+        return make_spans(times, chosen)
+
+    def _content_hash(self) -> str:
+        if self.content_hash is None:
+            self.content_hash = file_sha256(self.plan.path)
+        return self.content_hash
+
+    @property
+    def selects(self) -> bool:
+        """True when questions choose the clips (selection asked for and available)."""
+        return self.selector is not None and self.selector.available
+
+    @property
+    def selection(self) -> Selection | None:
+        """What the last question chose (None without selection)."""
+        return None if self.selector is None else self.selector.selection
+
+    @property
+    def selection_notice(self) -> str | None:
+        """Why this session shows uniform clips instead of selecting (None when it selects or never meant to)."""
+        return None if self.selector is None else self.selector.notice
+
+    @property
+    def selection_capped(self) -> dict | None:
+        """With select: what was asked ({"candidates", "select", "distinct_clips"}) when the video holds fewer clips."""
+        return None if self.selector is None else self.selector.capped
+
+    @property
+    def candidates(self) -> int | None:
+        """M with select (capped to the video's distinct clips once known); None without."""
+        return None if self.selector is None else self.selector.candidates
+
+    @property
+    def shortlist(self) -> int | None:
+        """S of the coarse pass with select (None without, or when the video holds too few candidates)."""
+        return None if self.selector is None else self.selector.shortlist
+
+    @property
+    def candidate_embeddings(self) -> CandidateEmbeddings | None:
+        """The candidates' retrieval embeddings and their decode/encode cost; None before they are embedded."""
+        return None if self.selector is None else self.selector.embeddings
+
+    @property
+    def candidate_spans(self) -> list[tuple[float, float]]:
+        """Every candidate's (start, end) seconds; [] before the candidates are embedded."""
+        embeddings = self.candidate_embeddings
+        return [] if embeddings is None else list(embeddings.times)
+
+    def prepare_candidates(self) -> bool:
+        """Embeds the M candidates (or takes them from the feature cache); True if the tower ran now.
+
+        Without a text side for retrieval the session falls back to K uniform clips (with a one-line
+        :attr:`selection_notice`), which :meth:`prepare` then encodes.
+        """
+        if self.selector is None:
+            return False
+        embedded = self.selector.prepare()
+        self.clips = self.selector.keep  # K, capped to the video's distinct clips
+        return embedded
+
+    def select_clips(self, question: str) -> Selection | None:
+        """Ranks the candidates against ``question`` and gives the session the chosen clips' features.
+
+        A follow-up re-ranks the cached candidate embeddings without the tower; asking again what was
+        chosen before needs no tower at all. Returns the Selection (None when the session does not select).
+        """
+        if self.selector is None:
+            return None
+        self.prepare_candidates()
+        selection, features, cached = self.selector.choose(question, self.tokens_per_image, self._video is not None)
+        if features is not None:
+            self.attach_features(features, cached=cached)
+        return selection
 
     # ----------------------------------------------------------------- conversation
 
