@@ -155,3 +155,76 @@ def test_batch_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["route"], r["in_flight"], r["videos"], r["failed"]) for r in rows] == [("ours", 1, 4, 0), ("ours", 2, 4, 0)]
     assert all(r["videos_s"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------ the serving matrix (issue 30), no servers
+def _matrix_plan(chat_model, users=(1, 4, 16)):
+    from mugstan_chat.benchmarks import serve as benchmark_serve
+
+    workloads = {"prefill": 32, "decode": 256}
+    count = benchmark_serve.windows_needed(workloads, list(users))
+    systems = benchmark_serve.cold_systems(chat_model.processor.tokenizer, count)
+    return benchmark_serve, systems, benchmark_serve.plan_cells(["ours", "vllm"], workloads, list(users), systems)
+
+
+def test_serve_matrix_cold_prompts_share_no_first_token(chat_model):
+    serve, systems, cells = _matrix_plan(chat_model)
+    tokenizer = chat_model.processor.tokenizer
+    for route in ("ours", "vllm"):
+        cold = [r for c in cells if c.route == route and c.cache == "cold" for r in c.requests]
+        assert len({r.window for r in cold}) == len(cold) == 2 * (1 + 4 + 16)  # no video window twice
+        firsts = [serve.first_token(tokenizer, r.system) for r in cold]
+        assert len(set(firsts)) == len(firsts)  # every cold request, every round: its own first token
+        assert tokenizer.unk_token_id not in firsts
+        assert (0.0, 1.0) not in {r.window for r in cold}  # window 0 is the warm-up's
+    assert serve.first_token(tokenizer, systems[0]) not in {serve.first_token(tokenizer, s) for s in systems[1:]}
+
+
+def test_serve_matrix_warm_rounds_repeat_the_cold_round_with_another_question(chat_model):
+    _, _, cells = _matrix_plan(chat_model)
+    for cold, warm in zip(cells[0::2], cells[1::2]):
+        assert (cold.cache, warm.cache) == ("cold", "warm")
+        assert (cold.route, cold.workload, cold.users) == (warm.route, warm.workload, warm.users)
+        assert [(r.window, r.system) for r in cold.requests] == [(r.window, r.system) for r in warm.requests]
+        assert {r.question for r in cold.requests}.isdisjoint({r.question for r in warm.requests})
+    ours = [(c.cache, c.workload, c.users, c.requests) for c in cells if c.route == "ours"]
+    assert ours == [(c.cache, c.workload, c.users, c.requests) for c in cells if c.route == "vllm"]  # same work
+    cold_only = _matrix_plan(chat_model)[0].plan_cells(["ours"], {"decode": 256}, [1, 4], _matrix_plan(chat_model)[1],
+                                                        ("cold",))
+    assert [(c.cache, c.users) for c in cold_only] == [("cold", 1), ("cold", 4)]
+
+
+def test_serve_matrix_json_has_every_cell_with_its_cores(chat_model, tmp_path):
+    """Each cell's row (from a fake server) lands in the JSON with the route's cores and threads."""
+    import argparse
+
+    serve, _, cells = _matrix_plan(chat_model, users=(1, 2))
+    args = argparse.Namespace(out=str(tmp_path / "serve.json"), concurrency=[1, 2])
+
+    def send(request, tokens):
+        return {"ttft_s": 0.5, "tokens": tokens, "prompt_tokens": 100, "total_s": 1.0, "cached_features": False,
+                "decode_encode_s": 0.1}
+
+    rows = [serve.run_cell(cell, send, None) for cell in cells]
+    cores = {"ours": {"our_threads_per_request": 1, "usable_cores": 2},
+             "vllm": {"VLLM_CPU_OMP_THREADS_BIND": "auto", "worker_cores": [1], "reserved_cores": [0]}}
+    assert serve.write(args, cells, rows[:-1], cores) == [cells[-1].label]  # a stopped run names what is missing
+    assert serve.write(args, cells, rows, cores) == []
+    saved = json.loads((tmp_path / "serve.json").read_text())
+    got = {(c["route"], c["cache"], c["workload"], c["users"]) for c in saved["cells"]}
+    assert got == {(r, c, w, u) for r in ("ours", "vllm") for c in ("cold", "warm") for w in ("prefill", "decode")
+                   for u in (1, 2)}
+    assert all(c["full_length"] and c["answer_tokens"] in (32, 256) for c in saved["cells"])
+    assert "decode-heavy (256 tokens)" in next(c["label"] for c in saved["cells"] if c["workload"] == "decode")
+    assert saved["cores"] == cores and saved["not_measured"] == []
+    ratios = {(r["cache"], r["workload"], r["users"]) for r in saved["vllm_over_ours"]}
+    assert ratios == {(c, w, u) for c in ("cold", "warm") for w in ("prefill", "decode") for u in (1, 2)}
+
+
+def test_serve_matrix_reads_vllm_core_binding_from_its_log():
+    from mugstan_chat.benchmarks import serve as benchmark_serve
+
+    log = ("INFO OpenMP thread binding info: \n\tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True\n"
+           "\tlocal_rank=0, core ids=[1]\n\treserved_cpus=[0]\nINFO Reducing Torch threads from 2 to 1 for serving.")
+    assert benchmark_serve.vllm_binding(log) == {"worker_cores": [1], "reserved_cores": [0],
+                                                 "torch_threads_reduced": ["2->1"]}

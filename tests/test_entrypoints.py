@@ -47,6 +47,7 @@ SERVING_BAD_VALUES = [
     ("--concurrency", "0"), ("--concurrency", "-2"), ("--queue-size", "-1"), ("--queue-size", "nan"),
     ("--feature-cache-mb", "nan"), ("--feature-cache-mb", "inf"), ("--feature-cache-mb", "-1"),
     ("--max-video-seconds", "nan"), ("--max-video-seconds", "0"), ("--max-video-seconds", "inf"),
+    ("--threads-per-request", "0"), ("--threads-per-request", "-1"), ("--threads-per-request", "nan"),
 ]
 
 
@@ -186,6 +187,15 @@ def test_serving_args_defaults_differ_only_where_asked():
     assert (serving.host, serving.port, serving.concurrency, serving.queue_size, serving.max_video_seconds) == \
         ("127.0.0.1", 7860, 1, 16, 600.0)
     assert serving.feature_cache_bytes == 1024 * 2**20
+    assert serving.threads_per_request is None
+
+
+def test_threads_per_request_default_to_the_cores_the_concurrency_leaves():
+    """Issue 30: concurrent jobs never ask for more torch threads than cores; the flag overrides."""
+    assert ServingArgs(concurrency=1).threads(cores=8) == 8
+    assert ServingArgs(concurrency=4).threads(cores=8) == 2
+    assert ServingArgs(concurrency=16).threads(cores=2) == 1  # at least one
+    assert ServingArgs(concurrency=16, threads_per_request=2).threads(cores=2) == 2
 
 
 @pytest.mark.parametrize("parse, good, bad", [

@@ -100,4 +100,6 @@ def write_json(path: str | os.PathLike | None, payload: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.replace(path)  # atomic: a reader never sees half a file

@@ -23,6 +23,7 @@ import torch
 
 from .prefix_cache import ConversationCache
 from .remote_llm import RemoteLLM, RemoteTurn
+from .threads import current_threads, inherit_threads
 from .turns import GenerationSettings, StopOnEvent, TimedStreamer, TurnStats
 
 
@@ -103,8 +104,10 @@ class LocalLanguageModel:
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
         errors: list[BaseException] = []
         outputs: list[torch.Tensor] = []
+        threads = current_threads()  # the request's intra-op threads: a new thread starts from torch's default
 
         def run():
+            inherit_threads(threads)
             try:
                 with torch.inference_mode():
                     outputs.append(self.chat_model.model.generate(**kwargs))

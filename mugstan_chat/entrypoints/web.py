@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..engine.threads import use_threads
 from ..options import DEFAULT_CANDIDATES, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SELECTION
 from ..session_options import DEFAULTS, SessionOptions
 from . import ModelArgs, ServingArgs, configure_logging, load_engine_or_report, port_message
@@ -95,6 +96,7 @@ class AppSettings:
     max_upload_mb: float = 200.0  # larger uploads are refused before decoding
     max_video_seconds: float = 600.0  # longer videos are refused after reading the header
     concurrency: int = 1  # model jobs (encode or generate) at once
+    threads_per_request: int | None = None  # torch intra-op threads of each model job (None: torch's default)
     queue_size: int = 16  # waiting jobs beyond this are refused
     max_sessions: int = 100  # browser sessions whose state is kept (least recently used are dropped)
     examples_dir: Path | None = EXAMPLES_DIR  # bundled example videos; None: no examples
@@ -224,6 +226,7 @@ class ChatApp:
         """
         from mugstan_chat.video import VideoDecodeError
 
+        use_threads(self.settings.threads_per_request)  # gradio's worker thread: the setting is per thread
         if state is not None:
             state.close()
         state = UserSession()
@@ -418,6 +421,7 @@ class ChatApp:
                 top_p: float) -> Iterator[tuple[list[dict], UserSession, str]]:
         from mugstan_chat.engine.turns import ConversationTooLong, GenerationSettings
 
+        use_threads(self.settings.threads_per_request)  # passed on to the generate thread this step starts
         chat = state.chat
         state.stop.clear()
         state.last_question, state.last_recorded = question, False
@@ -629,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         selection=model_args.selection or AppSettings.selection, shortlist=model_args.shortlist, max_new_tokens=model_args.answer_limit,
         temperature=model_args.temperature, top_p=model_args.top_p, repetition_penalty=model_args.repetition_penalty,
         max_upload_mb=args.max_upload_mb, max_video_seconds=serving.max_video_seconds,
-        concurrency=serving.concurrency, queue_size=serving.queue_size, max_sessions=args.max_sessions,
+        concurrency=serving.concurrency, threads_per_request=serving.threads(), queue_size=serving.queue_size,
+        max_sessions=args.max_sessions,
         examples_dir=examples_dir)
     demo = build_demo(engine, settings)
     # gradio counts an event as queued until a worker takes it: room for the running ones too

@@ -111,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         clip_times=model_args.clip_times, select=model_args.select,
         candidates=model_args.candidate_count or ServiceConfig.candidates,
         selection=model_args.selection or ServiceConfig.selection, shortlist=model_args.shortlist)
-    service = ChatService(engine, config, MediaFetcher(policy))
+    service = ChatService(engine, config, MediaFetcher(policy), threads_per_request=serving.threads())
     app = create_app(service, Gate(serving.concurrency, serving.queue_size), api_key=args.api_key,
                      max_body_bytes=megabytes_to_bytes(args.max_body_mb))
     import uvicorn
 
     print(f"{PROG}: model {config.model_name!r} on http://{serving.host}:{serving.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
+          f"{' (API key required)' if args.api_key else ''}; {serving.concurrency} job(s) at once, "
+          f"{service.threads_per_request} torch thread(s) each", file=sys.stderr, flush=True)
     uvicorn.run(app, host=serving.host, port=serving.port, log_level="info" if model_args.debug else "warning",
                 timeout_graceful_shutdown=5)
     return 0

@@ -6,7 +6,9 @@ features come from the engine's cache, or are decoded and encoded once, however 
 at the same moment), then stream the answer, applying OpenAI's stop sequences
 (:class:`TextAssembler`). Seeded sampling draws from the request's own generator
 (:class:`~mugstan_chat.engine.turns.GenerationSettings`), so concurrent requests never share
-random state. The worker frees its slot only when generation has really ended.
+random state. The worker frees its slot only when generation has really ended. Each job's torch
+work runs on ``threads_per_request`` intra-op threads, set in the job's thread and passed on to the
+thread that generates (:mod:`mugstan_chat.engine.threads`: the setting is per thread on this torch).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from ...engine.engine import Conversation, Engine
 from ...engine.remote_llm import RemoteLLMError
+from ...engine.threads import use_threads
 from ...engine.turns import ConversationTooLong
 from ...video import VideoDecodeError
 from .jobs import Job
@@ -99,10 +102,13 @@ class ChatService:
         engine: the :class:`~mugstan_chat.engine.engine.Engine` (its feature cache is every request's).
         config: :class:`ServiceConfig`.
         fetcher: :class:`media.MediaFetcher` (its policy decides which URLs are allowed).
+        threads_per_request: torch intra-op threads of each job (None: torch's default in every thread).
     """
 
-    def __init__(self, engine: Engine, config: ServiceConfig, fetcher: MediaFetcher):
+    def __init__(self, engine: Engine, config: ServiceConfig, fetcher: MediaFetcher,
+                 threads_per_request: int | None = None):
         self.engine = engine
+        self.threads_per_request = threads_per_request
         self.config = config
         self.fetcher = fetcher
         self._lock = threading.Lock()
@@ -130,6 +136,7 @@ class ChatService:
         def work():
             final = ("error", APIError(500, "internal error: the request ended without an answer", "server_error"))
             try:
+                use_threads(self.threads_per_request)
                 final = self._run(plan, job)
             finally:
                 job.finished.set()
