@@ -11,7 +11,8 @@ the few template tokens before the first image). videos/s is the
 batch's own count (finished rows over the loop's wall time: model loading excluded), from its
 summary line. ``--batch-size B`` cells run ``batch --batch-size B`` (our engine: B videos' clips in one
 tower call and one padded ``generate``; the vLLM route: one tower call, then B requests); their
-``encode_ms`` column is the mean per-video share of the tower call as the rows report it. Both routes load the same exported directory (``mugstan-chat export-llava``). Our
+``encode_ms`` column is the mean per-video share of the tower call as the rows report it. Both routes
+load the same exported directory (``mugstan-chat export-llava``). Our
 engine's torch threads are OMP_NUM_THREADS (``--our-threads``, default torch's choice: every core);
 vLLM's CPU worker binds its own (printed in its log); the load average is recorded with the table.
 """
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV) is needed for the vLLM route")
     from . import serve  # its vLLM launcher (same flags as the serving benchmark)
 
-    args.concurrency = [n * b for n in args.in_flight for b in args.batch_size]  # what serve.start_vllm sizes --max-num-seqs by
+    # what serve.start_vllm sizes --max-num-seqs by
+    args.concurrency = [n * b for n in args.in_flight for b in args.batch_size]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as scratch:
         work = Path(scratch)
