@@ -99,3 +99,13 @@ def test_a_turn_that_does_not_fit_is_its_own_error(model, videos, decoded):
     answers = engine.ask_many(opened, ["what moves?", long, "what moves?"])
     assert isinstance(answers[1], ConversationTooLong) and opened[1].history == []
     assert answers[0] == opened[0].history[0][1] and isinstance(answers[2], str)
+
+
+def test_sampling_or_a_repetition_penalty_answers_each_turn_alone(model, videos, decoded):
+    engine = Engine(model, feature_cache=FeatureCache(1 << 20))
+    for settings in (GenerationSettings(max_new_tokens=8, repetition_penalty=1.3),
+                     GenerationSettings(max_new_tokens=8, temperature=0.8, seed=5)):
+        alone = [engine.open(v, OPTIONS, decoded=d, generation=settings).ask("what moves?")
+                 for v, d in zip(videos[:3], decoded[:3])]
+        opened = [engine.open(v, OPTIONS, decoded=d, generation=settings) for v, d in zip(videos[:3], decoded[:3])]
+        assert engine.ask_many(opened, ["what moves?"] * 3) == alone

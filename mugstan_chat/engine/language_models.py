@@ -103,12 +103,16 @@ class LocalLanguageModel:
         ``mm_encoder_outputs`` in row order (LLaVA fills the placeholders of the whole batch in that order).
 
         Greedy rows answer as each turn alone would up to fp32 rounding: the padded rows' matrix products
-        have other shapes, so a near-tie between two tokens can go the other way (docs/batch.md).
+        have other shapes, so a near-tie between two tokens can go the other way (docs/batch.md). Sampling or
+        a repetition penalty: each turn its own ``generate`` (the same answers as alone, one after another).
         """
-        if len(turns) == 1:
-            return [self.generate(turns[0])]
         if any(turn.generation != turns[0].generation for turn in turns):
             raise ValueError("turns answered together need one GenerationSettings")
+        settings = turns[0].generation
+        if len(turns) == 1 or settings.temperature > 0 or settings.repetition_penalty != 1.0:
+            # sampling draws each row's noise from one generator and the repetition penalty would count the
+            # padding: one generate per turn keeps every answer the one it has alone
+            return [self.generate(turn) for turn in turns]
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         tokenizer = self.chat_model.processor.tokenizer
