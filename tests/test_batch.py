@@ -139,6 +139,33 @@ def test_greedy_rows_equal_asks_answers(folder, tmp_path, capsys):
         assert rows[f"v{i}"]["prompt_tokens"] == asked["prompt_tokens"]
 
 
+def test_batch_size_answers_several_videos_together_as_one_at_a_time(folder, tmp_path, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    for video in sorted(folder.glob("pair000*.mp4"))[:5] + [folder / CORRUPT[0]]:
+        (small / video.name).write_bytes(video.read_bytes())
+    rows = {}
+    for size in (1, 3):  # 5 good videos in batches of 3: one full batch, one short, the corrupt one alone
+        out = tmp_path / f"rows{size}.jsonl"
+        code, err = _run([str(small), "--prompt", PROMPT, "--out", str(out), "--clips", "2", "--batch-size",
+                          str(size), *FAST], capsys)
+        assert code == 0, err
+        rows[size] = {row["id"]: row for row in _rows(out)}
+    assert sorted(rows[3]) == sorted(p.name for p in small.iterdir())
+    assert rows[3][CORRUPT[0]]["error"]["reason"] == "decode_error"
+    for key in ("answer", "clip_spans", "prompt_tokens", "new_tokens", "error"):
+        assert {i: r.get(key) for i, r in rows[3].items()} == {i: r.get(key) for i, r in rows[1].items()}, key
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_batch_size_is_one_usage_line(value, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run([str(folder), "--prompt", PROMPT, "--out", str(tmp_path / "r.jsonl"), "--batch-size", value, *FAST],
+             capsys)
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and "Traceback" not in err
+
+
 def test_shard_members_and_captions_for_the_trainer(folder, tmp_path, capsys):
     from mugstan_train.data import read_annotations
 

@@ -148,14 +148,14 @@ def test_selection_benchmark_smoke(tmp_path):
 
 
 def test_batch_benchmark_smoke(tmp_path):
-    """The batch benchmark on the demo model, our engine only: one row per in-flight setting."""
+    """The batch benchmark on the demo model, our engine only: one row per in-flight and batch-size setting."""
     out = tmp_path / "batch.json"
-    assert benchmark_batch.main(["--demo", "--routes", "ours", "--in-flight", "1", "2", "--videos", "4",
-                                 "--new-tokens", "4", "--frames", "2", "--out", str(out)]) == 0
+    assert benchmark_batch.main(["--demo", "--routes", "ours", "--in-flight", "1", "2", "--batch-size", "1", "3",
+                                 "--videos", "4", "--new-tokens", "4", "--frames", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["route"], r["in_flight"], r["videos"], r["failed"]) for r in rows] == [("ours", 1, 4, 0), ("ours", 2, 4, 0)]
-    assert all(r["videos_s"] > 0 for r in rows)
-
+    assert [(r["route"], r["in_flight"], r["batch_size"], r["videos"], r["failed"]) for r in rows] == [
+        ("ours", 1, 1, 4, 0), ("ours", 1, 3, 4, 0), ("ours", 2, 1, 4, 0), ("ours", 2, 3, 4, 0)]
+    assert all(r["videos_s"] > 0 and r["encode_ms"] > 0 for r in rows)
 
 # ------------------------------------------------------------------ the serving matrix (issue 30), no servers
 def _matrix_plan(chat_model, users=(1, 4, 16)):

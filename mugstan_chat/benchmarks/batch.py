@@ -2,13 +2,17 @@
 
     mugstan-chat bench batch --demo --vllm-venv /work/vllm-venv --out runs/bench/batch_demo.json
     mugstan-chat bench batch --size small --videos 8 --routes ours --out runs/bench/batch_small.json
+    mugstan-chat bench batch --size small --routes ours --in-flight 1 --batch-size 1 4 8   # batched tower + generate
 
 Each cell is one ``mugstan-chat batch`` process over its own N synthetic videos, seen by no other cell
 (cold: a fresh process, so no video's features are cached on our side; on the vLLM route one vLLM
 server serves every cell, and since no cell repeats another's videos its prefix cache can only reuse
 the few template tokens before the first image). videos/s is the
 batch's own count (finished rows over the loop's wall time: model loading excluded), from its
-summary line. Both routes load the same exported directory (``mugstan-chat export-llava``). Our
+summary line. ``--batch-size B`` cells run ``batch --batch-size B`` (our engine: B videos' clips in one
+tower call and one padded ``generate``; the vLLM route: one tower call, then B requests); their
+``encode_ms`` column is the mean per-video share of the tower call as the rows report it. Both routes
+load the same exported directory (``mugstan-chat export-llava``). Our
 engine's torch threads are OMP_NUM_THREADS (``--our-threads``, default torch's choice: every core);
 vLLM's CPU worker binds its own (printed in its log); the load average is recorded with the table.
 """
@@ -46,16 +50,16 @@ def make_videos(folder: Path, count: int, cells: int) -> list[Path]:
     return folders
 
 
-def run_cell(route: str, in_flight: int, args, model_dir: Path, videos: Path, work: Path,
+def run_cell(route: str, in_flight: int, batch_size: int, args, model_dir: Path, videos: Path, work: Path,
              llm_url: str | None) -> dict:
-    out = work / f"{route}-{in_flight}.jsonl"
+    out = work / f"{route}-{in_flight}-{batch_size}.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     if args.our_threads:
         env["OMP_NUM_THREADS"] = str(args.our_threads)
     command = [sys.executable, "-m", "mugstan_chat", "batch", str(videos), "--prompt", "Describe the video.",
                "--out", str(out), "--model", str(model_dir), "--device", "cpu", "--dtype", args.dtype,
                "--frames", str(args.frames), "--max-new-tokens", str(args.new_tokens), "--in-flight", str(in_flight),
-               "--workers", str(args.workers), "--no-progress", "--overwrite"]
+               "--batch-size", str(batch_size), "--workers", str(args.workers), "--no-progress", "--overwrite"]
     if (model_dir / "stan").exists():
         command += ["--stan", str(model_dir / "stan")]
     if llm_url:
@@ -66,9 +70,11 @@ def run_cell(route: str, in_flight: int, args, model_dir: Path, videos: Path, wo
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tokens = sum(r.get("new_tokens") or 0 for r in rows)
     rate = float(RATE.findall(done.stderr)[-1])
-    return {"route": route, "in_flight": in_flight, "videos": len(rows),
-            "failed": sum(r["error"] is not None for r in rows), "videos_s": rate,
-            "new_tokens": tokens, "load_average_1m": round(os.getloadavg()[0], 2)}
+    encode = [r["timings_ms"]["encode"] for r in rows if r.get("timings_ms")]
+    return {"route": route, "in_flight": in_flight, "batch_size": batch_size, "videos": len(rows),
+            "failed": sum(r["error"] is not None for r in rows), "videos_s": rate, "new_tokens": tokens,
+            "encode_ms": round(sum(encode) / len(encode), 1) if encode else None,
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--demo", action="store_true", help="the exported demo model")
     parser.add_argument("--routes", nargs="+", choices=["ours", "vllm"], default=["ours", "vllm"])
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                        help="batch --batch-size values (each with every --in-flight value)")
     parser.add_argument("--videos", type=int, default=32, help="distinct synthetic videos per cell")
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV) is needed for the vLLM route")
     from . import serve  # its vLLM launcher (same flags as the serving benchmark)
 
-    args.concurrency = args.in_flight  # what serve.start_vllm sizes --max-num-seqs by
+    # what serve.start_vllm sizes --max-num-seqs by
+    args.concurrency = [n * b for n in args.in_flight for b in args.batch_size]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as scratch:
         work = Path(scratch)
@@ -104,21 +113,21 @@ def main(argv: list[str] | None = None) -> int:
             which_model = ["--demo"] if args.demo else ["--size", args.size or "small"]
             subprocess.run([sys.executable, "-m", "mugstan_chat", "export-llava", str(model_dir), *which_model],
                            check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        cells = [(route, n) for route in args.routes for n in args.in_flight]
+        cells = [(route, n, b) for route in args.routes for n in args.in_flight for b in args.batch_size]
         folders = make_videos(work / "videos", args.videos, len(cells))
         vllm = base = None
         try:
             if "vllm" in args.routes:
                 vllm, base = serve.start_vllm(args, model_dir, work / "vllm.log")
-            for (route, in_flight), videos in zip(cells, folders):
-                rows.append(run_cell(route, in_flight, args, model_dir, videos, work,
+            for (route, in_flight, batch_size), videos in zip(cells, folders):
+                rows.append(run_cell(route, in_flight, batch_size, args, model_dir, videos, work,
                                      base if route == "vllm" else None))
                 print(common.markdown_table(rows[-1:], list(rows[-1])), flush=True)
         finally:
             if vllm is not None:
                 serve.stop(vllm)
-    print(common.markdown_table(rows, ["route", "in_flight", "videos", "failed", "videos_s", "new_tokens",
-                                         "load_average_1m"]))
+    print(common.markdown_table(rows, ["route", "in_flight", "batch_size", "videos", "failed", "videos_s",
+                                         "new_tokens", "encode_ms", "load_average_1m"]))
     common.write_json(args.out, {"machine": common.machine_description("cpu"), "args": vars(args), "rows": rows})
     return 0
 

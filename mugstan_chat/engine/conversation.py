@@ -60,6 +60,47 @@ __all__ = ["ChatSession", "ContinuationScore", "ConversationTooLong", "Generatio
 
 logger = logging.getLogger(__name__)
 
+@dataclasses.dataclass
+class EncodedClips:
+    """One video's clips through the tower and the projector: C tensors (tokens per clip, text width)."""
+
+    features: list[torch.Tensor]
+    temporal: str  # the temporal mode they were encoded with
+    encode_ms: float  # this video's share of the tower call (the call's time / the videos in it)
+
+
+def encode_clips(chat_model, videos: list[torch.Tensor], temporal: str,
+                 frames_as_images: bool = False) -> list[EncodedClips]:
+    """Several videos' decoded clips ((C_i, T, 3, H, W) each) in ONE tower + projector call, split per video.
+
+    The tower sees the clips of every video as one batch of sum(C_i) clips; each clip is encoded on its
+    own frames (the temporal branch mixes frames within a clip, never across clips), so a video's features
+    are the ones a call with its clips alone gives, up to fp32 rounding of the larger matrix products.
+    ``frames_as_images``: every frame its own one-frame clip (C_i x T features for video i).
+    """
+    if frames_as_images:
+        videos = [clips.flatten(0, 1)[:, None] for clips in videos]  # (C*T, 1, 3, H, W): every frame one image
+    shapes = {tuple(clips.shape[1:]) for clips in videos}
+    if len(shapes) > 1:
+        raise ValueError(f"videos encoded together need clips of one shape (T, 3, H, W); got {sorted(shapes)}")
+    counts = [int(clips.shape[0]) for clips in videos]
+    t0 = time.perf_counter()
+    tower = chat_model.tower
+    with torch.inference_mode():
+        pixels = torch.cat(list(videos), dim=0).to(device=tower.device, dtype=tower.dtype)
+        output = chat_model.model.model.get_image_features(pixel_values=pixels, temporal_mode=temporal,
+                                                           return_dict=True)
+        features = [f.detach() for f in output.pooler_output]  # sum(C_i) x (tokens, text width)
+    if tower.device.type == "cuda":
+        torch.cuda.synchronize(tower.device)
+    share = (time.perf_counter() - t0) * 1000 / max(1, len(videos))
+    out, at = [], 0
+    for count in counts:
+        out.append(EncodedClips(features[at:at + count], temporal, share))
+        at += count
+    return out
+
+
 class ChatSession:
     """A conversation about one video.
 
@@ -236,14 +277,18 @@ class ChatSession:
         self.drop_prefix_cache()  # new features behind the same placeholder ids: the cache is stale
         self._video = dataclasses.replace(features, reported=cached)
 
-    def prepare(self, decoded: VideoClips | None = None) -> bool:
+    def prepare(self, decoded: VideoClips | None = None, encoded: EncodedClips | None = None) -> bool:
         """Decodes and encodes the video unless already done; True if work was done now.
 
         ``decoded``: this video's clips already decoded (``load_video_clips`` with this session's
         frames, clips and window), so sessions over the same frames share one decode.
+        ``encoded``: those clips' projected features, already encoded (:func:`encode_clips`, one
+        tower call for several videos); only with ``decoded``.
         """
         if self._video is not None:
             return False
+        if encoded is not None and decoded is None:
+            raise ValueError("encoded features come with the decoded clips they were encoded from")
         if self.selects and decoded is None:  # the candidates now; the clips when a question chooses them
             embedded = self.prepare_candidates()
             if self.selects:
@@ -258,32 +303,25 @@ class ChatSession:
                 self.video_path, frames_per_clip=self.frames, num_clips=self.clips, mode="eval", start=start,
                 end=end, limits=self.limits, image_processor=processor.image_processor, info=self.plan.probed)
         self.drop_prefix_cache()
-        self._video = self._encode(decoded, t0)
+        self._video = self._encode(decoded, t0, encoded)
         logger.info("encoded %s: %d clips x %d frames -> %d visual tokens (decode %.0f ms, encode %.0f ms)",
                     self.video_path, self.clips, self.frames, self.visual_tokens, self._video.decode_ms,
                     self._video.encode_ms)
         return True
 
-    def _encode(self, decoded: VideoClips, t0: float) -> VideoFeatures:
-        """Decoded clips -> projected features (tower + projector); ``t0``: when decoding began."""
-        model = self.chat_model.model
+    def _encode(self, decoded: VideoClips, t0: float, encoded: EncodedClips | None = None) -> VideoFeatures:
+        """Decoded clips -> projected features (tower + projector, or ``encoded``); ``t0``: when decoding began."""
         clips, info, indices = decoded  # (C, T, 3, H, W)
         if tuple(clips.shape[:2]) != (self.clips, self.frames):
             raise ValueError(f"decoded clips of shape {tuple(clips.shape[:2])} for a session of "
                              f"{self.clips} clips x {self.frames} frames")
-        if self.frames_as_images:
-            clips = clips.flatten(0, 1)[:, None]  # (C*T, 1, 3, H, W): every frame one image
         t1 = time.perf_counter()
-        tower = self.chat_model.tower
-        with torch.inference_mode():
-            pixels = clips.to(device=tower.device, dtype=tower.dtype)
-            output = model.model.get_image_features(pixel_values=pixels, temporal_mode=self.temporal,
-                                                    return_dict=True)
-            features = [f.detach() for f in output.pooler_output]  # C x (tokens, text width)
-        if tower.device.type == "cuda":
-            torch.cuda.synchronize(tower.device)
-        t2 = time.perf_counter()
-        return VideoFeatures(features, indices, info, (t1 - t0) * 1000, (t2 - t1) * 1000,
+        if encoded is None:
+            encoded = encode_clips(self.chat_model, [clips], self.temporal, self.frames_as_images)[0]
+        elif self.frames_as_images or encoded.temporal != self.temporal or len(encoded.features) != self.clips:
+            raise ValueError(f"features encoded as {len(encoded.features)} clips ({encoded.temporal}) for a session "
+                             f"of {self.clips} clips ({self.temporal})")
+        return VideoFeatures(list(encoded.features), indices, info, (t1 - t0) * 1000, encoded.encode_ms,
                              spans=clip_spans(indices, self.plan.frame_times()))
 
     # ----------------------------------------------------------------- the clips (engine/planning.py)
@@ -718,3 +756,33 @@ class ChatSession:
             "selection": None if self.selection is None else self.selection.to_dict(),
             "selection_notice": self.selection_notice,
         }
+
+
+def ask_together(sessions: list[ChatSession], questions: list[str],
+                 generation: GenerationSettings | None = None) -> list[str | Exception]:
+    """Answers each session's question with ONE padded ``generate`` over all of them (the language model's
+    ``generate_many``); each answer or the error that session's turn raised (a prompt that does not fit).
+
+    Every turn is checked and tokenised as :meth:`ChatSession.ask` does and recorded the same way; the
+    batch carries no KV cache (each session's next question prefills its whole prompt).
+    """
+    results: list[str | Exception | None] = [None] * len(sessions)
+    turns, held = [], []
+    with contextlib.ExitStack() as stack:
+        for i, (session, question) in enumerate(zip(sessions, questions)):
+            try:
+                stack.enter_context(session._busy())
+                turn = session._begin_turn(question, generation)
+            except Exception as error:  # noqa: BLE001 - this session's answer is its error; the others go on
+                results[i] = error
+                continue
+            turn.kv = None  # a batch's keys/values are padded rows: none is kept for the next turn
+            turns.append(turn)
+            held.append(i)
+        if turns:
+            answers = sessions[held[0]].engine.llm.generate_many(turns)
+            for i, turn, answer in zip(held, turns, answers):
+                sessions[i]._record(turn, answer)
+                results[i] = answer
+    return results
+

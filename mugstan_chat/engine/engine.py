@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from ..llava.retrieval import Retriever, SelectionUnavailable, load_retriever
 from ..session_options import DEFAULTS, SessionOptions
 from ..video import VideoDecodeError, VideoLimits
-from .conversation import ChatSession
+from .conversation import ChatSession, EncodedClips, ask_together, encode_clips
 from .feature_cache import FeatureCache, file_sha256, image_key, session_key
 from .language_models import LanguageModel, LocalLanguageModel, RemoteLanguageModel
 from .likelihood import ContinuationScore
@@ -101,7 +101,8 @@ class Engine:
              name: str | None = None, generation: GenerationSettings | None = None, system: str | None = None,
              history: list[tuple[str, str]] | tuple = (), temporal: str | None = None, start: float | None = None,
              end: float | None = None, limits: VideoLimits | None = None, content_hash: str | None = None,
-             max_auto_clips: int = AUTO_MAX_CLIPS, decoded=None, before_decoding: Callable[[], None] | None = None,
+             max_auto_clips: int = AUTO_MAX_CLIPS, decoded=None, encoded: EncodedClips | None = None,
+             before_decoding: Callable[[], None] | None = None,
              frames_as_images: bool = False, reuse_cache: bool = True, lazy: bool = False) -> Conversation:
         """A conversation about ``video`` whose video features are ready (from the cache, or made now).
 
@@ -121,6 +122,8 @@ class Engine:
             max_auto_clips: the most clips ``clips="auto"`` chooses.
             decoded: this video's clips already decoded with these options (``load_video_clips``):
                 encoded directly, not through the cache (evaluation decodes once for several modes).
+            encoded: those ``decoded`` clips' features from :meth:`encode_many` (several videos in one
+                tower call): used instead of encoding them again.
             before_decoding: called before the file is decoded on a cache miss (a front end's header checks).
             frames_as_images: every frame as its own ``<image>`` (the frame-concatenation baseline).
             reuse_cache: keep the conversation's KV cache between turns (False: prefill every turn).
@@ -139,7 +142,7 @@ class Engine:
         if lazy:
             return Conversation(session, False)
         try:
-            cached = self._prepare(session, question, decoded, before_decoding)
+            cached = self._prepare(session, question, decoded, before_decoding, encoded)
         except VideoDecodeError as error:
             if name is None:
                 raise
@@ -148,7 +151,7 @@ class Engine:
             session.video_path = name  # the file may go away now: nothing reads it again
         return Conversation(session, cached)
 
-    def _prepare(self, session: ChatSession, question: str | None, decoded, before_decoding) -> bool:
+    def _prepare(self, session: ChatSession, question: str | None, decoded, before_decoding, encoded=None) -> bool:
         """Gives ``session`` its clips' features; True when they came from the cache."""
         question = question.strip() if question else None
         if session.select is not None:  # the candidates go through the cache; the question picks the clips
@@ -164,7 +167,7 @@ class Engine:
             return not session.prepare()
         session.resolve_clips(question)  # --clips auto: the number chosen is part of the cache key
         if decoded is not None:
-            session.prepare(decoded)
+            session.prepare(decoded, encoded)
             return False
         key = session_key(session, session.content_hash or file_sha256(session.video_path))
 
@@ -178,6 +181,37 @@ class Engine:
         if cached:
             session.attach_features(features)
         return cached
+
+    def encode_many(self, decoded: list, options: SessionOptions = DEFAULTS,
+                    temporal: str | None = None) -> list[EncodedClips]:
+        """Several videos' uniform clips (``load_video_clips`` results, the same ``options``) through the tower
+        and the projector in ONE call; hand each to :meth:`open` as ``decoded=..., encoded=...``.
+
+        The features equal each video encoded alone up to fp32 rounding (tests/test_engine_batch.py).
+        ``temporal``: "stan" or "mean" (default: the tower's mode).
+        """
+        options.validate()
+        if options.select is not None or options.clips == "auto":
+            raise ValueError("encode_many takes uniform clips: neither clip selection nor clips='auto'")
+        temporal = temporal or self.model.tower.mode
+        if temporal not in self.model.tower.available_modes:
+            raise ValueError(f"temporal mode {temporal!r} is not available with this model "
+                             f"(available: {', '.join(self.model.tower.available_modes)})")
+        return encode_clips(self.model, [clips.clips for clips in decoded], temporal)
+
+    def ask_many(self, conversations: list[Conversation], questions: list[str],
+                 generation: GenerationSettings | None = None) -> list[str | Exception]:
+        """The first (or next) answer of several conversations at once; each answer, or the error its turn raised.
+
+        On our language model one padded ``generate`` answers them all (left padding, one attention mask,
+        each conversation's own clip features): greedy answers equal ``ask``'s up to fp32 rounding, which can
+        turn a near-tie (docs/batch.md). On the vLLM route each is its own request.
+        """
+        if len(conversations) != len(questions):
+            raise ValueError(f"{len(conversations)} conversations and {len(questions)} questions")
+        if any(conversation.engine is not self for conversation in conversations):
+            raise ValueError("ask_many answers conversations this engine opened")
+        return ask_together([conversation._session for conversation in conversations], questions, generation)
 
     def open_text(self, *, generation: GenerationSettings | None = None, system: str | None = None,
                   history: list[tuple[str, str]] | tuple = (), name: str = "text-only conversation") -> Conversation:

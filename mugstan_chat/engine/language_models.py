@@ -56,6 +56,9 @@ class LanguageModel(Protocol):
     def stream(self, turn: PreparedTurn, stop: threading.Event | None) -> Iterator[str]:
         """The answer as text pieces; setting ``stop`` ends it after the current token; closing it ends it now."""
 
+    def generate_many(self, turns: list[PreparedTurn]) -> list[str]:
+        """Each turn's whole answer (first turns of several conversations; no KV cache is reused or kept)."""
+
 
 class LocalLanguageModel:
     """LLaVA's own language model, in this process."""
@@ -94,6 +97,55 @@ class LocalLanguageModel:
         turn.stats.new_tokens = int(new.numel())
         turn.sequence, turn.cache = output[0], kwargs.get("cache")
         return self.chat_model.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def generate_many(self, turns: list[PreparedTurn]) -> list[str]:
+        """One padded ``generate`` for all ``turns``: prompts left-padded to the longest, an attention mask over
+        the padding (positions count from each row's first real token), every row's clip features in
+        ``mm_encoder_outputs`` in row order (LLaVA fills the placeholders of the whole batch in that order).
+
+        Greedy rows answer as each turn alone would up to fp32 rounding: the padded rows' matrix products
+        have other shapes, so a near-tie between two tokens can go the other way (docs/batch.md). Sampling or
+        a repetition penalty: each turn its own ``generate`` (the same answers as alone, one after another).
+        """
+        if any(turn.generation != turns[0].generation for turn in turns):
+            raise ValueError("turns answered together need one GenerationSettings")
+        settings = turns[0].generation
+        if len(turns) == 1 or settings.temperature > 0 or settings.repetition_penalty != 1.0:
+            # sampling draws each row's noise from one generator and the repetition penalty would count the
+            # padding: one generate per turn keeps every answer the one it has alone
+            return [self.generate(turn) for turn in turns]
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        tokenizer = self.chat_model.processor.tokenizer
+        model = self.chat_model.model
+        config = model.generation_config
+        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+        longest = max(int(turn.inputs["input_ids"].shape[1]) for turn in turns)
+        ids = torch.full((len(turns), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(turns), longest), dtype=torch.long)
+        for row, turn in enumerate(turns):
+            length = int(turn.inputs["input_ids"].shape[1])
+            ids[row, longest - length:] = turn.inputs["input_ids"][0]
+            mask[row, longest - length:] = turn.inputs["attention_mask"][0]
+        features = [f for turn in turns for f in turn.features]
+        kwargs = {"input_ids": ids.to(self.chat_model.device), "attention_mask": mask.to(self.chat_model.device),
+                  "max_new_tokens": max(turn.stats.max_new_tokens for turn in turns), "pad_token_id": pad}
+        kwargs.update(turns[0].generation.generate_kwargs())
+        if features:
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        with torch.inference_mode():
+            output = model.generate(**kwargs)
+        answers = []
+        for row, turn in enumerate(turns):
+            new = output[row, longest:longest + turn.stats.max_new_tokens].tolist()
+            ends = [i for i, token in enumerate(new) if token in eos]
+            new = new[:ends[0] + 1] if ends else new  # a single generate stops at (and returns) its EOS
+            turn.stats.new_tokens = len(new)
+            turn.stats.prefill_tokens, turn.stats.reused_tokens = turn.stats.prompt_tokens, 0
+            answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        return answers
 
     def stream(self, turn: PreparedTurn, stop: threading.Event | None) -> Iterator[str]:
         from transformers import StoppingCriteriaList
@@ -144,6 +196,10 @@ class RemoteLanguageModel:
 
     def generate(self, turn: PreparedTurn) -> str:
         return "".join(self.stream(turn, None)).strip()
+
+    def generate_many(self, turns: list[PreparedTurn]) -> list[str]:
+        """One request each, in turn (the server batches what is in flight: ``batch --in-flight``)."""
+        return [self.generate(turn) for turn in turns]
 
     def stream(self, turn: PreparedTurn, stop: threading.Event | None) -> Iterator[str]:
         """Raises remote_llm.RemoteLLMError when the server fails; the stream to vLLM is closed when this one is."""

@@ -52,6 +52,10 @@ def add_batch_command(commands) -> argparse.ArgumentParser:
     parser.add_argument("--in-flight", type=positive_int, default=1, metavar="N",
                         help="videos answered at once (more with --llm-url: the vLLM server batches them; "
                              "default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                        help="answer N videos together: one tower call for their clips and, on our engine, one padded "
+                             "generate (uniform clips only; greedy answers can differ from ask's at near-ties, "
+                             "docs/batch.md; default: %(default)s, each video alone)")
     parser.add_argument("--captions-out", metavar="FILE", default=None,
                         help="also write the answered rows as the trainer's annotations ({video, caption} .jsonl; "
                              "folder and list inputs)")
@@ -123,7 +127,8 @@ def run_batch(args: argparse.Namespace) -> int:
                        unit="video", desc="batch")
     try:
         runner = BatchRunner(engine, model_args.session_options(), model_args.generation(), args.prompt, results,
-                             workers=args.workers, in_flight=args.in_flight, progress=bar)
+                             workers=args.workers, in_flight=args.in_flight, progress=bar,
+                             batch_size=args.batch_size)
         summary = runner.run(items, done)
     finally:
         bar.close()
