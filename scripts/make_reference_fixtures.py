@@ -27,7 +27,7 @@ in a throw-away virtual environment::
 
 mmaction2 and mmcv are not installed: their registry, ``DropPath`` (identity at
 evaluation) and ``constant_init`` are replaced by the small stand-ins below, which
-only supply the names the two files import. ``tests/test_authors_reference.py``
+only supply the names the two files import. ``tests/model/test_authors_reference.py``
 converts the checkpoint with our converter and matches every saved output.
 """
 

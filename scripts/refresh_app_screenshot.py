@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # MUGSTAN_REQUIRE: without Chromium the test fails (a skip would leave the old picture and exit 0)
     env = {**os.environ, "MUGSTAN_APP_SCREENSHOT": str(Path(args.out).resolve()), "MUGSTAN_REQUIRE": "chromium"}
-    test = "tests/test_app_browser.py::test_timeline_marks_the_selected_clips"
+    test = "tests/entrypoints/test_web_browser.py::test_timeline_marks_the_selected_clips"
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env)
 
 

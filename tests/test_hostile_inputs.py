@@ -45,7 +45,7 @@ def chat_model(demo_chat_model):
 @pytest.fixture(scope="module")
 def web(chat_model):
     """The web app's callbacks (app.py) on the demo model."""
-    from test_app import app_module
+    from mugstan_chat.entrypoints import web as app_module
 
     return app_module.ChatApp(Engine(chat_model), app_module.AppSettings(examples_dir=None))
 
@@ -345,7 +345,7 @@ def test_out_of_range_settings_are_usage_errors(flag, value, no_loading, capsys)
 @pytest.mark.parametrize("flag,value", [("--max-new-tokens", "4097"), ("--frames", "65"), ("--clips", "9"),
                                         ("--temperature", "nan"), ("--port", "70000")])
 def test_app_refuses_what_its_page_would_refuse(flag, value, no_loading, capsys):
-    from test_app import app_module
+    from mugstan_chat.entrypoints import web as app_module
 
     with pytest.raises(SystemExit) as done:
         app_module.main(["--demo", flag, value])
@@ -357,7 +357,7 @@ def test_sliders_take_their_ranges_from_the_same_bounds(chat_model):
     import gradio as gr
 
     from mugstan_chat import options
-    from test_app import app_module
+    from mugstan_chat.entrypoints import web as app_module
 
     settings = app_module.AppSettings(examples_dir=None, frames=options.FRAMES.high, clips=options.CLIPS.high,
                                       max_new_tokens=options.MAX_NEW_TOKENS.high, temperature=options.TEMPERATURE.high,
@@ -461,9 +461,9 @@ def busy_port():
 def test_port_taken_while_loading_is_one_line(busy_port, monkeypatch, capsys):
     """Gradio's own failure to bind (the port was free when checked) gives the same one line.
 
-    (A port already busy at startup is a usage error before loading: tests/test_entrypoints.py.)"""
+    (A port already busy at startup is a usage error before loading: tests/entrypoints/test_front_end_flags.py.)"""
     from mugstan_chat.entrypoints import network, serving_args
-    from test_app import app_module
+    from mugstan_chat.entrypoints import web as app_module
 
     assert network.port_in_use("127.0.0.1", busy_port)  # what the startup check sees
     monkeypatch.setattr(serving_args, "port_in_use", lambda host, port: None)

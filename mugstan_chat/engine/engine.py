@@ -187,7 +187,7 @@ class Engine:
         """Several videos' uniform clips (``load_video_clips`` results, the same ``options``) through the tower
         and the projector in ONE call; hand each to :meth:`open` as ``decoded=..., encoded=...``.
 
-        The features equal each video encoded alone up to fp32 rounding (tests/test_engine_batch.py).
+        The features equal each video encoded alone up to fp32 rounding (tests/engine/test_engine_batch.py).
         ``temporal``: "stan" or "mean" (default: the tower's mode).
         """
         options.validate()

@@ -178,7 +178,7 @@ class ChatApp:
     """The callbacks of the page. Holds the engine; all per-user data lives in ``UserSession``.
 
     Every callback takes the session state and returns it, so it can be tested
-    without a browser or a server (tests/test_app.py). The engine's feature cache is every
+    without a browser or a server (tests/entrypoints/test_web.py). The engine's feature cache is every
     visitor's: the same bytes with the same settings are decoded and encoded once.
     """
 

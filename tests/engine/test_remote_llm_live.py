@@ -19,7 +19,7 @@ import fake_llm as fake
 from live_process import free_port, serve_demo
 from mugstan_chat.entrypoints import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 STARTUP_TIMEOUT_S = 90
 SHORT_TIMEOUT_S = 1.0  # --llm-timeout of the server the stalls are tried on

@@ -21,7 +21,7 @@ from outside_programs import require
 
 pytestmark = [pytest.mark.browser, pytest.mark.requires("chromium")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ANSWER = "The square turns green at 00:04, and in Clip 1 it is still red."
 LAUNCH = f"""
 import sys

@@ -18,7 +18,7 @@ import torch
 
 from mugstan_chat.model import authors_checkpoint as official
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "authors" / "mugstan_tiny.pth"
 SIZES = dict(vision_heads=4, text_heads=4)
 

@@ -15,7 +15,7 @@ from mugstan_chat.engine.turns import GenerationSettings
 from mugstan_chat.session_options import SessionOptions
 from mugstan_chat.video import VideoDecodeError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 VIDEO = str(EXAMPLES / "red_triangle_growing.mp4")
 SHORT = GenerationSettings(max_new_tokens=4)
 

@@ -18,7 +18,7 @@ from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.engine.engine import Engine
 
-VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
+VIDEO = Path(__file__).resolve().parents[2] / "examples" / "red_triangle_growing.mp4"
 QUESTIONS = ("what happens in the video ?", "describe the scene", "what moves ?", "where is the circle ?")
 
 

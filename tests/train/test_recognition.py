@@ -20,7 +20,7 @@ from mugstan_train.params import model_config, parse_args
 from mugstan_train.post_pretrain import train
 from mugstan_train.recognition_data import ClassIndex, labelled_records, read_class_names, recognition_columns
 
-SSV2 = Path(__file__).parent / "fixtures" / "ssv2"
+SSV2 = Path(__file__).resolve().parents[1] / "fixtures" / "ssv2"
 SIZE, FRAMES = 32, 12
 #: four motion classes; the class names are the captions the text tower encodes
 CLASSES = {"horizontal": "moving sideways", "vertical": "moving up or down", "scale": "changing size",

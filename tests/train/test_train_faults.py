@@ -154,7 +154,7 @@ def videos(synthetic_videos) -> Path:
 
 
 def _args(videos: Path, out: Path, *extra: str) -> list[str]:
-    """tests/test_train.py's run (tests/tiny_training.py), without the diagnostics probe."""
+    """tests/train/test_train.py's run (tests/tiny_training.py), without the diagnostics probe."""
     return tiny_training_args(videos, out, "--diagnostics-interval", "0", *extra)
 
 

@@ -25,7 +25,7 @@ from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy
 from mugstan_chat.entrypoints.openai.planning import ServiceConfig
 from mugstan_chat.entrypoints.openai.worker import ChatService
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 THREADS = 3  # neither torch's default here (OMP_NUM_THREADS=1 in tests) nor the machine's core count
 
 

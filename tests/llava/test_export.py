@@ -19,7 +19,7 @@ from mugstan_chat.llava.export import vllm_key
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.engine.engine import Engine
 
-VIDEO = Path(__file__).resolve().parents[1] / "examples" / "red_triangle_growing.mp4"
+VIDEO = Path(__file__).resolve().parents[2] / "examples" / "red_triangle_growing.mp4"
 
 
 def test_export_writes_vllm_layout_and_loads_back_as_the_same_model(tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mugstan_chat.entrypoints import web as app_module
+from web_driver import ask as _ask, load as _load
 from mugstan_chat.engine.conversation import ConversationTooLong
 from mugstan_chat.llava.loader import load_chat_model
 from mugstan_chat.engine.engine import Engine
@@ -28,19 +29,6 @@ def videos(synthetic_videos):
 def app(chat_model):
     settings = app_module.AppSettings(max_new_tokens=12, max_upload_mb=1.0, max_video_seconds=60.0)
     return app_module.ChatApp(Engine(chat_model), settings)
-
-
-def _load(app, video, state=None, frames=4, clips=1, temporal="stan"):
-    return app.load_video(video, frames, clips, temporal, state)
-
-
-def _ask(app, state, question, max_new_tokens=12):
-    """Runs the streaming callback to the end; returns (state, every yielded answer text)."""
-    texts = []
-    for messages, state, box in app.respond(question, state, max_new_tokens, 0.0, 1.0):
-        assert box == ""  # the question box is cleared
-        texts.append(messages[-1]["content"])
-    return state, texts
 
 
 def test_upload_ask_stream_follow_up(app, videos):

@@ -1,7 +1,7 @@
 """The shared feature cache in the web app's callbacks and the CLI's ``chat``, on the demo model.
 
 Encodes and decodes are counted (the tower's forward calls, the video reader's calls),
-never timed; the server's own use of the cache is in tests/test_server_service.py.
+never timed; the server's own use of the cache is in tests/entrypoints/openai/test_worker.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from mugstan_chat.entrypoints.cli import main as cli_main
 from mugstan_chat.engine.engine import Engine
 from mugstan_chat.engine.feature_cache import FeatureCache, file_sha256, model_identity, session_key
 from mugstan_chat.entrypoints.values import megabytes_to_bytes
-from test_app import _ask, _load, app_module  # app.py imported once, as tests/test_app.py does
+from mugstan_chat.entrypoints import web as app_module
+from web_driver import ask as _ask, load as _load
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ONE_VIDEO_BYTES = 16 * 64 * 4  # demo, 1 clip: visual tokens x text width x fp32
 
 

@@ -26,7 +26,7 @@ from mugstan_chat.entrypoints.openai.worker import ChatService, TextAssembler
 from mugstan_chat.video import VideoDecodeError
 from mugstan_chat.engine.engine import Engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
 
 

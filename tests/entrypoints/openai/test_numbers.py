@@ -24,7 +24,7 @@ from mugstan_chat.entrypoints.openai.worker import ChatService
 from mugstan_chat.video import write_video
 from mugstan_chat.engine.engine import Engine
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 FRAMES = 4  # T, as conftest's chat_model
 
 

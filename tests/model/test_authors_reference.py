@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from mugstan_chat.model.dual_encoder import MugStan, MugStanConfig
 from mugstan_chat.model.mug import MugConfig, mean_frames, score_matrix
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "authors"
 CHECKPOINT = FIXTURES / "mugstan_tiny.pth"
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import pytest
 from mugstan_chat.entrypoints.openai.media import MediaFetcher, MediaPolicy, open_image
 from mugstan_chat.entrypoints.openai.protocol import APIError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 VIDEO = ROOT / "examples" / "red_triangle_growing.mp4"
 
 

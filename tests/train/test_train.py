@@ -20,7 +20,7 @@ from mugstan_train import train as train_module
 from mugstan_train.post_pretrain import train
 from tiny_training import tiny_training_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from live_process import serve_demo
 from mugstan_chat.engine.conversation import ChatSession, GenerationSettings
 from mugstan_chat.engine.engine import Engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
 KEY = "test-key-123"
 FRAMES = 4  # the server's T; conftest's chat_model (the same demo model, T = 4, in this process) is the reference

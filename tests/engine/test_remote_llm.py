@@ -24,7 +24,7 @@ from mugstan_chat.entrypoints.openai.protocol import ChatCompletionRequest
 from mugstan_chat.entrypoints.openai.worker import ChatService
 from mugstan_chat.engine.engine import Engine
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from test_shards import write_v2d_shards
 from test_train import assert_weights_match_reference
 from mugstan_train.post_pretrain import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO / "training" / "post_pretrain.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
