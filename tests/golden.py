@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
 
-from live_process import STARTUP_TIMEOUT_S, free_port, serve_demo, wait_until_up
+import live_process
+from live_process import STARTUP_TIMEOUT_S, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -136,23 +136,7 @@ def serve_answers(base: str, video: Path, questions=QUESTIONS, stream: bool = Fa
 
 def serve_app(log: Path) -> Iterator[str]:
     """``python app.py`` (the :data:`SETTINGS` flags) on a free port, for a fixture to ``yield from``: its URL."""
-    port = free_port()
-    env = {**_env(), "GRADIO_TEMP_DIR": str(log.parent / "gradio")}
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "app.py", *model_flags(), "--port", str(port), "--no-examples"],
-                                   cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, url + "/", log, STARTUP_TIMEOUT_S)
-        yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # its own process group: app.py and nothing else
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    yield from live_process.serve_app(log, *model_flags(), "--no-examples", env=_env(), timeout_s=STARTUP_TIMEOUT_S)
 
 
 def _text(content) -> str:

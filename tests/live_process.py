@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,3 +71,27 @@ def serve_demo(log_path: Path, *flags: str, timeout_s: float = STARTUP_TIMEOUT_S
     finally:
         stop(process)
     assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+def serve_app(log_path: Path, *flags: str, launcher: tuple[str, ...] = ("app.py",), env: dict | None = None,
+              timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """``python app.py FLAGS`` (or ``python LAUNCHER FLAGS``) on a free port from the repository root, for a fixture
+    to ``yield from``: its URL once the page answers. It runs in its own process group, stopped as a whole."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "GRADIO_TEMP_DIR": str(log_path.parent / "gradio"), **(env or {})}
+    with open(log_path, "w") as handle:
+        process = subprocess.Popen([sys.executable, *launcher, *flags, "--port", str(port)], cwd=ROOT, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, url + "/", log_path, timeout_s)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # its own process group: the app and nothing else
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

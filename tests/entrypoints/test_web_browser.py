@@ -9,15 +9,12 @@ sets MUGSTAN_APP_SCREENSHOT to refresh docs/img/app.png from this test.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from live_process import free_port, wait_until_up
+from live_process import serve_app
 from outside_programs import require
 
 pytestmark = [pytest.mark.browser, pytest.mark.requires("chromium")]
@@ -31,27 +28,8 @@ STARTUP_TIMEOUT_S = 90
 
 def _serve(tmp_path_factory, *flags: str):
     """`python app.py --demo FLAGS` on a free port, run from the repository root (the file route's worst case)."""
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--max-new-tokens", "24",
-                                    *flags],
-                                   cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(process, url + "/", log, STARTUP_TIMEOUT_S)
-        yield url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # its own process group: app.py and nothing else
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    yield from serve_app(tmp_path_factory.mktemp("app") / "app.log", "--demo", "--max-new-tokens", "24", *flags,
+                         timeout_s=STARTUP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +108,7 @@ def test_chat_in_browser(server, page, synthetic_videos, tmp_path):
 def test_file_route_serves_only_uploads_and_examples(server, page):
     example = next((ROOT / "examples").glob("*.mp4"))
     assert page.request.get(f"{server}/gradio_api/file={example}").status == 200
-    for path in ("/etc/passwd", ROOT / "pyproject.toml", ROOT / "app.py", ROOT / "mugstan_chat" / "loader.py"):
+    for path in ("/etc/passwd", ROOT / "pyproject.toml", ROOT / "app.py", ROOT / "mugstan_chat" / "llava" / "loader.py"):
         response = page.request.get(f"{server}/gradio_api/file={path}")
         assert response.status != 200, f"{path} must not be served"
 

@@ -7,15 +7,12 @@ else (the page, the clip times in the prompt, the references, the links, the pla
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from live_process import free_port, stop, wait_until_up
+from live_process import serve_app
 from mugstan_chat.video import write_video
 from outside_programs import require
 
@@ -42,19 +39,8 @@ raise SystemExit(app.main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")), "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "--demo", "--port", str(port), "--clips", "3",
-                                    "--frames", "2", "--max-new-tokens", "4", "--no-examples"],
-                                   cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/", log, 90)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process)
+    yield from serve_app(tmp_path_factory.mktemp("app") / "app.log", "--demo", "--clips", "3", "--frames", "2",
+                         "--max-new-tokens", "4", "--no-examples", launcher=("-c", LAUNCH))
 
 
 def test_a_time_in_the_answer_seeks_the_player(app_url, tmp_path):
