@@ -4,7 +4,7 @@ On this project's torch (OpenMP backend), ``torch.set_num_threads(n)`` called in
 the OpenMP team size of *that thread's* parallel regions only: other threads keep theirs, and a
 thread started later begins from the process default (``OMP_NUM_THREADS`` / the core count),
 not from its parent's value, although ``torch.get_num_threads()`` reports the last value any
-thread set (``scripts/omp_threads_per_thread.py`` shows both). So a request's count is applied
+thread set (``mugstan-chat bench threads`` shows both). So a request's count is applied
 in every thread that does its work: :func:`use_threads` in the request's own thread records it
 (thread-locally) and :func:`inherit_threads` applies the recorded value in a thread that
 thread starts (the language model's generate thread,

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "precision": ("precision", "one model at fp32, bf16, 8-bit and 4-bit: memory, TTFT, tokens/s"),
     "feature-cache": ("feature_cache", "a repeated video in a new web-app session vs a follow-up (TTFT)"),
     "app-load": ("app_load", "the web app under N concurrent clients: TTFT percentiles, memory"),
+    "threads": ("threads", "whether torch.set_num_threads in one thread changes another's OpenMP team"),
 }
 
 

@@ -14,7 +14,7 @@ thread starts from the process default, and ``torch.get_num_threads()`` reports 
 any thread set, not the caller's team. mugstan_chat.engine.threads applies a request's count in
 each thread that does its work.
 
-    OMP_NUM_THREADS=2 python scripts/omp_threads_per_thread.py
+    OMP_NUM_THREADS=2 mugstan-chat bench threads
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-X = torch.randn(1500, 1500)
+X = torch.randn(1500, 1500)  # one product keeps 2 cores busy for ~0.1 s
 
 
 def cpu_ticks() -> dict[int, int]:
@@ -77,7 +77,15 @@ def trial(first: int, second: int) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(trial(1, 2))
     print(trial(2, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
