@@ -30,7 +30,8 @@ from typing import Callable, Iterator
 from ..llava.retrieval import Retriever, SelectionUnavailable, load_retriever
 from ..session_options import DEFAULTS, SessionOptions
 from ..video import VideoDecodeError, VideoLimits
-from .conversation import ChatSession, EncodedClips, ask_together, encode_clips
+from .conversation import ChatSession, ask_together
+from .encoding import EncodedClips, encode_clips
 from .feature_cache import FeatureCache, file_sha256, image_key, session_key
 from .language_models import LanguageModel, LocalLanguageModel, RemoteLanguageModel
 from .likelihood import ContinuationScore
