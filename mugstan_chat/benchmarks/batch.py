@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import common
+from . import common, serve  # serve: its vLLM launcher and flags
 
 
 ROOT = common.REPO_ROOT
@@ -77,7 +77,7 @@ def run_cell(route: str, in_flight: int, batch_size: int, args, model_dir: Path,
             "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mugstan-chat bench batch", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--size", choices=["small", "7b"], default=None)
@@ -92,17 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="batch's decoding threads")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--our-threads", type=int, default=None, help="OMP_NUM_THREADS of the batch process")
-    parser.add_argument("--vllm-venv", default=os.environ.get("MUGSTAN_VLLM_VENV"))
-    parser.add_argument("--kv-cache-gb", type=float, default=2)
-    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
-    parser.add_argument("--startup-timeout", type=float, default=900)
+    serve.add_vllm_server_args(parser)  # the same vLLM flags as bench serve
     parser.add_argument("--export-dir", default=None, help="reuse this export (default: a temporary one)")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if "vllm" in args.routes and not args.vllm_venv:
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV) is needed for the vLLM route")
-    from . import serve  # its vLLM launcher (same flags as the serving benchmark)
-
     # what serve.start_vllm sizes --max-num-seqs by
     args.concurrency = [n * b for n in args.in_flight for b in args.batch_size]
     rows = []

@@ -208,10 +208,21 @@ def vllm_binding(log_text: str) -> dict:
             "torch_threads_reduced": [f"{a}->{b}" for a, b in threads] or None}
 
 
-def start_vllm(args, model_dir: Path, log: Path):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **vllm_cpu_env(args)}
-    env.pop("PYTHONPATH", None)
+def add_vllm_server_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the vLLM server a benchmark starts (this one and ``bench batch``: one set, one meaning)."""
+    parser.add_argument("--vllm-venv", default=os.environ.get("MUGSTAN_VLLM_VENV"), required=False)
+    parser.add_argument("--vllm-bind", default="auto",
+                        help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (vLLM's default), 'nobind', or core ids like '0-1'")
+    parser.add_argument("--vllm-reserved-cpus", type=int, default=None,
+                        help="VLLM_CPU_NUM_OF_RESERVED_CPU (default: vLLM's, 1 on x86)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's (default: its own)")
+    parser.add_argument("--kv-cache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
+    parser.add_argument("--startup-timeout", type=float, default=900)
+
+
+def vllm_command(args, model_dir: Path, port: int) -> list[str]:
+    """The vLLM server's command line for ``model_dir`` (an export) with the benchmark's flags."""
     command = [str(Path(args.vllm_venv) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enable-mm-embeds",
                "--chat-template", str(model_dir / IN_ORDER_TEMPLATE_FILE), "--chat-template-content-format", "openai",
@@ -221,6 +232,14 @@ def start_vllm(args, model_dir: Path, log: Path):
         command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.enforce_eager:
         command.append("--enforce-eager")
+    return command
+
+
+def start_vllm(args, model_dir: Path, log: Path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **vllm_cpu_env(args)}
+    env.pop("PYTHONPATH", None)
+    command = vllm_command(args, model_dir, port)
     process = subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=model_dir)
     wait_up(process, f"http://127.0.0.1:{port}/v1/models", log, args.startup_timeout)
     return process, f"http://127.0.0.1:{port}"
@@ -360,12 +379,12 @@ def speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mugstan-chat bench serve", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--size", choices=["small", "7b"], default=None)
     which.add_argument("--demo", action="store_true", help="the exported demo model (a smoke run)")
-    parser.add_argument("--vllm-venv", default=os.environ.get("MUGSTAN_VLLM_VENV"), required=False)
+    add_vllm_server_args(parser)
     parser.add_argument("--vllm-url", default=None, help="a running vLLM server to use instead of starting one")
     parser.add_argument("--routes", nargs="+", choices=["ours", "vllm"], default=["ours", "vllm"])
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
@@ -378,16 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--our-threads", type=int, default=None,
                         help="our server's --threads-per-request (default: serve's, cores // max users)")
-    parser.add_argument("--vllm-bind", default="auto",
-                        help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (vLLM's default), 'nobind', or core ids like '0-1'")
-    parser.add_argument("--vllm-reserved-cpus", type=int, default=None,
-                        help="VLLM_CPU_NUM_OF_RESERVED_CPU (default: vLLM's, 1 on x86)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's (default: its own)")
-    parser.add_argument("--kv-cache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
-    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
-    parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--export-dir", default=None, help="reuse this export (default: a temporary one)")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if "vllm" in args.routes and not (args.vllm_venv or args.vllm_url):
         parser.error("--vllm-venv (or $MUGSTAN_VLLM_VENV, or --vllm-url) is needed for the vLLM route")

@@ -228,3 +228,21 @@ def test_serve_matrix_reads_vllm_core_binding_from_its_log():
            "\tlocal_rank=0, core ids=[1]\n\treserved_cpus=[0]\nINFO Reducing Torch threads from 2 to 1 for serving.")
     assert benchmark_serve.vllm_binding(log) == {"worker_cores": [1], "reserved_cores": [0],
                                                  "torch_threads_reduced": ["2->1"]}
+
+
+@pytest.mark.parametrize("benchmark", ["serve", "batch"])
+def test_both_benchmarks_start_vllm_from_the_same_flags(benchmark, tmp_path):
+    """bench serve and bench batch start vLLM through serve.start_vllm: each parser gives every flag it reads."""
+    from mugstan_chat.benchmarks import serve as benchmark_serve
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 4096}}))
+    module = benchmark_serve if benchmark == "serve" else benchmark_batch
+    args = module.build_parser().parse_args(["--size", "small", "--routes", "vllm", "--vllm-venv", "/venv",
+                                             "--vllm-bind", "0-1", "--vllm-reserved-cpus", "0", "--enforce-eager"])
+    args.concurrency = [4]  # what bench batch sets from its in-flight and batch sizes before starting vLLM
+    env = benchmark_serve.vllm_cpu_env(args)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    command = benchmark_serve.vllm_command(args, tmp_path, 8123)
+    assert command[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enforce-eager" in command and command[command.index("--max-num-seqs") + 1] == "4"
+    assert command[command.index("--max-model-len") + 1] == "4096"
