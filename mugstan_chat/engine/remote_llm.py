@@ -29,6 +29,7 @@ imported only on this route; importing this module imports neither torch nor ope
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import socket
 import threading
@@ -216,19 +217,13 @@ class RemoteLLM:
     def connect(self) -> RemoteLLM:
         """Asks the server for its models: resolves ``model``, checks it is served; RemoteLLMError otherwise."""
         try:
-            import openai
+            import openai  # noqa: F401  (installed? one line if not, before any call)
         except ImportError:
             raise RemoteLLMError(500, "--llm-url needs the openai package: pip install 'mugstan-chat[vllm]'") from None
 
         try:
-            listed = self.client().models.list().data
-        except openai.APIStatusError as error:
-            raise self._status_error(error) from None
-        except openai.APITimeoutError:
-            raise self._timeout_error() from None
-        except openai.APIError as error:
-            raise RemoteLLMError(503, f"cannot reach the language model server at {self.url}: {error}",
-                                 code="llm_unavailable") from None
+            with self._answered():
+                listed = self.client().models.list().data
         except (ValueError, TypeError, AttributeError) as error:  # not JSON, or JSON that is no page of models
             raise self._bad_response(f"{self.url}/models did not answer with a model list", error) from None
         if not isinstance(listed, list) or not all(isinstance(getattr(m, "id", None), str) and m.id for m in listed):
@@ -257,8 +252,6 @@ class RemoteLLM:
             add_special_tokens: tokenise the rendered prompt with the tokenizer's BOS, as our engine
                 does when the chat template does not write one.
         """
-        import openai
-
         extra = {"add_special_tokens": add_special_tokens}
         if generation.repetition_penalty != 1.0:
             extra["repetition_penalty"] = generation.repetition_penalty
@@ -268,15 +261,8 @@ class RemoteLLM:
                        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra)
         if generation.seed is not None and generation.temperature > 0:
             request["seed"] = generation.seed
-        try:
+        with self._answered():
             response = self.client().chat.completions.create(**request)
-        except openai.APIStatusError as error:
-            raise self._status_error(error) from None
-        except openai.APITimeoutError:
-            raise self._timeout_error() from None
-        except openai.APIError as error:
-            raise RemoteLLMError(503, f"cannot reach the language model server at {self.url}: {error}",
-                                 code="llm_unavailable") from None
         abort = StreamAbort(response, stop)
         try:
             for chunk in self._chunks(response, stop):
@@ -330,6 +316,21 @@ class RemoteLLM:
                                          f"{type(error).__name__}: {error}", code="llm_stream_broken") from None
                 raise
             yield chunk
+
+    @contextlib.contextmanager
+    def _answered(self):
+        """A call to the server whose failures become RemoteLLMError: its refusal or 5xx, a timeout, no connection."""
+        import openai
+
+        try:
+            yield
+        except openai.APIStatusError as error:
+            raise self._status_error(error) from None
+        except openai.APITimeoutError:
+            raise self._timeout_error() from None
+        except openai.APIError as error:
+            raise RemoteLLMError(503, f"cannot reach the language model server at {self.url}: {error}",
+                                 code="llm_unavailable") from None
 
     def _timeout_error(self) -> RemoteLLMError:
         return RemoteLLMError(504, f"the language model server at {self.url} sent nothing for {self.timeout:g} s "
